@@ -1,0 +1,1 @@
+"""tribench's harness: runner, worker, CLI, data, measurement, results, reports."""

@@ -1,0 +1,192 @@
+"""The tribench command line: parse, validate, call. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+
+from backends import BACKENDS
+from backends.base import DEVICES, MODES, PRECISIONS
+from harness import data as data_mod
+from harness.runner import EXIT_USAGE, RunConfig, UsageError, available_backends, load_resume, run_matrix
+from tasks import TASKS, get_task
+
+DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line, with exit code 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def names(value: str, valid, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for item in items:
+        if item not in valid:
+            raise UsageError(f"unknown {what} {item!r}; valid: {', '.join(valid)}")
+    if not items:
+        raise UsageError(f"no {what} given; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(items))
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help=f"comma-separated; default all: {','.join(TASKS)}")
+    p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
+    p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
+                   "where found, else synthetic, said loudly)")
+    p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
+                   "/usr/share/datasets)")
+    p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
+    p.add_argument("--batch-size", type=positive(int), help="override every task's batch size")
+    p.add_argument("--repeats", type=positive(int), default=1, help="fresh worker processes per cell (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
+    p.add_argument("--threads", type=positive(int), help="intra-op threads for every framework (default: all cores)")
+    p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    p.add_argument("--mode", default="compiled", help=f"one of {', '.join(MODES)} (default compiled)")
+    p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
+    p.add_argument("--quick", action="store_true",
+                   help="1 epoch on the first 12000/2000 MNIST or 4000/1000 CIFAR samples: a smoke run")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
+    p.add_argument("--no-download", action="store_true", help="never try to download datasets")
+    p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="tribench", description="Compare PyTorch, TensorFlow/Keras and JAX on one task spec.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_run_options(sub.add_parser("run", help="run the benchmark matrix"))
+    sub.add_parser("list", help="tasks, backends and data sources found")
+    report = sub.add_parser("report", help="write report.md/.html and plots for a results folder")
+    report.add_argument("dir", type=Path)
+    compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
+    compare.add_argument("base", type=Path)
+    compare.add_argument("new", type=Path)
+    compare.add_argument("--threshold", default="5%", help="smallest change called a regression (default 5%%)")
+    return parser
+
+
+def one_of(value: str, valid, flag: str) -> str:
+    if value not in valid:
+        raise UsageError(f"{flag} {value!r} is not valid; valid: {', '.join(valid)}")
+    return value
+
+
+def run_config(args) -> RunConfig:
+    tasks = names(args.task, TASKS, "task") if args.task else list(TASKS)
+    if args.backend:
+        backends = names(args.backend, BACKENDS, "backend")
+    else:
+        backends = available_backends()
+        if not backends:
+            raise UsageError(f"no backend installed; install one: pip install \"tribench[all]\" "
+                             f"(or one of {', '.join(BACKENDS)})")
+    one_of(args.data, DATA_CHOICES, "--data")
+    for task in tasks:
+        kind = get_task(task).dataset
+        if args.data not in data_mod.choices_for(kind):
+            raise UsageError(f"--data {args.data!r} does not fit task {task!r} ({kind}); "
+                             f"valid: {', '.join(data_mod.choices_for(kind))}")
+    if args.init_from is not None:
+        from harness.weights import CheckpointError, load_checkpoint_for
+
+        for task in tasks:
+            try:
+                load_checkpoint_for(args.init_from, get_task(task))
+            except CheckpointError as exc:
+                raise UsageError(f"--init-from: {exc}") from None
+    out = args.out or Path("results") / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    cfg = RunConfig(tasks=tasks, backends=backends, out=out, repeats=args.repeats, seed=args.seed,
+                    data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+                    device=one_of(args.device, DEVICES, "--device"),
+                    precision=one_of(args.precision, PRECISIONS, "--precision"),
+                    mode=one_of(args.mode, MODES, "--mode"), timeout=args.timeout, quick=args.quick,
+                    init_from=str(args.init_from.resolve()) if args.init_from else None,
+                    allow_download=not args.no_download)
+    if args.threads:
+        cfg.threads = args.threads
+    return cfg
+
+
+def cmd_run(args) -> int:
+    if args.resume:
+        return run_matrix(load_resume(args.resume), resume=True)
+    return run_matrix(run_config(args))
+
+
+def cmd_list(args) -> int:
+    print("Tasks:")
+    for spec in TASKS.values():
+        print(f"  {spec.name:10s} {spec.dataset:8s} {len(spec.param_layer_names())} parameter layers, "
+              f"{spec.param_count():,} parameters, {spec.epochs} epochs, batch {spec.batch_size}, "
+              f"target accuracy {spec.target_accuracy}, stages: {', '.join(s.name for s in spec.stages)}")
+    print("Backends:")
+    for name, info in BACKENDS.items():
+        state = "installed" if info.available() else f"not installed ({info.install_hint})"
+        print(f"  {name:10s} {state}")
+    print("Data sources:")
+    for name, source in data_mod.SOURCES.items():
+        folder, looked = data_mod.find_source(source, None)
+        where = f"found in {folder}" if folder else f"not found (looked in {', '.join(map(str, looked))})"
+        print(f"  {name:14s} {where}")
+    print("  synthetic      always available (generated from the seed, labelled synthetic everywhere)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness import report
+    from harness.results import RECORDS_FILE
+
+    if not (args.dir / RECORDS_FILE).exists():
+        raise UsageError(f"{args.dir}: no {RECORDS_FILE} there")
+    for path in report.write_report(args.dir):
+        print(path)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from harness import compare
+
+    try:
+        threshold = compare.parse_threshold(args.threshold)
+    except ValueError as exc:
+        raise UsageError(f"--threshold: {exc}") from None
+    text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
+    print(text)
+    return code
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, data_mod.DataError) as exc:
+        print(f"tribench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

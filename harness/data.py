@@ -1,0 +1,361 @@
+"""Datasets: IDX and CIFAR readers, checksums, search order, download, synthetic data."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "TRIBENCH_DATA"
+SYSTEM_DIRS = (Path("/usr/share/datasets"),)
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found, read or trusted; the message says what to do."""
+
+
+class ChecksumError(DataError):
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    """A real dataset: its files, their SHA-256 digests and where to download them."""
+
+    name: str
+    kind: str  # "mnist" (IDX gz files) or "cifar10" (python pickle batches)
+    files: dict[str, str]  # file name -> sha256
+    url: str  # base URL the file names are appended to
+    how_to_get: str
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    Source("mnist", "mnist", {
+        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    }, "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "put the four MNIST *-ubyte.gz files in one of those folders (a 'mnist' subfolder)"),
+    Source("fashion-mnist", "mnist", {
+        "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    }, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "on Debian/Ubuntu: apt-get install dataset-fashion-mnist; or put the four files in a "
+        "'fashion-mnist' subfolder of one of those folders"),
+    Source("cifar10", "cifar10", {
+        "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+    }, "https://www.cs.toronto.edu/~kriz/",
+        "put cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder, in a 'cifar10' "
+        "subfolder of one of those folders"),
+)}
+
+# Which real sources can stand in for a task's dataset, and the input shape they give.
+SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str  # a path, or "synthetic"
+    synthetic: bool
+    x_train: np.ndarray  # float32 NHWC in [0, 1]
+    y_train: np.ndarray  # int32
+    x_test: np.ndarray
+    y_test: np.ndarray
+    subset: str | None = None  # a note when only part of the data is used
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "synthetic": self.synthetic,
+                "n_train": int(len(self.y_train)), "n_test": int(len(self.y_test)), "subset": self.subset}
+
+    def head(self, n_train: int | None, n_test: int | None) -> Dataset:
+        """The first n samples of each split (a documented, reproducible subset)."""
+        if n_train is None and n_test is None:
+            return self
+        note = f"first {n_train or len(self.y_train)} train / {n_test or len(self.y_test)} test samples"
+        return Dataset(self.name, self.source, self.synthetic, self.x_train[:n_train], self.y_train[:n_train],
+                       self.x_test[:n_test], self.y_test[:n_test], subset=note)
+
+    def classes(self, keep: tuple[int, ...] | None) -> Dataset:
+        """Only the samples of `keep`, relabelled 0..len(keep)-1 in that order."""
+        if keep is None:
+            return self
+        lookup = np.full(max(int(self.y_train.max()), int(self.y_test.max()), *keep) + 1, -1, np.int32)
+        lookup[list(keep)] = np.arange(len(keep), dtype=np.int32)
+
+        def pick(x, y):
+            mask = lookup[y] >= 0
+            return x[mask], lookup[y[mask]]
+
+        x_tr, y_tr = pick(self.x_train, self.y_train)
+        x_te, y_te = pick(self.x_test, self.y_test)
+        return Dataset(self.name, self.source, self.synthetic, x_tr, y_tr, x_te, y_te, subset=self.subset)
+
+
+# -- file formats ------------------------------------------------------------------------
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), checking the header against the payload size."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); the file is probably truncated or not gzip") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file holds "
+                        f"{len(raw) - header} bytes: truncated or corrupt")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims)
+
+
+def load_mnist_dir(folder: Path) -> tuple[np.ndarray, ...]:
+    def images(name):
+        return (read_idx(folder / name).astype(np.float32) / 255.0)[..., None]
+
+    def labels(name):
+        return read_idx(folder / name).astype(np.int32)
+
+    x_tr, y_tr = images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz")
+    x_te, y_te = images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz")
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise DataError(f"{folder}: image and label counts differ")
+    return x_tr, y_tr, x_te, y_te
+
+
+def _cifar_batches(members) -> tuple[np.ndarray, ...]:
+    """members: iterable of (name, bytes) of the cifar-10-batches-py files."""
+    train, test = {}, None
+    for name, blob in members:
+        base = os.path.basename(name)
+        if base.startswith("data_batch_") or base == "test_batch":
+            batch = pickle.loads(blob, encoding="bytes")
+            x = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            y = np.asarray(batch[b"labels"], np.int32)
+            if base == "test_batch":
+                test = (x, y)
+            else:
+                train[base] = (x, y)
+    if len(train) != 5 or test is None:
+        raise DataError(f"CIFAR-10: found {len(train)} of 5 training batches and "
+                        f"{'a' if test else 'no'} test batch")
+    x_tr = np.concatenate([train[k][0] for k in sorted(train)]).astype(np.float32) / 255.0
+    y_tr = np.concatenate([train[k][1] for k in sorted(train)])
+    return x_tr, y_tr, test[0].astype(np.float32) / 255.0, test[1]
+
+
+def load_cifar(path: Path) -> tuple[np.ndarray, ...]:
+    """From cifar-10-python.tar.gz or an extracted cifar-10-batches-py folder."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _cifar_batches((p.name, p.read_bytes()) for p in sorted(path.iterdir()) if p.is_file())
+        with tarfile.open(path, "r:gz") as tar:
+            return _cifar_batches((m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile())
+    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError) as exc:
+        raise DataError(f"{path}: cannot read CIFAR-10 ({type(exc).__name__}: {exc})") from None
+
+
+# -- checksums, search, download ----------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ChecksumError(f"{path}: SHA-256 mismatch: expected {expected}, got {actual}; "
+                            "the file is corrupt or not the published one; delete it and fetch it again")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tribench"
+
+
+def search_dirs(data_dir: str | Path | None) -> list[Path]:
+    """Where to look, in order: --data-dir, $TRIBENCH_DATA, the user cache, system dirs."""
+    dirs = [Path(data_dir)] if data_dir else []
+    if os.environ.get(ENV_VAR):
+        dirs.append(Path(os.environ[ENV_VAR]))
+    return dirs + [cache_dir(), *SYSTEM_DIRS]
+
+
+def candidates(source: Source, root: Path) -> list[Path]:
+    """A dataset may sit in root/<name>/ or directly in root."""
+    return [root / source.name, root]
+
+
+def find_source(source: Source, data_dir=None) -> tuple[Path | None, list[Path]]:
+    """(folder holding verified files or None, every folder looked in).
+
+    A folder whose files exist but fail their checksum is reported and skipped: a
+    corrupt file is never used.
+    """
+    looked = []
+    for root in search_dirs(data_dir):
+        for folder in candidates(source, root):
+            looked.append(folder)
+            if source.kind == "cifar10" and (folder / "cifar-10-batches-py").is_dir():
+                return folder, looked
+            if all((folder / f).is_file() for f in source.files):
+                try:
+                    for name, digest in source.files.items():
+                        verify(folder / name, digest)
+                except ChecksumError as exc:
+                    log.warning("%s", exc)
+                    continue
+                return folder, looked
+    return None, looked
+
+
+def download(source: Source, *, timeout: float = 30.0) -> Path:
+    """Fetch into the cache: temp file, verify, then rename; a bad download never lands."""
+    folder = cache_dir() / source.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, digest in source.files.items():
+        target = folder / name
+        if target.is_file():
+            continue
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source.url + name, timeout=timeout) as resp:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+            verify(Path(tmp), digest)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return folder
+
+
+def locate(name: str, data_dir=None, *, allow_download: bool = True) -> Path:
+    """The folder holding verified files of real dataset `name`, downloading where possible."""
+    source = SOURCES[name]
+    folder, looked = find_source(source, data_dir)
+    if folder is None and allow_download:
+        try:
+            folder = download(source)
+        except (OSError, ChecksumError) as exc:
+            log.info("download of %s failed: %s", name, exc)
+    if folder is None:
+        places = "\n  ".join(str(p) for p in looked)
+        raise DataError(f"{name} not found. Looked in:\n  {places}\nand the download failed (offline?).\n"
+                        f"To get it: {source.how_to_get}. Or use --data synthetic.")
+    return folder
+
+
+def load_real(name: str, folder: Path) -> Dataset:
+    if SOURCES[name].kind == "mnist":
+        arrays = load_mnist_dir(folder)
+    else:
+        extracted = folder / "cifar-10-batches-py"
+        arrays = load_cifar(extracted if extracted.is_dir() else folder / "cifar-10-python.tar.gz")
+    return Dataset(name, str(folder), False, *arrays)
+
+
+# -- synthetic data -----------------------------------------------------------------------
+
+SYNTHETIC_LABEL_NOISE = 0.05  # flipped labels: caps accuracy near 95% so parity gaps can show
+
+
+def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
+    """Deterministic, learnable data with the real shapes.
+
+    Each class has a smooth random prototype image; a sample is its class prototype
+    at a random contrast blended with uniform noise, and 5% of the labels are flipped.
+    A model must learn the templates to beat chance (10%) and cannot reach 100%, so
+    accuracy differences between backends stay visible.
+    """
+    shape = SHAPES[kind]
+    h, w, c = shape
+    rng = np.random.default_rng([seed, 0x5EED])
+    coarse = rng.random((10, (h + 3) // 4, (w + 3) // 4, c), dtype=np.float32)
+    prototypes = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, :h, :w, :]
+
+    def split(n: int, stream: int):
+        r = np.random.default_rng([seed, stream])
+        y = r.integers(0, 10, n).astype(np.int32)
+        x = np.empty((n, h, w, c), np.float32)
+        for start in range(0, n, 4096):  # chunks keep peak memory near the output size
+            stop = min(n, start + 4096)
+            m = stop - start
+            contrast = r.uniform(0.2, 0.6, (m, 1, 1, 1)).astype(np.float32)
+            noise = r.random((m, h, w, c), dtype=np.float32)
+            x[start:stop] = contrast * prototypes[y[start:stop]] + (1 - contrast) * noise
+        flip = r.random(n) < SYNTHETIC_LABEL_NOISE
+        y[flip] = r.integers(0, 10, int(flip.sum()))
+        return x, y
+
+    x_tr, y_tr = split(n_train, 1)
+    x_te, y_te = split(n_test, 2)
+    return Dataset(f"synthetic-{kind}", "synthetic", True, x_tr, y_tr, x_te, y_te)
+
+
+def choices_for(kind: str) -> list[str]:
+    """Valid --data values for a task whose dataset is `kind`."""
+    return ["auto", *[s.name for s in SOURCES.values() if s.kind == kind], "synthetic"]
+
+
+REAL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
+
+
+def resolve(task_dataset: str, choice: str, *, data_dir=None, allow_download: bool = True) -> tuple[str, str]:
+    """(source name, where) for --data: a real source, "synthetic", or auto (real if found).
+
+    Resolved once by the runner, so every cell of a run uses the same data.
+    """
+    valid = choices_for(task_dataset)
+    if choice not in valid:
+        raise DataError(f"--data {choice!r} does not fit a {task_dataset} task; valid: {', '.join(valid)}")
+    if choice == "synthetic":
+        return "synthetic", "synthetic"
+    name = task_dataset if choice == "auto" else choice
+    try:
+        return name, str(locate(name, data_dir, allow_download=allow_download))
+    except DataError as exc:
+        if choice != "auto":
+            raise
+        log.warning("real %s data not found, using SYNTHETIC data: %s", name, exc.args[0].splitlines()[0])
+        return "synthetic", "synthetic"
+
+
+def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0) -> Dataset:
+    """The dataset a resolved source names; synthetic data has the real dataset's sizes."""
+    if name == "synthetic":
+        n_train, n_test = REAL_SIZES[task_dataset]
+        return synthetic(task_dataset, n_train=n_train, n_test=n_test, seed=seed)
+    return load_real(name, Path(folder) if folder else locate(name, allow_download=False))

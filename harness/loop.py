@@ -1,0 +1,156 @@
+"""THE training loop: stages, shared batch order, evaluation cadence, timing. One copy for all backends."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from backends.base import Backend
+from harness.data import Dataset
+from harness.weights import initial_weights, reinitialise, save_checkpoint
+from tasks.spec import TaskSpec
+
+EVAL_EVERY_EPOCHS = 1
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, stage: str, epoch: int, step: int, loss: float):
+        super().__init__(f"loss became {loss} in stage {stage!r} at epoch {epoch} step {step}")
+        self.stage, self.epoch, self.step = stage, epoch, step
+
+
+def epoch_order(seed: int, stage_index: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
+    """The batch order every backend follows: a seeded permutation, the last partial batch dropped.
+
+    Dropping the remainder keeps every step the same shape, so no backend recompiles
+    for a ragged final batch; at most batch_size - 1 samples per epoch go unseen.
+    """
+    steps = n // batch_size
+    if steps == 0:
+        raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
+    return np.random.default_rng([seed, 1, stage_index, epoch]).permutation(n)[: steps * batch_size].astype(np.int32)
+
+
+@dataclass
+class StageResult:
+    name: str
+    metrics: dict = field(default_factory=dict)
+    weights: list[np.ndarray] | None = None
+
+
+def timed(backend: Backend, fn: Callable, *args):
+    """Run fn and return (result, seconds) measured after the device has finished."""
+    backend.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    backend.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def stage_weights(spec: TaskSpec, index: int, previous: list[np.ndarray] | None, seed: int) -> list[np.ndarray]:
+    stage = spec.stages[index]
+    weights = initial_weights(spec, seed) if stage.init == "seed" else previous
+    if stage.reinit:
+        # A separate random stream per stage: the fresh head differs from the pretrain head.
+        weights = reinitialise(spec, weights, stage.reinit, seed, stream=index + 1)
+    return weights
+
+
+def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, weights: list[np.ndarray], *,
+                seed: int, mode: str, progress: Callable[[dict], None]) -> StageResult:
+    stage = spec.stages[index]
+    data = data.classes(stage.classes)
+    bs, ebs = spec.batch_size, spec.eval_batch_size
+    n = len(data.y_train)
+    model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
+    train, test = backend.put_data(data.x_train, data.y_train), backend.put_data(data.x_test, data.y_test)
+
+    _, warmup_s = timed(backend, backend.warmup, model, train, epoch_order(seed, index, 0, n, bs), bs, test, ebs)
+    (initial_loss, initial_acc), _ = timed(backend, backend.evaluate, model, test, ebs)
+
+    m = {"initial_test_loss": initial_loss, "initial_test_accuracy": initial_acc, "warmup_s": warmup_s,
+         "epoch_train_loss": [], "epoch_test_accuracy": [], "epoch_test_loss": [], "epoch_s": [],
+         "epoch_train_time_s": [], "eval_s": [], "time_to_target_s": None, "eval_every_epochs": EVAL_EVERY_EPOCHS,
+         "n_train": n, "n_test": int(len(data.y_test)), "batch_size": bs, "trainable": stage.trainable,
+         "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable)}
+    train_clock = 0.0
+    for epoch in range(spec.epochs):
+        order = epoch_order(seed, index, epoch, n, bs)
+        losses, seconds = timed(backend, backend.train_epoch, model, train, order, bs)
+        losses = np.asarray(losses, np.float64)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            raise Diverged(stage.name, epoch, int(bad[0]), float(losses[bad[0]]))
+        train_clock += seconds
+        (test_loss, test_acc), eval_seconds = timed(backend, backend.evaluate, model, test, ebs)
+        m["epoch_train_loss"].append(float(losses.mean()))
+        m["epoch_test_accuracy"].append(test_acc)
+        m["epoch_test_loss"].append(test_loss)
+        m["epoch_s"].append(seconds)
+        m["epoch_train_time_s"].append(train_clock)
+        m["eval_s"].append(eval_seconds)
+        if m["time_to_target_s"] is None and test_acc >= spec.target_accuracy:
+            m["time_to_target_s"] = train_clock  # evaluation time is not on this clock
+        progress({"event": "epoch", "stage": stage.name, "epoch": epoch + 1, "epochs": spec.epochs,
+                  "train_loss": float(losses.mean()), "test_accuracy": test_acc, "epoch_s": seconds})
+
+    trained = len(order) * spec.epochs
+    m.update(test_accuracy=m["epoch_test_accuracy"][-1], test_loss=m["epoch_test_loss"][-1],
+             train_samples_per_s=trained / train_clock if train_clock > 0 else None,
+             eval_samples_per_s=m["n_test"] * spec.epochs / sum(m["eval_s"]) if sum(m["eval_s"]) > 0 else None)
+    return StageResult(stage.name, m, backend.get_weights(model))
+
+
+def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,
+               init_from: list[np.ndarray] | None = None, checkpoint_prefix: Path | None = None,
+               progress: Callable[[dict], None] = lambda event: None) -> dict[str, StageResult]:
+    """Train every stage in order; returns per-stage results.
+
+    `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
+    for the stages before the first stage that starts from the previous weights; a task
+    without such a stage starts its first stage from them instead of the seed.
+    """
+    first = 0
+    previous = None
+    if init_from is not None:
+        first = next((i for i, s in enumerate(spec.stages) if s.init == "previous"), 0)
+        previous = init_from
+    results: dict[str, StageResult] = {}
+    for index in range(first, len(spec.stages)):
+        if init_from is not None and index == first and spec.stages[index].init == "seed":
+            weights = init_from
+        else:
+            weights = stage_weights(spec, index, previous, seed)
+        result = train_stage(backend, spec, index, data, weights, seed=seed, mode=mode, progress=progress)
+        if checkpoint_prefix is not None:
+            path = Path(f"{checkpoint_prefix}-{result.name}.npz")
+            save_checkpoint(path, spec, result.weights, meta={"stage": result.name, "backend": backend.name})
+            result.metrics["checkpoint"] = str(path)
+        results[result.name] = result
+        previous = result.weights
+    return results
+
+
+def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gflops: float | None) -> dict:
+    """The record's metrics: the primary stage's at top level, every stage under `stages`."""
+    primary = results[spec.primary_stage].metrics
+    metrics = {k: v for k, v in primary.items() if k != "trainable"}
+    metrics["stages"] = {name: r.metrics for name, r in results.items()}
+    metrics["warmup_s"] = sum(r.metrics["warmup_s"] for r in results.values())
+    metrics["train_flops_per_sample"] = spec.train_flops_per_sample()
+    rate = primary.get("train_samples_per_s")
+    metrics["roofline_fraction"] = (rate * spec.train_flops_per_sample() / (peak_gflops * 1e9)
+                                    if rate and peak_gflops else None)
+    if "finetune" in results and "scratch" in results:  # the transfer-learning experiment
+        metrics["finetuned_accuracy"] = results["finetune"].metrics["test_accuracy"]
+        metrics["scratch_accuracy"] = results["scratch"].metrics["test_accuracy"]
+        metrics["frozen_train_samples_per_s"] = results["finetune"].metrics["train_samples_per_s"]
+        metrics["full_train_samples_per_s"] = results["scratch"].metrics["train_samples_per_s"]
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

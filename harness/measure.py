@@ -1,0 +1,98 @@
+"""Measurement helpers: host memory (sampled RSS, ru_maxrss) and the matmul peak probe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:  # not Linux: ru_maxrss is the best we have
+        return max_rss_mb()
+
+
+def max_rss_mb() -> float:
+    """Peak RSS the kernel saw for this process (KiB on Linux), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler:
+    """Samples RSS from a daemon thread while training runs, keeping the peak.
+
+    ru_maxrss alone counts import-time spikes and cannot be reset; the sampler sees the
+    training phase itself. The record keeps the larger of the two as peak_rss_mb.
+    """
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak_mb = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def _probe_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import numpy as np
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = a.T.copy()
+    a @ b  # warm the BLAS thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_peak_gflops(cache: Path | None = None, *, refresh: bool = False) -> float:
+    """The machine's fp32 matmul peak (numpy BLAS, best of 5), cached per host and CPU.
+
+    It is the roofline's ceiling: what a well-tuned GEMM gets on these cores. Cached so
+    that every cell of a run, and later runs, divide by the same number.
+    """
+    from harness.results import cpu_name
+
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tribench" / "matmul_peak.json"
+    key = f"{os.uname().nodename}|{cpu_name()}|{os.cpu_count()}"
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached and not refresh:
+        return float(cached[key])
+    # A probe on a busy machine reads low, so a new probe only ever raises the cached peak.
+    value = max(round(_probe_gflops(), 1), float(cached.get(key, 0)))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**cached, key: value}))
+    except OSError as exc:
+        log.debug("cannot cache the matmul probe: %s", exc)
+    return value

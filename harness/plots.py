@@ -1,0 +1,280 @@
+"""Matplotlib (Agg) PNG plots of a run: accuracy vs time, per-epoch parity curves, throughput, memory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from harness.stats import figure, group_cells, ok_records, spread_interval, spread_kind, summarise_figure
+
+DPI = 110
+# Overlaid backends with identical weights should draw on top of each other; distinct
+# widths, dashes and markers keep every one visible when they coincide exactly.
+STYLES = (
+    {"linewidth": 5.0, "alpha": 0.45, "linestyle": "-", "marker": "o", "markersize": 9},
+    {"linewidth": 2.2, "alpha": 0.95, "linestyle": "--", "marker": "s", "markersize": 5},
+    {"linewidth": 1.4, "alpha": 1.0, "linestyle": ":", "marker": "^", "markersize": 4},
+    {"linewidth": 1.0, "alpha": 1.0, "linestyle": "-.", "marker": "x", "markersize": 6},
+)
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # never needs a display, and is safe in a worker thread
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_task(records):
+    out: dict[str, list[dict]] = {}
+    for r in ok_records(records):
+        out.setdefault(str(r.get("task")), []).append(r)
+    return out
+
+
+def _label(key) -> str:
+    return f"{key[1]} ({key[2]})"
+
+
+def _source(records) -> str:
+    """Data source, sizes and devices of some records, for a title."""
+    parts = []
+    for r in records:
+        d = r.get("data") or {}
+        text = (f"{'SYNTHETIC' if d.get('synthetic') else 'real'} {d.get('name', '?')} "
+                f"{d.get('n_train', '?')}/{d.get('n_test', '?')}")
+        if text not in parts:
+            parts.append(text)
+    devices = sorted({str((r.get("env") or {}).get("device", "?")) for r in records})
+    return f"{'; '.join(parts)} data, {', '.join(devices)}"
+
+
+def _grid(plt, n_panels: int, *, rows_per_panel: int = 1, width: float = 5.2, height: float = 3.8):
+    cols = min(n_panels, 3) if rows_per_panel == 1 else rows_per_panel
+    rows = math.ceil(n_panels / cols) if rows_per_panel == 1 else n_panels
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.8), squeeze=False)
+    return fig, axes
+
+
+def _hide_unused(axes, used: int):
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+
+
+def _median_repeat(records: list[dict]) -> dict:
+    """The repeat whose final test accuracy is the median (lower middle for even n)."""
+    ranked = sorted(records, key=lambda r: (figure(r, "test_accuracy") or 0.0, r.get("repeat") or 0))
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def _accuracy_points(record: dict) -> tuple[list[float], list[float], list[float]]:
+    """(epochs, cumulative training s, test accuracy %) at each evaluation, epoch 0 included."""
+    m = record.get("metrics") or {}
+    acc = list(m.get("epoch_test_accuracy") or [])
+    times = list(m.get("epoch_train_time_s") or [])
+    every = int(m.get("eval_every_epochs") or 1)
+    epochs, ts, accs = [], [], []
+    if m.get("initial_test_accuracy") is not None:
+        epochs.append(0)
+        ts.append(0.0)
+        accs.append(100 * m["initial_test_accuracy"])
+    for i, a in enumerate(acc):
+        epoch = min((i + 1) * every, len(times)) if times else (i + 1) * every
+        if a is None:
+            continue
+        epochs.append(epoch)
+        ts.append(times[epoch - 1] if times and epoch - 1 < len(times) else float("nan"))
+        accs.append(100 * a)
+    return epochs, ts, accs
+
+
+def _repeat_note(groups) -> str:
+    n = max((len(rs) for rs in groups.values()), default=1)
+    return ("bold line: the median repeat by final accuracy; thin lines: the other repeats" if n > 1
+            else "one repeat per backend")
+
+
+def plot_accuracy_vs_time(records, path: Path) -> str:
+    """Test accuracy against cumulative training time, one line per backend, one panel per task."""
+    plt = _pyplot()
+    tasks = _by_task(records)
+    fig, axes = _grid(plt, len(tasks))
+    colors = _colors(records)
+    note = ""
+    for ax, (task, rs) in zip(axes.flat, tasks.items()):
+        groups = group_cells(rs)
+        note = _repeat_note(groups)
+        for key, cell in groups.items():
+            color = colors[key[1:]]
+            best = _median_repeat(cell)
+            for r in cell:
+                _, ts, accs = _accuracy_points(r)
+                main = r is best
+                ax.plot(ts, accs, color=color, marker="o" if main else None, markersize=4,
+                        linewidth=2.0 if main else 0.8, alpha=1.0 if main else 0.35,
+                        label=f"{_label(key)}, n={len(cell)}" if main else None)
+        target = (rs[0].get("spec") or {}).get("target_accuracy")
+        if target:
+            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:g}%")
+        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        ax.set_xlabel("cumulative training time (s, evaluation excluded)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    _hide_unused(axes, len(tasks))
+    fig.suptitle("Test accuracy vs training time", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return f"Test accuracy against cumulative training time per backend ({note}; epoch 0 is the untrained model)."
+
+
+def plot_epoch_curves(records, path: Path) -> str:
+    """Training loss and test accuracy per epoch, backends overlaid: the picture of parity."""
+    plt = _pyplot()
+    tasks = _by_task(records)
+    fig, axes = _grid(plt, len(tasks), rows_per_panel=2, width=5.6, height=3.6)
+    colors = _colors(records)
+    note = ""
+    for row, (task, rs) in zip(axes, tasks.items()):
+        groups = group_cells(rs)
+        note = _repeat_note(groups)
+        loss_ax, acc_ax = row
+        for i, (key, cell) in enumerate(groups.items()):
+            style = STYLES[i % len(STYLES)]
+            color = colors[key[1:]]
+            best = _median_repeat(cell)
+            for r in cell:
+                main = r is best
+                kw = dict(style, color=color) if main else {"color": color, "linewidth": 0.7, "alpha": 0.3}
+                label = f"{_label(key)}, n={len(cell)}" if main else None
+                loss = (r.get("metrics") or {}).get("epoch_train_loss") or []
+                loss_ax.plot(range(1, len(loss) + 1), loss, label=label, **kw)
+                epochs, _, accs = _accuracy_points(r)
+                acc_ax.plot(epochs, accs, label=label, **kw)
+        for ax, ylabel in ((loss_ax, "training loss (cross-entropy, epoch mean)"), (acc_ax, "test accuracy (%)")):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        loss_ax.set_title(f"{task}: training loss\n{_source(rs)}", fontsize=10)
+        acc_ax.set_title(f"{task}: test accuracy\n{_source(rs)}", fontsize=10)
+    fig.suptitle("Per-epoch curves, backends overlaid (same weights and batch order: curves should coincide)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return ("Training loss and test accuracy per epoch with the backends overlaid; with identical initial "
+            f"weights and batch order the curves should lie on each other ({note}).")
+
+
+def _bars(ax, labels, summaries, *, offset=0.0, width=0.8, color=None, hatch=None, label=None):
+    """Bars at the medians with the spread as error bars, and n written above each bar."""
+    xs = [i + offset for i in range(len(labels))]
+    heights, lower, upper = [], [], []
+    for s in summaries:
+        med = s["median"] if s["n"] else 0.0
+        lo, hi = spread_interval(s) or (med, med)
+        heights.append(med)
+        lower.append(max(med - lo, 0.0))
+        upper.append(max(hi - med, 0.0))
+    ax.bar(xs, heights, width=width, color=color, hatch=hatch, edgecolor="black", linewidth=0.5, label=label,
+           yerr=[lower, upper], capsize=4, error_kw={"elinewidth": 1.2})
+    for x, h, up, s in zip(xs, heights, upper, summaries):
+        if not s["n"]:
+            continue  # no bar (e.g. no device memory on a CPU): nothing to label
+        ax.annotate(f"n={s['n']}", (x, h + up), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+
+
+def _headroom(ax):
+    """Room above the tallest bar for its n label and the legend, and thousands separators."""
+    from matplotlib.ticker import StrMethodFormatter
+
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.4)
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+
+
+def _colors(records) -> dict:
+    """One colour per cell label across every panel of a figure, so a backend keeps its colour."""
+    labels = sorted({(k[1], k[2]) for k in group_cells(ok_records(records))})
+    return {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
+
+
+def plot_throughput(records, path: Path) -> str:
+    """Training throughput per backend: median bars with the spread as error bars."""
+    plt = _pyplot()
+    tasks = _by_task(records)
+    colors = _colors(records)
+    fig, axes = _grid(plt, len(tasks), width=4.8)
+    kinds = set()
+    for ax, (task, rs) in zip(axes.flat, tasks.items()):
+        groups = group_cells(rs)
+        labels = [_label(k) for k in groups]
+        sums = [summarise_figure(c, "train_samples_per_s") for c in groups.values()]
+        kinds.update(spread_kind(s["n"]) for s in sums)
+        _bars(ax, labels, sums, color=[colors[k[1:]] for k in groups], label="median; whiskers: spread")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("training throughput (samples/s, steady state)")
+        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        _headroom(ax)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", handlelength=0, handletextpad=0)
+    _hide_unused(axes, len(tasks))
+    fig.suptitle("Training throughput", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return ("Training throughput (steady state, warm-up excluded): bars are medians over repeats, whiskers the "
+            f"spread ({', '.join(sorted(kinds))}).")
+
+
+def plot_memory(records, path: Path) -> str:
+    """Peak host RSS, RSS after import and device peak per backend, grouped bars with spread."""
+    plt = _pyplot()
+    tasks = _by_task(records)
+    fig, axes = _grid(plt, len(tasks), width=5.0)
+    series = (("peak_rss_mb", "peak host RSS", None, "#4c72b0"),
+              ("rss_after_import_mb", "host RSS after import", "//", "#a6bddb"),
+              ("device_peak_mb", "device peak (allocator)", "..", "#dd8452"))
+    for ax, (task, rs) in zip(axes.flat, tasks.items()):
+        groups = group_cells(rs)
+        labels = [_label(k) for k in groups]
+        present = [s for s in series if any(summarise_figure(c, s[0])["n"] for c in groups.values())]
+        width = 0.8 / max(len(present), 1)
+        for j, (name, label, hatch, color) in enumerate(present):
+            sums = [summarise_figure(c, name) for c in groups.values()]
+            _bars(ax, labels, sums, offset=(j - (len(present) - 1) / 2) * width, width=width, color=color,
+                  hatch=hatch, label=label)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("memory (MiB)")
+        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        _headroom(ax)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", ncol=min(len(present), 2), columnspacing=1.0)
+    _hide_unused(axes, len(tasks))
+    fig.suptitle("Peak memory", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return ("Peak memory per backend: host RSS (sampled during training and ru_maxrss), the RSS right after "
+            "importing the framework, and the device allocator's peak where a GPU was used; whiskers are the spread.")
+
+
+PLOTS = (
+    ("accuracy_vs_time.png", plot_accuracy_vs_time),
+    ("epoch_curves.png", plot_epoch_curves),
+    ("throughput.png", plot_throughput),
+    ("memory.png", plot_memory),
+)
+
+
+def write_plots(records, run_dir: Path) -> list[tuple[Path, str]]:
+    """Every plot of the ok records into `run_dir`, as (path, caption) pairs; none when nothing succeeded."""
+    if not ok_records(records):
+        return []
+    run_dir = Path(run_dir)
+    return [(run_dir / name, fn(records, run_dir / name)) for name, fn in PLOTS]

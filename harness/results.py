@@ -1,0 +1,123 @@
+"""Result records: schema version, environment capture, atomic JSON-lines append and read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RECORDS_FILE = "records.jsonl"
+STATUSES = ("ok", "failed", "skipped", "diverged")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+log = logging.getLogger(__name__)
+
+
+def git_state() -> dict:
+    """The commit the code ran at and whether the tree had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_environment() -> dict:
+    """What is true of the machine, whatever the backend."""
+    import numpy
+
+    return {
+        "python": platform.python_version(),
+        "numpy_version": numpy.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "hostname": platform.node(),
+        **git_state(),
+    }
+
+
+def empty_record(*, task: str, backend: str, repeat: int, seed: int) -> dict:
+    """A record with every schema field present, so readers never meet a missing key."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "task": task,
+        "backend": backend,
+        "repeat": repeat,
+        "seed": seed,
+        "status": "failed",
+        "error": None,
+        "failure": None,
+        "data": None,
+        "metrics": {},
+        "memory": {},
+        "env": {},
+        "spec": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one complete line and fsync it, so a crash never leaves half a record.
+
+    One os.write of a single line on an O_APPEND descriptor lands whole; the fsync
+    makes it survive a power cut or a SIGKILL of the parent right after.
+    """
+    line = (json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete record in a records.jsonl; a torn last line is skipped with a warning."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORDS_FILE
+    records = []
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping an incomplete record", path, number)
+    return records
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temp file, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, sort_keys=True, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

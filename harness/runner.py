@@ -1,0 +1,359 @@
+"""Plans the task x backend x repeat matrix and runs each cell in a fresh worker subprocess."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from backends import BACKENDS, backend_info
+from harness import data as data_mod
+from harness.results import RECORDS_FILE, REPO_ROOT, SCHEMA_VERSION, append_record, empty_record, read_records
+from harness.worker import PROGRESS_PREFIX, utc_now
+from tasks import get_task
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+STDERR_TAIL_LINES = 30
+# --quick: one epoch on the first samples of each split (enough to see every backend
+# learn, small enough for a 2-core laptop to finish all tasks in about two minutes).
+QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000)}
+FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
+
+EXIT_OK, EXIT_CELL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """Bad input from the user: exit code 2 and one line."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class RunConfig:
+    tasks: list[str]
+    backends: list[str]
+    out: Path
+    repeats: int = 1
+    seed: int = 0
+    data: str = "auto"
+    data_dir: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1)
+    precision: str = "fp32"
+    mode: str = "compiled"
+    timeout: float | None = None
+    quick: bool = False
+    init_from: str | None = None
+    allow_download: bool = True
+
+    def overrides(self) -> dict:
+        changes = {}
+        if self.epochs is not None or self.quick:
+            changes["epochs"] = self.epochs or 1
+        if self.batch_size is not None:
+            changes["batch_size"] = self.batch_size
+        return changes
+
+    def spec_dict(self, task: str) -> dict:
+        return get_task(task).with_overrides(**self.overrides(), seed=self.seed).to_dict()
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def framework_versions(backends: list[str]) -> dict[str, str | None]:
+    """Installed versions of every backend's packages, read without importing them."""
+    versions = {}
+    for name in backends:
+        for module in backend_info(name).requires:
+            try:
+                versions[module] = metadata.version(module)
+            except metadata.PackageNotFoundError:
+                versions[module] = None
+    return versions
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Fail before any cell runs when the results cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write results to {out}: {exc.strerror or exc}") from None
+
+
+def check_resume(cfg: RunConfig, saved: dict) -> None:
+    """Refuse to mix cells run under other specs or framework versions into one table."""
+    for task in cfg.tasks:
+        if saved["specs"].get(task) != cfg.spec_dict(task):
+            raise UsageError(f"--resume {cfg.out}: the spec of task {task!r} differs from the one this run "
+                             "started with (code or flags changed); start a new run")
+    now = framework_versions(cfg.backends)
+    for module, version in saved["versions"].items():
+        if now.get(module) != version:
+            raise UsageError(f"--resume {cfg.out}: {module} is {now.get(module)} now but was {version} "
+                             "when this run started; start a new run")
+    if saved.get("tribench_commit") != _commit():
+        log.warning("resuming a run started at another commit (%s)", saved.get("tribench_commit"))
+
+
+def _commit() -> str | None:
+    from harness.results import git_state
+
+    return git_state()["git_commit"]
+
+
+def load_resume(out: Path) -> RunConfig:
+    path = Path(out) / RUN_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume {out}: no readable {RUN_FILE} there ({exc})") from None
+    args = dict(saved["config"], out=Path(out))
+    cfg = RunConfig(**args)
+    check_resume(cfg, saved)
+    return cfg
+
+
+def write_run_file(cfg: RunConfig) -> None:
+    from harness.results import write_json_atomic
+
+    write_json_atomic(cfg.out / RUN_FILE, {
+        "schema_version": SCHEMA_VERSION, "config": cfg.to_json(), "created_at": utc_now(),
+        "specs": {t: cfg.spec_dict(t) for t in cfg.tasks}, "versions": framework_versions(cfg.backends),
+        "tribench_commit": _commit(),
+    })
+
+
+@dataclass
+class Cell:
+    task: str
+    backend: str
+    repeat: int
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.backend, self.repeat
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} / {self.backend} / repeat {self.repeat}"
+
+
+def plan(cfg: RunConfig) -> list[Cell]:
+    return [Cell(t, b, r) for t in cfg.tasks for b in cfg.backends for r in range(cfg.repeats)]
+
+
+def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str]]:
+    """(source name, folder) per task, resolved once so every cell sees the same data."""
+    resolved = {}
+    for task in cfg.tasks:
+        kind = get_task(task).dataset
+        resolved[task] = data_mod.resolve(kind, cfg.data, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
+    return resolved
+
+
+def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
+    kind = get_task(cell.task).dataset
+    return {
+        "task": cell.task, "backend": cell.backend, "repeat": cell.repeat,
+        # Repeat r of every backend uses seed + r: identical weights and batch order across
+        # backends within a repeat, a fresh draw between repeats (so the spread is real).
+        "seed": cfg.seed + cell.repeat, "data_seed": cfg.seed,
+        "data": source[0], "data_folder": None if source[0] == "synthetic" else source[1],
+        "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
+        "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
+        "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
+        "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
+    }
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Same thread budget for every framework, set before any of them is imported.
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = str(REPO_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads: int,
+               on_event: Callable[[dict], None], state: dict) -> dict:
+    """Run one worker process; always returns a record, whatever happened to the process."""
+    cfg_path, rec_path = workdir / "cell.json", workdir / "record.json"
+    cfg_path.write_text(json.dumps(cell_cfg))
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                            env=worker_env(threads), start_new_session=True)
+    state["proc"] = proc
+
+    def pump():
+        for line in proc.stderr:
+            if line.startswith(PROGRESS_PREFIX):
+                try:
+                    on_event(json.loads(line[len(PROGRESS_PREFIX):]))
+                except ValueError:
+                    pass
+            else:
+                tail.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        stop_process(proc)
+    reader.join(timeout=5)
+    state["proc"] = None
+
+    record = None
+    if rec_path.exists():
+        try:
+            record = json.loads(rec_path.read_text())
+        except ValueError:
+            record = None
+    if record is None:
+        record = empty_record(task=cell_cfg["task"], backend=cell_cfg["backend"], repeat=cell_cfg["repeat"],
+                              seed=cell_cfg["seed"])
+        record["finished_at"] = utc_now()
+        if timed_out:
+            reason, error = "timeout", f"worker exceeded --timeout {timeout:g} s and was killed"
+        elif proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            hint = " (SIGKILL: often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+            reason, error = "signal", f"worker killed by {name}{hint}"
+        else:
+            reason, error = "exit", f"worker exited with code {proc.returncode} without writing a record"
+        record.update(status="failed", error=error,
+                      failure={"reason": reason, "exit_code": proc.returncode,
+                               "signal": signal.Signals(-proc.returncode).name if (proc.returncode or 0) < 0 else None})
+    if record["status"] in ("failed", "diverged"):
+        record["failure"] = {**(record.get("failure") or {}), "stderr_tail": list(tail)}
+    return record
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the worker's process group, then SIGKILL what is left after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def skipped_record(cell: Cell, seed: int, error: str) -> dict:
+    record = empty_record(task=cell.task, backend=cell.backend, repeat=cell.repeat, seed=seed)
+    record.update(status="skipped", error=error, started_at=utc_now(), finished_at=utc_now())
+    return record
+
+
+def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None) -> int:
+    """Run every planned cell not already finished; returns the process exit code."""
+    from harness.progress import Progress
+
+    ui = ui or Progress()
+    prepare_out_dir(cfg.out)
+    records_path = cfg.out / RECORDS_FILE
+    done = {(r["task"], r["backend"], r["repeat"]) for r in read_records(records_path)
+            if r.get("status") in FINISHED} if resume else set()
+    if not resume:
+        if records_path.exists() and records_path.stat().st_size:
+            raise UsageError(f"{cfg.out} already holds records; use --resume {cfg.out} or another --out")
+        write_run_file(cfg)
+    sources = resolve_data(cfg)
+    for task, (name, where) in sources.items():
+        if name == "synthetic":
+            ui.warn(f"{task}: SYNTHETIC data (generated from the seed, not {get_task(task).dataset})")
+        else:
+            ui.info(f"{task}: real data {name} from {where}")
+    cells = [c for c in plan(cfg) if c.key not in done]
+    if done:
+        ui.info(f"resuming {cfg.out}: {len(done)} cells already finished, {len(cells)} to run")
+
+    state: dict = {"proc": None}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    code = EXIT_OK
+    try:
+        with ui.matrix(len(cells)) as bar:
+            for cell in cells:
+                bar.start_cell(cell.label)
+                info = backend_info(cell.backend)
+                if info.missing():
+                    record = skipped_record(cell, cfg.seed + cell.repeat,
+                                            f"{', '.join(info.missing())} not installed: {info.install_hint}")
+                else:
+                    with tempfile.TemporaryDirectory(prefix="tribench-cell-") as tmp:
+                        record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp),
+                                            timeout=cfg.timeout, threads=cfg.threads, on_event=bar.event,
+                                            state=state)
+                append_record(records_path, record)
+                bar.finish_cell(cell.label, record)
+    except Interrupted as exc:
+        if state.get("proc") is not None:
+            stop_process(state["proc"])
+        ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "
+                f"continue with: tribench run --resume {cfg.out}")
+        code = 128 + exc.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    records = read_records(records_path)
+    finish(cfg.out, records, ui)
+    if code == EXIT_OK and any(r["status"] in ("failed", "diverged") for r in records):
+        code = EXIT_CELL_FAILED
+    return code
+
+
+def finish(out: Path, records: list[dict], ui) -> None:
+    """The summary table and the report, also after an interruption."""
+    from harness import report
+
+    ui.print(report.render_terminal(records))
+    try:
+        paths = report.write_report(out, records=records)
+        ui.info(f"report: {paths[0].parent / 'report.html'}")
+    except Exception:  # a broken plot must not hide the records that are safe on disk
+        log.exception("writing the report failed; the records are in %s", out / RECORDS_FILE)
+    bad = [r for r in records if r["status"] in ("failed", "diverged")]
+    for r in bad:
+        ui.warn(f"{r['status'].upper()}: {r['task']} / {r['backend']} / repeat {r['repeat']}: {r['error']}")
+
+
+def available_backends() -> list[str]:
+    return [name for name, info in BACKENDS.items() if info.available()]

@@ -1,0 +1,121 @@
+"""Median and spread over repeats, the one-repeat rule, and the record grouping they run over."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable
+
+# From this many repeats on the spread shown is the interquartile range; below it the
+# full min-max range, since quartiles of two to four numbers mean little.
+IQR_FROM = 5
+DASH = "\u2013"  # en dash, for ranges
+
+
+def _clean(values: Iterable) -> list[float]:
+    out = []
+    for v in values:
+        if v is None or isinstance(v, bool):
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def summarise(values: Iterable) -> dict:
+    """n, median, min, max, q1, q3 of the finite numbers in `values` (None is ignored).
+
+    With no numbers every statistic is None and n is 0.
+    """
+    xs = sorted(_clean(values))
+    n = len(xs)
+    if n == 0:
+        return {"n": 0, "median": None, "min": None, "max": None, "q1": None, "q3": None}
+    if n == 1:
+        q1 = q3 = xs[0]
+    else:
+        # "inclusive" keeps the quartiles inside [min, max], as a spread should be.
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return {"n": n, "median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3}
+
+
+def spread_interval(summary: dict) -> tuple[float, float] | None:
+    """The interval a table shows as the spread: min-max below IQR_FROM repeats, else q1-q3."""
+    if not summary or not summary.get("n"):
+        return None
+    if summary["n"] >= IQR_FROM:
+        return summary["q1"], summary["q3"]
+    return summary["min"], summary["max"]
+
+
+def spread_kind(n: int) -> str:
+    if n <= 1:
+        return "none (n=1)"
+    return "IQR" if n >= IQR_FROM else "min-max"
+
+
+def _formatter(fmt: str | Callable[[float], str]) -> Callable[[float], str]:
+    if callable(fmt):
+        return fmt
+    return lambda v: format(v, fmt)
+
+
+def format_stat(summary: dict, fmt: str | Callable[[float], str] = ".3g") -> str:
+    """One table cell: `v (n=1)`, `median [min-max]` for 2-4 repeats, `median (IQR q1-q3)` from 5.
+
+    `fmt` is a format spec ("`,.0f`") or a function of one number. One run is never
+    dressed up as a distribution, so n=1 shows no spread.
+    """
+    n = summary.get("n", 0) if summary else 0
+    if not n:
+        return "\u2014"  # em dash: no value
+    f = _formatter(fmt)
+    med = f(summary["median"])
+    if n == 1:
+        return f"{med} (n=1)"
+    if n >= IQR_FROM:
+        return f"{med} (IQR {f(summary['q1'])}{DASH}{f(summary['q3'])})"
+    return f"{med} [{f(summary['min'])}{DASH}{f(summary['max'])}]"
+
+
+# -- records: cells and their values -------------------------------------------------------
+
+def record_device(record: dict) -> str:
+    return str((record.get("env") or {}).get("device") or "?")
+
+
+def cell_key(record: dict) -> tuple[str, str, str]:
+    """(task, backend, device): what a row of a table and a match in a comparison stand for."""
+    return str(record.get("task")), str(record.get("backend")), record_device(record)
+
+
+def group_cells(records: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Records grouped by cell, cells and repeats in a stable order."""
+    cells: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        cells.setdefault(cell_key(r), []).append(r)
+    for rs in cells.values():
+        rs.sort(key=lambda r: (r.get("repeat") is None, r.get("repeat") or 0))
+    return dict(sorted(cells.items()))
+
+
+def figure(record: dict, name: str):
+    """A named figure of a record, from metrics or memory (None when absent)."""
+    for section in ("metrics", "memory"):
+        value = (record.get(section) or {}).get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def ok_records(records: Iterable[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def summarise_figure(records: Iterable[dict], name: str) -> dict:
+    """Summary of one figure over the ok repeats of a cell."""
+    return summarise(figure(r, name) for r in ok_records(records))

@@ -1,0 +1,128 @@
+"""Runs one cell (task x backend x repeat) in its own process and writes one JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+PROGRESS_PREFIX = "@@tribench "
+# Test-only fault injection, read here and nowhere else: "<fault>@<task>/<backend>".
+# Faults: raise, segfault, oom (SIGKILL, as the kernel's OOM killer sends), hang, nan.
+FAULT_ENV = "TRIBENCH_FAULT"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def emit(event: dict) -> None:
+    """A progress event for the runner, on stderr so stdout stays free for frameworks."""
+    sys.stderr.write(PROGRESS_PREFIX + json.dumps(event) + "\n")
+    sys.stderr.flush()
+
+
+def injected_fault(task: str, backend: str) -> str | None:
+    value = os.environ.get(FAULT_ENV, "")
+    fault, _, target = value.partition("@")
+    return fault if fault and target in ("", f"{task}/{backend}") else None
+
+
+def apply_fault(fault: str | None, data) -> None:
+    if fault == "raise":
+        raise RuntimeError("injected fault")
+    if fault == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if fault == "oom":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "hang":
+        time.sleep(10**6)
+    if fault == "nan":  # poison every training sample: the loss turns NaN at the first step
+        data.x_train = data.x_train.copy()
+        data.x_train[:] = float("nan")
+
+
+def run_cell(cfg: dict, record: dict) -> dict:
+    """Fill `record` from a config written by the runner; what is filled survives an exception."""
+    started = time.perf_counter()
+    from backends import get_backend
+    from backends.base import BackendUnavailable
+    from harness import data as data_mod
+    from harness.loop import Diverged, flatten_metrics, run_stages
+    from harness.measure import RssSampler, matmul_peak_gflops, max_rss_mb, rss_mb
+    from harness.results import host_environment
+    from harness.weights import load_checkpoint_for
+    from tasks import get_task
+
+    spec = get_task(cfg["task"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
+    record["spec"] = spec.to_dict()
+    record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
+                     "device_requested": cfg["device"], "threads": cfg["threads"]}
+    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"])
+    dataset = dataset.head(*cfg.get("subset") or (None, None))
+    record["data"] = dataset.describe()
+    fault = injected_fault(cfg["task"], cfg["backend"])
+    apply_fault(fault, dataset)
+
+    backend = get_backend(cfg["backend"])
+    try:
+        backend.configure(device=cfg["device"], threads=cfg["threads"], precision=cfg["precision"])
+    except BackendUnavailable as exc:
+        record.update(status="skipped", error=str(exc))
+        return record
+    record["memory"]["rss_after_import_mb"] = rss_mb()
+    record["env"].update(backend.environment())
+    record["env"]["mode"] = cfg["mode"]
+    peak = matmul_peak_gflops()
+    record["env"]["matmul_peak_gflops"] = peak
+
+    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec) if cfg.get("init_from") else None
+    prefix = cfg.get("checkpoint_prefix")
+    with RssSampler() as sampler:
+        try:
+            results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
+                                 checkpoint_prefix=Path(prefix) if prefix else None, progress=emit)
+            record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
+            record["status"] = "ok"
+        except Diverged as exc:
+            record.update(status="diverged", error=str(exc))
+            record["failure"] = {"reason": "diverged", "stage": exc.stage, "epoch": exc.epoch, "step": exc.step}
+    record["memory"]["peak_rss_mb"] = max(sampler.peak_mb, max_rss_mb())
+    record["memory"].update(backend.memory())
+    record["metrics"]["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.worker", description=__doc__)
+    parser.add_argument("config", type=Path, help="cell config JSON written by the runner")
+    parser.add_argument("record", type=Path, help="where to write the record JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = json.loads(args.config.read_text())
+    from harness.results import empty_record, write_json_atomic
+
+    record = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"], seed=cfg["seed"])
+    record["started_at"] = utc_now()
+    code = 0
+    try:
+        run_cell(cfg, record)
+    except Exception as exc:  # the record says what broke; the runner adds the stderr tail
+        traceback.print_exc()
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                      failure={"reason": "exception", "exception": type(exc).__name__})
+        code = 1
+    record["finished_at"] = utc_now()
+    write_json_atomic(args.record, record)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Regression check tests: thresholds, the spread rule, unmatched cells, exit codes."""
+
+from __future__ import annotations
+
+import pytest
+from record_factory import make_record, make_run, write_run
+
+from harness.compare import compare_records, compare_runs, parse_threshold
+
+
+def _run(tmp_path, name, records):
+    return write_run(tmp_path / name, records)
+
+
+def _scale(records, figure, factor, *, section="metrics"):
+    for r in records:
+        r[section][figure] *= factor
+    return records
+
+
+def test_identical_runs_pass(tmp_path):
+    records = make_run(backends=("torch", "jax"), repeats=3, jitter=0.05)
+    text, code = compare_runs(_run(tmp_path, "a", records), _run(tmp_path, "b", records))
+    assert code == 0, text
+    assert "RESULT: no regression" in text and "REGRESSION" not in text
+    assert "1.000" in text
+
+
+def test_throughput_drop_is_a_regression_naming_the_rule(tmp_path):
+    base = make_run(backends=("torch",), repeats=3, jitter=0.02)
+    new = _scale(make_run(backends=("torch",), repeats=3, jitter=0.02), "train_samples_per_s", 0.7)
+    text, code = compare_runs(_run(tmp_path, "a", base), _run(tmp_path, "b", new), threshold=0.05)
+    assert code == 1
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("train_samples_per_s"))
+    assert "REGRESSION" in line and "-30.0%" in line and "relative change" in line
+    assert "outside both runs' spread" in line
+    assert "torch/cpu: train_samples_per_s" in text.splitlines()[-1]
+
+
+def test_single_repeat_regression_says_threshold_alone(tmp_path):
+    new = _scale(make_run(backends=("torch",)), "peak_rss_mb", 1.5, section="memory")
+    text, code = compare_records(make_run(backends=("torch",)), new)
+    assert code == 1 and "no spread with n=1, threshold alone" in text
+
+
+def test_change_beyond_threshold_but_inside_spread_is_noise():
+    # Base repeats spread widely (+-20%); the new median is 8% lower but inside that range.
+    base = [make_record(repeat=i, throughput=t) for i, t in enumerate((16000, 20000, 24000))]
+    new = [make_record(repeat=i, throughput=t) for i, t in enumerate((18000, 18400, 18800))]
+    text, code = compare_records(base, new, threshold=0.05)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("train_samples_per_s"))
+    assert code == 0, text
+    assert "noise" in line and "inside the base spread" in line and "-8.0%" in line
+
+
+def test_accuracy_uses_absolute_points():
+    new = make_run(backends=("torch",), accuracy=0.90)
+    text, code = compare_records(make_run(backends=("torch",), accuracy=0.975), new, threshold=0.05)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("test_accuracy"))
+    assert code == 1 and "-7.50 points" in line and "absolute change in points" in line
+
+
+def test_cells_in_one_run_only_are_listed(tmp_path):
+    base = make_run(backends=("torch", "jax"))
+    new = make_run(backends=("torch", "tensorflow"))
+    text, code = compare_runs(_run(tmp_path, "a", base), _run(tmp_path, "b", new))
+    assert code == 0
+    assert "Cells only in base (not in new):\n  mnist-mlp/jax/cpu" in text
+    assert "Cells only in new (not in base):\n  mnist-mlp/tensorflow/cpu" in text
+
+
+def test_cell_failing_in_new_is_a_regression_but_skipped_is_not():
+    base = make_run(backends=("torch", "jax"))
+    new = [make_record(backend="torch", status="failed"), make_record(backend="jax", status="skipped")]
+    text, code = compare_records(base, new)
+    assert code == 1 and "REGRESSION (rule: cell ok in base, failed" in text
+    assert "no ok repeat in new: skipped" in text and "mnist-mlp/jax/cpu: status" not in text
+
+
+@pytest.mark.parametrize("text, value", [("5%", 0.05), ("0.05", 0.05), (" 12.5% ", 0.125), ("0.5%", 0.005)])
+def test_parse_threshold(text, value):
+    assert parse_threshold(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["five", "5", "-5%", "0", "nan", "%", ""])
+def test_bad_threshold_raises_a_clear_value_error(text):
+    with pytest.raises(ValueError, match="threshold"):
+        parse_threshold(text)
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tribench run folder"):
+        compare_runs(tmp_path / "nope", tmp_path / "nope2")
