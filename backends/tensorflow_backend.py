@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ def _import_tf():
     # Must precede the first tensorflow import to have any effect: quiet C++ logs, and no
     # grabbing of (almost) all GPU memory at start-up, which would falsify device peaks.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    if "keras" not in sys.modules:  # once keras is imported its backend is fixed; checked below
+        os.environ["KERAS_BACKEND"] = "tensorflow"
     try:
         import keras
         import tensorflow as tf
@@ -103,14 +105,15 @@ class TensorFlowBackend(Backend):
 
     def environment(self) -> dict:
         tf = self._require_configured()
-        name = self._device
+        device_name = "cpu"
         if self._device == "gpu":
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-            name = f"gpu ({details.get('device_name', 'unknown')})"
+            device_name = details.get("device_name", "unknown gpu")
         return {
             "framework": "tensorflow",
             "framework_version": f"tensorflow {tf.__version__}, keras {self._keras.__version__}",
-            "device": name,
+            "device": self._device,
+            "device_name": device_name,
             "threads": self._threads,
             "precision": self._precision,
         }

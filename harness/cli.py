@@ -170,7 +170,10 @@ def cmd_compare(args) -> int:
         threshold = compare.parse_threshold(args.threshold)
     except ValueError as exc:
         raise UsageError(f"--threshold: {exc}") from None
-    text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
+    try:
+        text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     print(text)
     return code
 

@@ -63,6 +63,11 @@ def _data_label(record: dict) -> str:
     return f"{kind} {data.get('name', '?')} {sizes}{subset}"
 
 
+def _is_cpu(env: dict) -> bool:
+    kind = env.get("device_type") or env.get("device") or "cpu"
+    return str(kind).lower().startswith("cpu")
+
+
 def _unique(values) -> list:
     seen = []
     for v in values:
@@ -140,8 +145,7 @@ def summary_table(records: list[dict]):
         for header, name, fmt in CORE_COLUMNS:
             row[header] = format_stat(summarise_figure(ok, name), fmt) if ok else ""
         row["time to target (s)"] = _time_to_target(rs)
-        if ok and not device.lower().startswith(("gpu", "cuda", "tpu", "rocm")) and \
-                summarise_figure(ok, "device_peak_mb")["n"] == 0:
+        if ok and _is_cpu(first.get("env") or {}) and summarise_figure(ok, "device_peak_mb")["n"] == 0:
             row["device peak (MiB)"] = f"n/a ({device})"
         row["params (total / trainable)"] = _params(ok) if ok else ""
         for header, name, fmt in EXTRA_COLUMNS:
@@ -177,8 +181,9 @@ def parity_line(records: list[dict]) -> str:
         k = next(iter(cells))
         acc = f"only one backend ran ({label[k]}), no accuracy gap to measure"
     else:
-        hi = max(cells, key=lambda k: cells[k]["median"])
-        lo = min(cells, key=lambda k: cells[k]["median"])
+        # Sorting (not max/min) keeps hi and lo distinct cells even when every median ties.
+        ranked = sorted(cells, key=lambda k: cells[k]["median"])
+        lo, hi = ranked[0], ranked[-1]
         gap = 100 * (cells[hi]["median"] - cells[lo]["median"])
         hi_acc, lo_acc = 100 * cells[hi]["median"], 100 * cells[lo]["median"]
         acc = (f"largest test-accuracy gap between backends {gap:.2f} points "
@@ -217,7 +222,7 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
     def joined(key: str) -> str:
         return ", ".join(str(v) for v in _unique(e.get(key) for e in envs)) or MISSING
 
-    gpus = _unique(e.get("device_name") for e in envs if str(e.get("device", "cpu")).lower() != "cpu")
+    gpus = _unique(e.get("device_name") or e.get("device") for e in envs if not _is_cpu(e))
     devices = _unique(e.get("device") for e in envs)
     versions = _unique((r.get("backend"), (r.get("env") or {}).get("framework_version")) for r in records
                        if (r.get("env") or {}).get("framework_version"))
@@ -230,7 +235,8 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
         ("Devices", ", ".join(map(str, devices)) or MISSING),
         ("Python", f"{joined('python')} (numpy {joined('numpy_version')})"),
         ("Frameworks", ", ".join(f"{b} {v}" for b, v in versions) or MISSING),
-        ("Threads", joined("threads")),
+        ("Threads", joined("threads") + (f" (inter-op {joined('interop_threads')})"
+                                          if any(e.get("interop_threads") for e in envs) else "")),
         ("Precision", joined("precision")),
         ("Mode", joined("mode")),
         ("Git commit", ", ".join(f"{c[:12]}{' (dirty tree)' if d else ''}" for c, d in commits) or MISSING),

@@ -76,7 +76,8 @@ class RunConfig:
         return changes
 
     def spec_dict(self, task: str) -> dict:
-        return get_task(task).with_overrides(**self.overrides(), seed=self.seed).to_dict()
+        """The spec as it reads back from JSON (tuples become lists), for comparisons."""
+        return json.loads(json.dumps(get_task(task).with_overrides(**self.overrides(), seed=self.seed).to_dict()))
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

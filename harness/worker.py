@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 PROGRESS_PREFIX = "@@tribench "
-# Test-only fault injection, read here and nowhere else: "<fault>@<task>/<backend>".
+# Test-only fault injection, read here and nowhere else: "<fault>[@<task>/<backend>[/<repeat>]]".
 # Faults: raise, segfault, oom (SIGKILL, as the kernel's OOM killer sends), hang, nan.
 FAULT_ENV = "TRIBENCH_FAULT"
 
@@ -29,10 +29,9 @@ def emit(event: dict) -> None:
     sys.stderr.flush()
 
 
-def injected_fault(task: str, backend: str) -> str | None:
-    value = os.environ.get(FAULT_ENV, "")
-    fault, _, target = value.partition("@")
-    return fault if fault and target in ("", f"{task}/{backend}") else None
+def injected_fault(task: str, backend: str, repeat: int) -> str | None:
+    fault, _, target = os.environ.get(FAULT_ENV, "").partition("@")
+    return fault if fault and target in ("", f"{task}/{backend}", f"{task}/{backend}/{repeat}") else None
 
 
 def apply_fault(fault: str | None, data) -> None:
@@ -68,7 +67,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"])
     dataset = dataset.head(*cfg.get("subset") or (None, None))
     record["data"] = dataset.describe()
-    fault = injected_fault(cfg["task"], cfg["backend"])
+    fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
     apply_fault(fault, dataset)
 
     backend = get_backend(cfg["backend"])

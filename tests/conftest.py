@@ -1,0 +1,60 @@
+"""Shared fixtures: which backends are installed, and a strict mode that refuses to skip them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from backends import BACKENDS
+
+# tox's parity env sets TRIBENCH_REQUIRE_BACKENDS=all: there a missing framework is a
+# failure, not a skip, so a broken install can never turn the suite green.
+_required = os.environ.get("TRIBENCH_REQUIRE_BACKENDS", "")
+REQUIRED = list(BACKENDS) if _required == "all" else [b for b in _required.split(",") if b]
+INSTALLED = [name for name, info in BACKENDS.items() if info.available()]
+
+
+def require(name: str) -> None:
+    if name not in INSTALLED:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name} is required here (TRIBENCH_REQUIRE_BACKENDS) but not installed")
+        pytest.skip(f"{name} not installed ({BACKENDS[name].install_hint})")
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend_name(request) -> str:
+    require(request.param)
+    return request.param
+
+
+@pytest.fixture(params=[f"{a}-{b}" for a, b in itertools.combinations(BACKENDS, 2)])
+def backend_pair(request) -> tuple[str, str]:
+    a, b = request.param.split("-")
+    require(a)
+    require(b)
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def fast_backend() -> str:
+    """The quickest installed backend to start, for tests of the runner rather than a framework."""
+    for name in ("jax", "torch", "tensorflow"):
+        if name in INSTALLED:
+            return name
+    pytest.skip("no backend installed")
+
+
+_configured: dict[str, object] = {}
+
+
+def configured(name: str):
+    """One configured adapter per backend per test process (frameworks configure once)."""
+    from backends import get_backend
+
+    if name not in _configured:
+        backend = get_backend(name)
+        backend.configure(device="cpu", threads=2, precision="fp32")
+        _configured[name] = backend
+    return _configured[name]

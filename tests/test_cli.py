@@ -1,0 +1,112 @@
+"""The command line: bad input gives exit 2 and one line; good input runs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+from harness.results import read_records
+
+
+def run_cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, bad, valid", [
+    (["run", "--task", "mnist-mpl"], "mnist-mpl", "mnist-mlp"),
+    (["run", "--backend", "pytorch"], "pytorch", "torch"),
+    (["run", "--data", "imagenet"], "imagenet", "fashion-mnist"),
+    (["run", "--device", "tpu"], "tpu", "gpu"),
+    (["run", "--mode", "fast"], "fast", "eager"),
+    (["run", "--precision", "fp8"], "fp8", "bf16"),
+    (["run", "--task", "cifar-cnn", "--data", "fashion-mnist"], "fashion-mnist", "cifar10"),
+])
+def test_bad_names_exit_2_with_one_line(args, bad, valid, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and bad in err and valid in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--repeats", "-1"), ("--batch-size", "0"),
+                                         ("--timeout", "-5"), ("--threads", "0"), ("--epochs", "two")])
+def test_out_of_range_flags_exit_2(flag, value, capsys):
+    assert main(["run", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err
+
+
+def test_unwritable_out_fails_before_any_cell(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", "--task", "mnist-mlp", "--backend", "torch", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+    assert not (blocker.parent / "sub").exists()
+
+
+def test_bad_checkpoint_is_refused_up_front(tmp_path, capsys):
+    from harness.weights import initial_weights, save_checkpoint
+    from tasks import get_task
+
+    save_checkpoint(tmp_path / "mlp.npz", get_task("mnist-mlp"), initial_weights(get_task("mnist-mlp"), 0))
+    assert main(["run", "--task", "finetune", "--init-from", str(tmp_path / "mlp.npz")]) == 2
+    assert "layer 0" in capsys.readouterr().err
+
+
+def test_missing_real_data_exits_2_naming_the_places(tmp_path):
+    out = run_cli("run", "--task", "cifar-cnn", "--data", "cifar10", "--no-download", "--out", str(tmp_path / "o"),
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "TRIBENCH_DATA": str(tmp_path / "nothing")})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and str(tmp_path / "nothing") in out.stderr
+    assert "cifar-10-python.tar.gz" in out.stderr
+
+
+def test_compare_of_missing_folder_is_a_usage_error(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_list_shows_backends_and_data():
+    out = run_cli("list")
+    assert out.returncode == 0
+    for word in ("mnist-mlp", "cifar-cnn", "finetune", "torch", "tensorflow", "jax", "synthetic"):
+        assert word in out.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path, fast_backend):
+    out_dir = tmp_path / "run"
+    out = run_cli("run", "--task", "mnist-mlp", "--backend", fast_backend, "--quick", "--data", "synthetic",
+                  "--out", str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = read_records(out_dir)
+    assert record["status"] == "ok" and record["data"]["synthetic"] is True
+    assert record["data"]["subset"] and record["metrics"]["test_accuracy"] > 0.5
+    m = record["metrics"]
+    assert len(m["epoch_s"]) == 1 and m["warmup_s"] > 0 and m["train_samples_per_s"] > 0
+    assert record["memory"]["peak_rss_mb"] >= record["memory"]["rss_after_import_mb"] > 0
+    assert record["env"]["framework_version"] and record["schema_version"] == 1
+    assert "SYNTHETIC" in out.stdout + out.stderr
+    for name in ("report.md", "report.html", "run.json"):
+        assert (out_dir / name).exists()
+    assert json.loads((out_dir / "run.json").read_text())["config"]["quick"] is True
+
+
+@pytest.mark.slow
+def test_missing_backend_is_skipped_with_its_extra(tmp_path, fast_backend, monkeypatch):
+    # A backend whose module cannot be found: simulated by pointing its requirement elsewhere.
+    from backends import BACKENDS, BackendInfo
+    from harness.runner import RunConfig, run_matrix
+
+    monkeypatch.setitem(BACKENDS, "tensorflow", BackendInfo("tensorflow", "x:y", ("no_such_module_xyz",),
+                                                            "tensorflow"))
+    cfg = RunConfig(tasks=["mnist-mlp"], backends=["tensorflow", fast_backend], out=tmp_path / "o", quick=True,
+                    data="synthetic")
+    assert run_matrix(cfg) == 0
+    records = {r["backend"]: r for r in read_records(tmp_path / "o")}
+    assert records["tensorflow"]["status"] == "skipped"
+    assert 'pip install "tribench[tensorflow]"' in records["tensorflow"]["error"]
+    assert records[fast_backend]["status"] == "ok"

@@ -1,0 +1,114 @@
+"""The backend contract, checked the same way on every installed backend."""
+
+import numpy as np
+import pytest
+
+from harness.loop import epoch_order
+from harness.weights import initial_weights
+from tasks import get_task
+
+from conftest import configured
+
+N = 512
+
+
+def small_data(kind: str, n: int = N, seed: int = 0):
+    from harness.data import synthetic
+
+    return synthetic(kind, n_train=n, n_test=n // 2, seed=seed)
+
+
+@pytest.mark.parametrize("task", ["mnist-mlp", "cifar-cnn"])
+def test_weights_round_trip_bit_identical(backend_name, task):
+    backend = configured(backend_name)
+    spec = get_task(task)
+    w = initial_weights(spec, 0)
+    model = backend.build(spec, w, trainable=None, mode="eager")
+    out = backend.get_weights(model)
+    assert [a.shape for a in out] == [a.shape for a in w]
+    assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(out, w))
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_train_epoch_returns_one_finite_loss_per_step_and_learns(backend_name, mode):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    d = small_data("mnist", 2048)
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode=mode)
+    train, test = backend.put_data(d.x_train, d.y_train), backend.put_data(d.x_test, d.y_test)
+    loss0, acc0 = backend.evaluate(model, test, 1000)
+    order = epoch_order(0, 0, 0, len(d.y_train), 128)
+    losses = backend.train_epoch(model, train, order, 128)
+    assert losses.shape == (len(order) // 128,) and losses.dtype == np.float32 and np.all(np.isfinite(losses))
+    loss1, acc1 = backend.evaluate(model, test, 1000)
+    assert loss1 < loss0 and acc1 > max(acc0, 0.3)  # well above 10% chance after 16 steps
+
+
+def test_evaluate_counts_the_last_partial_batch(backend_name):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    d = small_data("mnist", 300)
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="compiled")
+    x, y = d.x_train[:250], d.y_train[:250]
+    logits = backend.logits(model, x)
+    expected_acc = float((logits.argmax(1) == y).mean())
+    shifted = logits - logits.max(1, keepdims=True)
+    expected_loss = float(np.mean(np.log(np.exp(shifted).sum(1)) - shifted[np.arange(250), y]))
+    loss, acc = backend.evaluate(model, backend.put_data(x, y), 100)  # batches of 100, 100, 50
+    assert acc == pytest.approx(expected_acc, abs=1e-6)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_set_weights_resets_the_optimizer(backend_name):
+    """Two runs from the same weights give the same losses: no optimizer state leaks over."""
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    d = small_data("mnist")
+    w = initial_weights(spec, 0)
+    model = backend.build(spec, w, trainable=None, mode="compiled")
+    train = backend.put_data(d.x_train, d.y_train)
+    order = epoch_order(0, 0, 0, N, 128)
+    first = backend.train_epoch(model, train, order, 128)
+    backend.set_weights(model, w)
+    second = backend.train_epoch(model, train, order, 128)
+    np.testing.assert_allclose(first, second, rtol=1e-6)
+
+
+def test_warmup_leaves_training_where_it_started(backend_name):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    d = small_data("mnist")
+    w = initial_weights(spec, 0)
+    order = epoch_order(0, 0, 0, N, 128)
+    a = backend.build(spec, w, trainable=None, mode="compiled")
+    train, test = backend.put_data(d.x_train, d.y_train), backend.put_data(d.x_test, d.y_test)
+    backend.warmup(a, train, order, 128, test, 100)
+    assert all(np.array_equal(x, y) for x, y in zip(backend.get_weights(a), w))
+    after_warmup = backend.train_epoch(a, train, order, 128)
+    b = backend.build(spec, w, trainable=None, mode="compiled")
+    cold = backend.train_epoch(b, train, order, 128)
+    np.testing.assert_allclose(after_warmup, cold, rtol=1e-6)
+
+
+def test_frozen_layers_stay_bit_identical(backend_name):
+    backend = configured(backend_name)
+    spec = get_task("finetune")
+    d = small_data("cifar10", 256).classes((5, 6, 7, 8, 9))
+    w = initial_weights(spec, 0)
+    model = backend.build(spec, w, trainable=("fc1", "head"), mode="compiled")
+    order = epoch_order(0, 1, 0, len(d.y_train), 32)
+    backend.train_epoch(model, backend.put_data(d.x_train, d.y_train), order, 32)
+    after = backend.get_weights(model)
+    names = [f"{n}.{p}" for n, _, _ in spec.param_shapes() for p in ("kernel", "bias")]
+    for name, before, now in zip(names, w, after):
+        if name.split(".")[0] in ("conv1", "conv2", "conv3"):
+            assert np.array_equal(before, now), f"{name} changed although frozen"
+        elif name.endswith("kernel"):
+            assert not np.array_equal(before, now), f"{name} did not train"
+
+
+def test_environment_reports_what_ran(backend_name):
+    env = configured(backend_name).environment()
+    assert {"framework", "framework_version", "device", "threads", "precision"} <= set(env)
+    assert env["precision"] == "fp32" and env["framework_version"]
+    assert configured(backend_name).memory().keys() >= {"device_peak_mb"}

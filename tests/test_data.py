@@ -1,0 +1,203 @@
+"""Data: IDX and CIFAR readers on files written here in the real formats, checksums, search, synthetic."""
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+
+from harness import data
+from harness.data import ChecksumError, DataError, Source
+
+
+def write_idx(path, array: np.ndarray, *, gz=True):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(payload)
+
+
+def write_mnist(folder, n_train=20, n_test=10, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test),
+    }
+    for name, array in arrays.items():
+        write_idx(folder / name, array)
+    return arrays
+
+
+def fake_source(folder, name="mnist"):
+    """A Source whose digests are those of the files just written (real ones are not here)."""
+    files = {f: data.sha256_of(folder / f) for f in sorted(p.name for p in folder.iterdir())}
+    return Source(name, "mnist", files, "http://127.0.0.1:9/", "test")
+
+
+def test_idx_reader_round_trips(tmp_path):
+    arrays = write_mnist(tmp_path)
+    x_tr, y_tr, x_te, y_te = data.load_mnist_dir(tmp_path)
+    assert x_tr.shape == (20, 28, 28, 1) and x_tr.dtype == np.float32
+    np.testing.assert_array_equal(x_tr[..., 0] * 255, arrays["train-images-idx3-ubyte.gz"])
+    np.testing.assert_array_equal(y_te, arrays["t10k-labels-idx1-ubyte.gz"])
+    assert 0.0 <= x_tr.min() and x_tr.max() <= 1.0
+
+
+def test_idx_reader_refuses_a_truncated_file(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.read_idx(path)
+    path.write_bytes(path.read_bytes()[:50])  # a cut gzip stream
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(path)
+
+
+def test_idx_reader_refuses_a_wrong_magic(tmp_path):
+    path = tmp_path / "x.idx"
+    path.write_bytes(b"\x01\x02\x03\x04" + b"\x00" * 20)
+    with pytest.raises(DataError, match="bad magic"):
+        data.read_idx(path)
+
+
+def test_checksum_mismatch_names_path_and_both_digests(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"hello")
+    with pytest.raises(ChecksumError) as info:
+        data.verify(path, "0" * 64)
+    assert str(path) in str(info.value) and "0" * 64 in str(info.value) and data.sha256_of(path) in str(info.value)
+
+
+def test_search_order_data_dir_then_env_then_cache_then_system(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
+    dirs = data.search_dirs(tmp_path / "given")
+    assert dirs[:3] == [tmp_path / "given", tmp_path / "env", tmp_path / "cache" / "tribench"]
+    assert dirs[3:] == list(data.SYSTEM_DIRS)
+
+
+def test_find_source_skips_a_corrupt_copy_and_uses_a_good_one(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    good = tmp_path / "good" / "mnist"
+    write_mnist(good)
+    source = fake_source(good)
+    bad = tmp_path / "cache" / "tribench" / "mnist"
+    write_mnist(bad, seed=1)  # same names, other bytes: fails the checksum
+    monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "good",))
+    folder, looked = data.find_source(source, None)
+    assert folder == good
+    assert bad in looked
+    assert "SHA-256 mismatch" in caplog.text and str(bad) in caplog.text
+
+
+def test_offline_and_nothing_found_names_every_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "system",))
+    monkeypatch.setitem(data.SOURCES, "mnist", Source("mnist", "mnist", {"a.gz": "0" * 64},
+                                                      "http://127.0.0.1:9/", "put the files there"))
+    with pytest.raises(DataError) as info:
+        data.locate("mnist", tmp_path / "given", allow_download=True)  # port 9 refuses: offline
+    message = str(info.value)
+    for place in (tmp_path / "given", tmp_path / "cache" / "tribench", tmp_path / "system"):
+        assert str(place) in message
+    assert "put the files there" in message and "--data synthetic" in message
+
+
+def test_download_that_fails_its_checksum_never_lands(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    payload = b"not the real file"
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: Response(payload))
+    source = Source("mnist", "mnist", {"a.gz": "0" * 64}, "http://example.invalid/", "")
+    with pytest.raises(ChecksumError):
+        data.download(source)
+    folder = tmp_path / "cache" / "tribench" / "mnist"
+    assert list(folder.iterdir()) == []  # neither the file nor a .part left behind
+
+    import hashlib
+
+    ok = Source("mnist", "mnist", {"a.gz": hashlib.sha256(payload).hexdigest()}, "http://example.invalid/", "")
+    assert (data.download(ok) / "a.gz").read_bytes() == payload
+
+
+def write_cifar(folder, per_batch=4):
+    rng = np.random.default_rng(0)
+    members = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, per_batch))}
+        members[f"cifar-10-batches-py/{name}"] = pickle.dumps(batch)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return members
+
+
+def test_cifar_reader_gives_nhwc_from_the_python_pickles(tmp_path):
+    members = write_cifar(tmp_path)
+    x_tr, y_tr, x_te, y_te = data.load_cifar(tmp_path / "cifar-10-python.tar.gz")
+    assert x_tr.shape == (20, 32, 32, 3) and x_te.shape == (4, 32, 32, 3)
+    first = pickle.loads(members["cifar-10-batches-py/data_batch_1"])[b"data"][0]
+    # CIFAR rows are 1024 red, then green, then blue values: channel-major.
+    np.testing.assert_array_equal(x_tr[0, :, :, 1] * 255, first[1024:2048].reshape(32, 32))
+
+
+def test_cifar_reader_refuses_a_missing_batch(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}))
+    with pytest.raises(DataError, match="0 of 5 training batches"):
+        data.load_cifar(folder)
+
+
+@pytest.mark.parametrize("kind, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_synthetic_data_is_deterministic_labelled_and_learnable(kind, shape):
+    a = data.synthetic(kind, n_train=3000, n_test=1000, seed=3)
+    b = data.synthetic(kind, n_train=3000, n_test=1000, seed=3)
+    c = data.synthetic(kind, n_train=3000, n_test=1000, seed=4)
+    assert a.x_train.shape == (3000, *shape) and a.x_train.dtype == np.float32
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert a.synthetic and a.describe()["source"] == "synthetic"
+    # Learnable: a nearest-class-mean classifier is far above chance (10%).
+    flat, flat_test = a.x_train.reshape(3000, -1), a.x_test.reshape(1000, -1)
+    means = np.stack([flat[a.y_train == k].mean(0) for k in range(10)])
+    pred = np.argmin(((flat_test[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    assert (pred == a.y_test).mean() > 0.6
+
+
+def test_class_subset_relabels_in_order():
+    d = data.synthetic("cifar10", n_train=500, n_test=200, seed=0)
+    sub = d.classes((5, 6, 7, 8, 9))
+    assert set(np.unique(sub.y_train)) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(sub.x_train, d.x_train[d.y_train >= 5])
+    np.testing.assert_array_equal(sub.y_train, d.y_train[d.y_train >= 5] - 5)
+
+
+def test_resolve_auto_falls_back_to_synthetic_loudly(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    assert data.resolve("cifar10", "auto", allow_download=False) == ("synthetic", "synthetic")
+    assert "SYNTHETIC" in caplog.text
+    with pytest.raises(DataError, match="cifar10 not found"):
+        data.resolve("cifar10", "cifar10", allow_download=False)
+    with pytest.raises(DataError, match="does not fit"):
+        data.resolve("cifar10", "fashion-mnist", allow_download=False)

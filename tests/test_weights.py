@@ -1,0 +1,62 @@
+"""Canonical initial weights and checkpoints."""
+
+import numpy as np
+import pytest
+
+from harness.weights import (CheckpointError, initial_weights, load_checkpoint, load_checkpoint_for, reinitialise,
+                             save_checkpoint)
+from tasks import get_task
+
+
+def test_initial_weights_are_glorot_uniform_zero_bias_and_seeded():
+    spec = get_task("cifar-cnn")
+    w = initial_weights(spec, 0)
+    assert [a.shape for a in w] == [s for _, k, b in spec.param_shapes() for s in (k, b)]
+    assert all(a.dtype == np.float32 for a in w)
+    conv1 = w[0]  # HWIO (3, 3, 3, 32): fan_in 27, fan_out 288
+    limit = np.sqrt(6 / (27 + 288))
+    assert conv1.min() >= -limit and conv1.max() <= limit and conv1.max() > 0.9 * limit
+    assert not np.any(w[1])
+    np.testing.assert_array_equal(w[0], initial_weights(spec, 0)[0])
+    assert not np.array_equal(w[0], initial_weights(spec, 1)[0])
+
+
+def test_reinitialise_redraws_only_the_named_layer():
+    spec = get_task("finetune")
+    w = initial_weights(spec, 0)
+    r = reinitialise(spec, w, ("head",), 0, stream=2)
+    for i, (a, b) in enumerate(zip(w, r)):
+        if i == 8:  # head kernel
+            assert not np.array_equal(a, b)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path):
+    spec = get_task("finetune")
+    w = initial_weights(spec, 5)
+    save_checkpoint(tmp_path / "c.npz", spec, w, meta={"backend": "x"})
+    header, loaded = load_checkpoint(tmp_path / "c.npz")
+    assert header["meta"] == {"backend": "x"} and header["spec"]["name"] == "finetune"
+    assert all(np.array_equal(a, b) for a, b in zip(w, load_checkpoint_for(tmp_path / "c.npz", spec)))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_of_another_architecture_names_the_first_mismatch(tmp_path):
+    save_checkpoint(tmp_path / "mlp.npz", get_task("mnist-mlp"), initial_weights(get_task("mnist-mlp"), 0))
+    with pytest.raises(CheckpointError, match="layer 0"):
+        load_checkpoint_for(tmp_path / "mlp.npz", get_task("cifar-cnn"))
+    # Same layers, one array of the wrong shape: named precisely.
+    spec = get_task("cifar-cnn")
+    w = initial_weights(spec, 0)
+    save_checkpoint(tmp_path / "ok.npz", spec, w)
+
+    with np.load(tmp_path / "ok.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["w002"] = np.zeros((3, 3, 32, 65), np.float32)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"conv2.kernel has shape \(3, 3, 32, 65\)"):
+        load_checkpoint_for(tmp_path / "bad.npz", spec)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a tribench checkpoint"):
+        load_checkpoint(tmp_path / "junk.npz")
