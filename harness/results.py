@@ -93,8 +93,12 @@ def append_record(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def read_records(path: Path) -> list[dict]:
-    """Every complete record in a records.jsonl; a torn last line is skipped with a warning."""
+def read_records(path: Path, *, history: bool = False) -> list[dict]:
+    """The complete records of a records.jsonl, the latest one per cell unless `history`.
+
+    A resumed run appends a new record for a cell that failed before; readers want the
+    latest. A torn last line is skipped with a warning.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
@@ -109,7 +113,10 @@ def read_records(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 log.warning("%s:%d: skipping an incomplete record", path, number)
-    return records
+    if history:
+        return records
+    latest = {(r.get("task"), r.get("backend"), r.get("repeat")): r for r in records}
+    return list(latest.values())
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -110,3 +110,14 @@ def test_a_torn_last_line_is_skipped_not_fatal(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"task": "a", "status": "ok"}\n{"task": "b", "sta')
     assert [r["task"] for r in read_records(path)] == ["a"]
+
+
+def test_a_retried_cell_reads_back_as_its_latest_record(tmp_path):
+    from harness.results import append_record
+
+    path = tmp_path / "records.jsonl"
+    for status in ("failed", "ok"):
+        append_record(path, {"task": "t", "backend": "b", "repeat": 0, "status": status})
+    append_record(path, {"task": "t", "backend": "b", "repeat": 1, "status": "ok"})
+    assert [r["status"] for r in read_records(path)] == ["ok", "ok"]
+    assert [r["status"] for r in read_records(path, history=True)] == ["failed", "ok", "ok"]
