@@ -46,7 +46,7 @@ def positive(kind):
     return parse
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
+def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--task", help=f"comma-separated; default all: {','.join(TASKS)}")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
     p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
@@ -54,7 +54,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
                    "/usr/share/datasets)")
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
-    p.add_argument("--batch-size", type=positive(int), help="override every task's batch size")
+    if sweep:
+        p.add_argument("--batch-size", default="32,64,128,256,512,1024",
+                       help="comma-separated batch sizes (default 32,64,128,256,512,1024)")
+    else:
+        p.add_argument("--batch-size", type=positive(int), help="override every task's batch size")
     p.add_argument("--repeats", type=positive(int), default=1, help="fresh worker processes per cell (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
@@ -68,13 +72,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
+    if not sweep:
+        p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="tribench", description="Compare PyTorch, TensorFlow/Keras and JAX on one task spec.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run_options(sub.add_parser("run", help="run the benchmark matrix"))
+    add_run_options(sub.add_parser("sweep", help="throughput and memory against batch size, with a plot"),
+                    sweep=True)
     sub.add_parser("list", help="tasks, backends and data sources found")
     report = sub.add_parser("report", help="write report.md/.html and plots for a results folder")
     report.add_argument("dir", type=Path)
@@ -91,7 +98,7 @@ def one_of(value: str, valid, flag: str) -> str:
     return value
 
 
-def run_config(args) -> RunConfig:
+def run_config(args, *, batch_size: int | None = None) -> RunConfig:
     tasks = names(args.task, TASKS, "task") if args.task else list(TASKS)
     if args.backend:
         backends = names(args.backend, BACKENDS, "backend")
@@ -116,7 +123,7 @@ def run_config(args) -> RunConfig:
                 raise UsageError(f"--init-from: {exc}") from None
     out = args.out or Path("results") / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg = RunConfig(tasks=tasks, backends=backends, out=out, repeats=args.repeats, seed=args.seed,
-                    data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+                    data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=batch_size,
                     device=one_of(args.device, DEVICES, "--device"),
                     precision=one_of(args.precision, PRECISIONS, "--precision"),
                     mode=one_of(args.mode, MODES, "--mode"), timeout=args.timeout, quick=args.quick,
@@ -130,7 +137,17 @@ def run_config(args) -> RunConfig:
 def cmd_run(args) -> int:
     if args.resume:
         return run_matrix(load_resume(args.resume), resume=True)
-    return run_matrix(run_config(args))
+    return run_matrix(run_config(args, batch_size=args.batch_size))
+
+
+def cmd_sweep(args) -> int:
+    from harness.sweep import run_sweep
+
+    sizes = [positive(int)(v) for v in args.batch_size.split(",") if v.strip()] if args.batch_size else []
+    if not sizes:
+        raise UsageError("--batch-size: give at least one batch size, e.g. 32,64,128")
+    args.epochs = args.epochs or 1  # a sweep measures throughput; one epoch after warm-up is enough
+    return run_sweep(run_config(args), sorted(set(sizes)))
 
 
 def cmd_list(args) -> int:
@@ -178,7 +195,7 @@ def cmd_compare(args) -> int:
     return code
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"tribench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (UsageError, data_mod.DataError) as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -37,13 +37,20 @@ class _PlainBar:
         self.done += 1
         elapsed = time.monotonic() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
-        self._line(f"[{self.done}/{self.total}] {label}: {_outcome(record)}  (elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
+        self._line(f"[{self.done}/{self.total}] {label}: {_outcome(record)}  "
+                   f"(elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
 
 
 class _RichBar:
     def __init__(self, total: int, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from backends import BACKENDS, backend_info
 from harness import data as data_mod
@@ -278,7 +277,7 @@ def skipped_record(cell: Cell, seed: int, error: str) -> dict:
     return record
 
 
-def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None) -> int:
+def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True) -> int:
     """Run every planned cell not already finished; returns the process exit code."""
     from harness.progress import Progress
 
@@ -335,25 +334,26 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     records = read_records(records_path)
-    finish(cfg.out, records, ui)
+    finish(cfg.out, records, ui, write_report=write_report)
     if code == EXIT_OK and any(r["status"] in ("failed", "diverged") for r in records):
         code = EXIT_CELL_FAILED
     return code
 
 
-def finish(out: Path, records: list[dict], ui) -> None:
+def finish(out: Path, records: list[dict], ui, *, write_report: bool = True) -> None:
     """The summary table and the report, also after an interruption."""
     from harness import report
 
     ui.print(report.render_terminal(records))
-    try:
-        paths = report.write_report(out, records=records)
-        ui.info(f"report: {paths[0].parent / 'report.html'}")
-    except Exception:  # a broken plot must not hide the records that are safe on disk
-        log.exception("writing the report failed; the records are in %s", out / RECORDS_FILE)
-    bad = [r for r in records if r["status"] in ("failed", "diverged")]
-    for r in bad:
-        ui.warn(f"{r['status'].upper()}: {r['task']} / {r['backend']} / repeat {r['repeat']}: {r['error']}")
+    if write_report:
+        try:
+            paths = report.write_report(out, records=records)
+            ui.info(f"report: {paths[0].parent / 'report.html'}")
+        except Exception:  # a broken plot must not hide the records that are safe on disk
+            log.exception("writing the report failed; the records are in %s", out / RECORDS_FILE)
+    for r in records:
+        if r["status"] in ("failed", "diverged"):
+            ui.warn(f"{r['status'].upper()}: {r['task']} / {r['backend']} / repeat {r['repeat']}: {r['error']}")
 
 
 def available_backends() -> list[str]:

@@ -110,3 +110,20 @@ def test_missing_backend_is_skipped_with_its_extra(tmp_path, fast_backend, monke
     assert records["tensorflow"]["status"] == "skipped"
     assert 'pip install "tribench[tensorflow]"' in records["tensorflow"]["error"]
     assert records[fast_backend]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_table_and_a_plot(tmp_path, fast_backend):
+    out = run_cli("sweep", "--task", "mnist-mlp", "--backend", fast_backend, "--quick", "--data", "synthetic",
+                  "--batch-size", "64,256", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 64 |" in table and "| 256 |" in table and "SYNTHETIC" in table
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sizes = {r["spec"]["batch_size"] for d in ("batch-64", "batch-256") for r in read_records(tmp_path / d)}
+    assert sizes == {64, 256}
+
+
+def test_sweep_rejects_a_bad_batch_size(capsys):
+    assert main(["sweep", "--batch-size", "64,0"]) == 2
+    assert "must be positive" in capsys.readouterr().err

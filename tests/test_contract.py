@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import configured
 
 from harness.loop import epoch_order
 from harness.weights import initial_weights
 from tasks import get_task
-
-from conftest import configured
 
 N = 512
 

@@ -19,14 +19,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import configured
 
 from harness.data import synthetic
 from harness.loop import epoch_order
 from harness.weights import initial_weights
 from tasks import get_task
 from tasks.spec import Adam
-
-from conftest import configured
 
 
 def build(name, spec, weights, mode="compiled", trainable=None):

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from harness.weights import (CheckpointError, initial_weights, load_checkpoint, load_checkpoint_for, reinitialise,
-                             save_checkpoint)
+from harness.weights import (
+    CheckpointError,
+    initial_weights,
+    load_checkpoint,
+    load_checkpoint_for,
+    reinitialise,
+    save_checkpoint,
+)
 from tasks import get_task
 
 
