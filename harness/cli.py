@@ -50,7 +50,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--task", help=f"comma-separated; default all: {','.join(TASKS)}")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
     p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
-                   "where found, else synthetic, said loudly)")
+                   "where found, else synthetic, said loudly); comma-separated, each task takes the first that "
+                   "fits it, e.g. fashion-mnist,synthetic")
     p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
                    "/usr/share/datasets)")
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
@@ -107,12 +108,13 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
         if not backends:
             raise UsageError(f"no backend installed; install one: pip install \"tribench[all]\" "
                              f"(or one of {', '.join(BACKENDS)})")
-    one_of(args.data, DATA_CHOICES, "--data")
+    for value in args.data.split(","):
+        one_of(value.strip(), DATA_CHOICES, "--data")
     for task in tasks:
-        kind = get_task(task).dataset
-        if args.data not in data_mod.choices_for(kind):
-            raise UsageError(f"--data {args.data!r} does not fit task {task!r} ({kind}); "
-                             f"valid: {', '.join(data_mod.choices_for(kind))}")
+        try:
+            data_mod.choice_for(get_task(task).dataset, args.data)
+        except data_mod.DataError as exc:
+            raise UsageError(f"task {task!r}: {exc}") from None
     if args.init_from is not None:
         from harness.weights import CheckpointError, load_checkpoint_for
 

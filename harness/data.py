@@ -330,6 +330,19 @@ def choices_for(kind: str) -> list[str]:
     return ["auto", *[s.name for s in SOURCES.values() if s.kind == kind], "synthetic"]
 
 
+def choice_for(kind: str, choices: str) -> str:
+    """The first of comma-separated --data values that fits a `kind` task.
+
+    `--data fashion-mnist,synthetic` gives MNIST-format tasks Fashion-MNIST and CIFAR
+    tasks synthetic data in one run.
+    """
+    values = [c.strip() for c in choices.split(",") if c.strip()]
+    for value in values:
+        if value in choices_for(kind):
+            return value
+    raise DataError(f"--data {choices!r} has nothing for a {kind} task; valid: {', '.join(choices_for(kind))}")
+
+
 REAL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
 

@@ -171,7 +171,8 @@ def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str]]:
     resolved = {}
     for task in cfg.tasks:
         kind = get_task(task).dataset
-        resolved[task] = data_mod.resolve(kind, cfg.data, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
+        choice = data_mod.choice_for(kind, cfg.data)
+        resolved[task] = data_mod.resolve(kind, choice, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
     return resolved
 
 

@@ -127,3 +127,18 @@ def test_sweep_writes_a_table_and_a_plot(tmp_path, fast_backend):
 def test_sweep_rejects_a_bad_batch_size(capsys):
     assert main(["sweep", "--batch-size", "64,0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_asked_for_and_absent_is_skipped_with_the_reason(tmp_path, backend_name):
+    from harness.runner import RunConfig, run_matrix
+
+    from conftest import configured
+
+    if configured(backend_name).devices() != ["cpu"]:
+        pytest.skip("this machine has a GPU")
+    cfg = RunConfig(tasks=["mnist-mlp"], backends=[backend_name], out=tmp_path / "o", quick=True, data="synthetic",
+                    device="gpu")
+    assert run_matrix(cfg) == 0
+    (record,) = read_records(tmp_path / "o")
+    assert record["status"] == "skipped" and "gpu" in record["error"].lower()

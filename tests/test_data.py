@@ -201,3 +201,10 @@ def test_resolve_auto_falls_back_to_synthetic_loudly(tmp_path, monkeypatch, capl
         data.resolve("cifar10", "cifar10", allow_download=False)
     with pytest.raises(DataError, match="does not fit"):
         data.resolve("cifar10", "fashion-mnist", allow_download=False)
+
+
+def test_each_task_takes_the_first_data_choice_that_fits():
+    assert data.choice_for("mnist", "fashion-mnist,synthetic") == "fashion-mnist"
+    assert data.choice_for("cifar10", "fashion-mnist,synthetic") == "synthetic"
+    with pytest.raises(DataError, match="nothing for a cifar10 task"):
+        data.choice_for("cifar10", "mnist,fashion-mnist")
