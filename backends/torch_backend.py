@@ -10,10 +10,13 @@ import numpy as np
 from backends.base import MODES, PRECISIONS, Backend, BackendUnavailable
 from tasks.spec import TaskSpec
 
-# Memory format of the 4-D activations. Measured on the cifar-cnn training step
-# (batch 128, 2-core CPU, torch 2.13, eager; see the figures in the adapter's report):
-# NCHW ~3.0k samples/s vs channels_last ~2.5k samples/s, so contiguous NCHW is kept.
-CHANNELS_LAST = False
+# Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
+# Measured on the cifar-cnn training step (batch 128, fused Adam, 2 threads, torch 2.13,
+# on the shared 2-core CPU while other benchmarks ran: 25 interleaved chunks of 4 steps,
+# samples/s): NCHW best 486 / p90 401 / median 269, channels_last best 647 / p90 566 /
+# median 350, i.e. ~1.3x for channels_last; it also makes the NHWC input a free view.
+# (compiled mode with channels_last was slower still: see _make_steps.)
+CHANNELS_LAST = True
 
 
 def _flatten_permutation(hwc: tuple[int, int, int]) -> np.ndarray:
@@ -42,7 +45,6 @@ class _Model:
     trainable: list  # parameters that train (requires_grad True)
     optimizer: Any
     mode: str
-    forward: Any = None  # compiled or plain module call (training)
     train_step: Any = None
     eval_step: Any = None
 
@@ -107,7 +109,7 @@ class TorchBackend(Backend):
             "threads": self._threads,
             "interop_threads": torch.get_num_interop_threads(),
             "precision": self._precision,
-            "modes": sorted(self._modes),
+            "mode": ",".join(sorted(self._modes)) or None,  # the mode(s) built so far
             "memory_format": "channels_last" if CHANNELS_LAST else "nchw",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if on_cuda else None,
@@ -213,8 +215,9 @@ class TorchBackend(Backend):
         opt = model.spec.optimizer
         if not model.trainable:
             return None
-        # fused=True: one kernel over all parameters (CPU and CUDA); measured faster
-        # than foreach on the 2-core CPU for both tasks.
+        # fused=True: one kernel over all parameters (CPU and CUDA). MNIST-MLP step,
+        # 40 interleaved chunks of 20 steps on the loaded 2-core CPU, samples/s best /
+        # median: fused 51.8k / 15.6k, foreach 41.5k / 13.4k, default 37.6k / 14.2k.
         return torch.optim.Adam(model.trainable, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
                                 fused=True)
 
@@ -246,6 +249,14 @@ class TorchBackend(Backend):
             return losses, correct
 
         if model.mode == "compiled":
+            # torch.compile (inductor, C++ codegen) of forward + loss; autograd runs the
+            # compiled backward graph; the fused Adam step stays eager. On this 2-core CPU
+            # it does NOT pay off (interleaved chunks, shared loaded machine, samples/s
+            # best / median): MLP plain 26.0k / 10.6k, eager 35.3k / 17.2k, compiled
+            # 27.2k / 14.9k; CNN plain 492 / 386, eager 518 / 414, compiled 373 / 299
+            # (also 0.78x plain with NCHW). Compile adds ~3 s (MLP) and ~3-18 s (CNN, warm
+            # vs cold inductor cache) to warm-up. Eager is the adapter's best on CPU; on
+            # CUDA compiled mode is expected to win (fused kernels, fewer launches).
             # dynamic=False: every batch shape gets its own specialised graph (the last
             # partial eval batch is one more); automatic dynamic shapes would otherwise
             # recompile the whole graph symbolically, which is slower on CPU.
