@@ -121,8 +121,16 @@ def test_one_adam_step_matches_numpy_paper_formulation(backend):
         m_hat, v_hat = m / (1 - opt.beta1 ** t), v / (1 - opt.beta2 ** t)
         want.append(w - opt.lr * m_hat / (np.sqrt(v_hat) + opt.eps))  # eps outside sqrt(v_hat)
     np.testing.assert_allclose(losses, [loss], rtol=1e-5)
-    for got, ref in zip(backend.get_weights(model), want):
-        np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+    # A first Adam step moves each weight by lr * g / (|g| + eps). Where |g| is within a
+    # few eps of zero that is ill-conditioned (d update / d g ~ lr / eps = 1e4), so float32
+    # round-off in g alone can move it by 1e-5; those few weights are held only to the
+    # bound |update| <= lr. Elsewhere 1e-6 holds, tight enough to tell Keras's
+    # "epsilon hat" placement apart (it differs by >= 3e-6 for |g| <= 1e-3).
+    for got, ref, g in zip(backend.get_weights(model), want, grads):
+        well = np.abs(g) >= 100 * opt.eps
+        assert well.mean() > 0.5
+        np.testing.assert_allclose(got[well], ref[well], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got[~well], ref[~well], atol=opt.lr, rtol=0)
 
 
 def test_frozen_layers_stay_bit_identical(backend):
@@ -170,8 +178,11 @@ def test_warmup_does_not_consume_training_state(backend, mode):
     cold_losses = backend.train_epoch(cold, data, order, 32)
     warm = backend.build(MNIST_MLP, weights, trainable=None, mode=mode)
     backend.warmup(warm, data, order, 32, data, 40)
+    compiled = (warm.step._cache_size(), len(warm.executables))
     assert all(np.array_equal(a, b) for a, b in zip(backend.get_weights(warm), weights))
     np.testing.assert_array_equal(backend.train_epoch(warm, data, order, 32), cold_losses)
+    # warm-up compiled exactly what the epoch runs: no second signature, no recompile
+    assert (warm.step._cache_size(), len(warm.executables)) == compiled
     assert all(np.array_equal(a, b) for a, b in zip(backend.get_weights(warm), backend.get_weights(cold)))
 
 

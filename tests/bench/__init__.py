@@ -1,0 +1,1 @@
+"""tribench benchmarks; a package so that its conftest never shadows tests/conftest.py as `conftest`."""

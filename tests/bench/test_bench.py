@@ -1,0 +1,197 @@
+"""Micro-benchmarks per backend x task x mode, and each backend's epoch beside its framework's tutorial loop."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backends import BACKENDS, get_backend
+from backends.base import MODES, Backend
+from harness.data import Dataset, synthetic
+from harness.loop import epoch_order, timed
+from harness.weights import initial_weights
+from tasks.cifar_cnn import CIFAR_CNN
+from tasks.mnist_mlp import MNIST_MLP
+from tasks.spec import TaskSpec
+
+from .yardsticks import make_yardstick
+
+pytestmark = pytest.mark.bench
+
+SEED = 0
+THREADS = 2
+TASKS: dict[str, TaskSpec] = {MNIST_MLP.name: MNIST_MLP, CIFAR_CNN.name: CIFAR_CNN}
+# Sized so the whole bench stays near ten minutes on 2 busy cores: 240 MLP steps and 24
+# CNN steps per epoch, every epoch the same batch count for harness and yardstick.
+N_TRAIN = {MNIST_MLP.name: 30720, CIFAR_CNN.name: 3072}
+N_EVAL = 2000
+REPEATS = 3
+TARGETS = {"compiled": 1.2, "eager": 0.95}
+CELLS = [(b, t, m) for b in BACKENDS for t in TASKS for m in MODES]
+CELL_IDS = [f"{b}-{t}-{m}" for b, t, m in CELLS]
+
+
+@dataclass
+class Cell:
+    """One built, warmed model of a backend x task x mode, shared by that cell's tests."""
+
+    backend: Backend
+    spec: TaskSpec
+    model: Any
+    train: Any
+    test: Any
+    n_train: int
+    warmup_s: float
+
+
+_adapters: dict[str, Backend] = {}
+_data_handles: dict[tuple[str, str], tuple[Any, Any]] = {}
+_cells: dict[tuple[str, str, str], Cell] = {}
+_yardsticks: dict[tuple[str, str], Any] = {}
+
+
+def adapter(name: str) -> Backend:
+    """Configured once per process: thread pools and XLA flags can be set only once."""
+    if name not in _adapters:
+        info = BACKENDS[name]
+        if not info.available():
+            pytest.skip(f"{name} not installed ({info.install_hint})")
+        backend = get_backend(name)
+        backend.configure(device="cpu", threads=THREADS, precision="fp32")
+        _adapters[name] = backend
+    return _adapters[name]
+
+
+@functools.cache
+def dataset(task: str) -> Dataset:
+    return synthetic(TASKS[task].dataset, n_train=N_TRAIN[task], n_test=N_EVAL, seed=SEED)
+
+
+def cell(backend_name: str, task: str, mode: str) -> Cell:
+    key = (backend_name, task, mode)
+    if key not in _cells:
+        backend, spec, data = adapter(backend_name), TASKS[task], dataset(task)
+        if (backend_name, task) not in _data_handles:  # both modes train on the same device copy
+            _data_handles[backend_name, task] = (backend.put_data(data.x_train, data.y_train),
+                                                 backend.put_data(data.x_test, data.y_test))
+        train, test = _data_handles[backend_name, task]
+        model = backend.build(spec, initial_weights(spec, SEED), trainable=None, mode=mode)
+        n = len(data.y_train)
+        # The harness's own warm-up, exactly as train_stage runs it before its timed epochs.
+        _, warmup_s = timed(backend, backend.warmup, model, train, epoch_order(SEED, 0, 0, n, spec.batch_size),
+                            spec.batch_size, test, spec.eval_batch_size)
+        _cells[key] = Cell(backend, spec, model, train, test, n, warmup_s)
+    return _cells[key]
+
+
+def yardstick(backend_name: str, task: str):
+    """The framework's tutorial loop on the same data, built after the adapter configured the framework."""
+    key = (backend_name, task)
+    if key not in _yardsticks:
+        adapter(backend_name)  # same thread pools and platform as the harness side
+        spec, data = TASKS[task], dataset(task)
+        stick = make_yardstick(backend_name, task, data.x_train, data.y_train, spec.batch_size, seed=SEED)
+        stick.warmup(epoch_order(SEED, 0, 0, len(data.y_train), spec.batch_size))
+        _yardsticks[key] = stick
+    return _yardsticks[key]
+
+
+@functools.cache
+def matmul_peak_gflops() -> float:
+    from harness.measure import matmul_peak_gflops as probe
+
+    # Re-probed once per bench session: a cached probe taken while the machine was busy
+    # reads low (refresh only ever raises the cached peak), which would inflate the fraction.
+    return probe(refresh=True)
+
+
+def finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def spread(rates: list[float]) -> dict:
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "all": rates}
+
+
+@pytest.mark.parametrize(("backend", "task", "mode"), CELLS, ids=CELL_IDS)
+def test_train_step(benchmark, backend, task, mode):
+    c = cell(backend, task, mode)
+    bs = c.spec.batch_size
+    order = epoch_order(SEED, 0, 0, c.n_train, bs)[:bs]
+    # Untimed first call: backends that compile per epoch length compile the 1-step epoch here.
+    c.backend.train_epoch(c.model, c.train, order, bs)
+    benchmark.group = f"train step {task}"
+    losses = benchmark(c.backend.train_epoch, c.model, c.train, order, bs)
+    benchmark.extra_info.update(samples_per_call=bs, mode=mode, warmup_s=c.warmup_s,
+                                environment=c.backend.environment())
+    assert losses.shape == (1,) and np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize(("backend", "task", "mode"), CELLS, ids=CELL_IDS)
+def test_evaluate(benchmark, backend, task, mode):
+    c = cell(backend, task, mode)
+    ebs = c.spec.eval_batch_size
+    c.backend.evaluate(c.model, c.test, ebs)  # untimed: compiles the eval batch shapes
+    benchmark.group = f"evaluate {task}"
+    loss, accuracy = benchmark(c.backend.evaluate, c.model, c.test, ebs)
+    benchmark.extra_info.update(samples_per_call=N_EVAL, mode=mode, environment=c.backend.environment())
+    assert math.isfinite(loss) and loss > 0 and 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize(("backend", "task", "mode"), CELLS, ids=CELL_IDS)
+def test_yardstick(benchmark, backend, task, mode, yardstick_rows):
+    """Harness epochs interleaved with yardstick epochs on the same batch order (B A B A B A).
+
+    pytest-benchmark times the harness epoch (its stats in the JSON are the harness's);
+    the yardstick epoch runs as the round's untimed setup, so slow drift in machine load
+    hits both sides alike. Both clocks below wait for the device.
+    """
+    c = cell(backend, task, mode)
+    stick = yardstick(backend, task)
+    bs = c.spec.batch_size
+    orders = iter(epoch_order(SEED, 0, epoch, c.n_train, bs) for epoch in range(1, REPEATS + 1))
+    harness_runs, yard_runs, current = [], [], {}
+
+    def yardstick_epoch():
+        current["order"] = next(orders)
+        run = stick.epoch(current["order"])
+        yard_runs.append((run.samples, run.seconds))
+
+    def harness_epoch():
+        losses, seconds = timed(c.backend, c.backend.train_epoch, c.model, c.train, current["order"], bs)
+        losses = np.asarray(losses)
+        assert np.isfinite(losses).all(), f"harness loss not finite: {losses}"
+        harness_runs.append((len(losses) * bs, seconds))
+
+    benchmark.group = f"epoch vs yardstick {task}"
+    benchmark.pedantic(harness_epoch, setup=yardstick_epoch, rounds=REPEATS, iterations=1)
+
+    h_rates = [s / t for s, t in harness_runs]
+    y_rates = [s / t for s, t in yard_runs]
+    ratio = statistics.median(h_rates) / statistics.median(y_rates)
+    pairs = [h / y for h, y in zip(h_rates, y_rates)]
+    row = {"backend": backend, "task": task, "mode": mode, "repeats": REPEATS, "samples_per_epoch": c.n_train,
+           "harness": spread(h_rates), "yardstick": spread(y_rates), "ratio": ratio,
+           "pair_ratio_min": min(pairs), "pair_ratio_max": max(pairs), "target": TARGETS[mode],
+           "met": ratio >= TARGETS[mode], "yardstick_kind": type(stick).__name__,
+           "roofline_fraction": None, "loadavg": list(os.getloadavg())}
+    if task == MNIST_MLP.name:
+        peak = matmul_peak_gflops()
+        flops = c.spec.train_flops_per_sample()
+        row.update(roofline_fraction=row["harness"]["median"] * flops / (peak * 1e9), flops_per_sample=flops,
+                   peak_gflops=peak)
+    benchmark.extra_info.update(row)
+    yardstick_rows.append(row)
+
+    # Sanity, not speed: the speed targets are reported (the machine is shared and noisy).
+    assert all(finite_positive(r) for r in h_rates + y_rates), (h_rates, y_rates)
+    expected = [c.n_train] * REPEATS
+    assert [s for s, _ in harness_runs] == expected, f"harness trained {harness_runs}, expected {expected}"
+    assert [s for s, _ in yard_runs] == expected, f"yardstick trained {yard_runs}, expected {expected}"
