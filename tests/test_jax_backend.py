@@ -154,14 +154,20 @@ def test_frozen_layers_stay_bit_identical(backend):
             assert np.array_equal(before, now), name
 
 
-def test_eager_and_compiled_agree(backend):
-    weights = initial_weights(CIFAR_CNN, 2)
-    x, y = _data(CIFAR_CNN, 64, seed=2)
+@pytest.mark.parametrize("spec", [MNIST_MLP, CIFAR_CNN], ids=lambda s: s.name)
+def test_eager_and_compiled_agree(backend, spec, monkeypatch):
+    import backends.jax_backend as jb
+
+    # force the fused lax.scan epoch even for convolutions on CPU (slow there, tiny here)
+    monkeypatch.setattr(jb, "SCAN_CONV_ON_CPU", True)
+    weights = initial_weights(spec, 2)
+    x, y = _data(spec, 64, seed=2)
     data = backend.put_data(x, y)
     order = np.random.default_rng(2).permutation(64)
     results = {}
     for mode in ("eager", "compiled"):
-        model = backend.build(CIFAR_CNN, weights, trainable=None, mode=mode)
+        model = backend.build(spec, weights, trainable=None, mode=mode)
+        assert model.fused == (mode == "compiled")
         results[mode] = backend.train_epoch(model, data, order, 16), backend.get_weights(model)
     np.testing.assert_allclose(results["eager"][0], results["compiled"][0], atol=1e-5, rtol=0)
     for a, b in zip(results["eager"][1], results["compiled"][1]):
