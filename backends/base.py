@@ -41,7 +41,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def environment(self) -> dict:
-        """framework, framework_version, device (the one actually used), threads, precision."""
+        """framework, framework_version (one string), device ("cpu" | "gpu": the one actually
+        used), device_name (e.g. the GPU model), threads, precision."""
 
     @abc.abstractmethod
     def synchronize(self) -> None:

@@ -139,8 +139,8 @@ class JaxBackend(Backend):
                 devices = jax.devices("cpu")
             else:
                 devices = jax.devices()
-        except RuntimeError as exc:
-            raise BackendUnavailable(f"jax: device {device!r} is not available here ({exc}); "
+        except (RuntimeError, AssertionError) as exc:  # jax 0.10 asserts when JAX_PLATFORMS names no backend
+            raise BackendUnavailable(f"jax: device {device!r} is not available here ({exc or 'no such platform'}); "
                                      "a GPU needs jax[cuda12] and a visible NVIDIA device") from None
         if not devices:
             raise BackendUnavailable(f"jax: no {device} device found")
@@ -168,9 +168,10 @@ class JaxBackend(Backend):
 
         return {
             "framework": "jax",
-            "framework_version": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                                  "flax": flax.__version__, "optax": optax.__version__},
-            "device": f"{self._device.platform}:{self._device.device_kind}",
+            "framework_version": f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+                                 f"flax {flax.__version__}, optax {optax.__version__}",
+            "device": "cpu" if self._device.platform == "cpu" else "gpu",
+            "device_name": self._device.device_kind,
             "threads": self._threads,
             "precision": self._precision,
         }

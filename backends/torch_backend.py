@@ -57,7 +57,6 @@ class TorchBackend(Backend):
         self._device = None
         self._threads = None
         self._precision = "fp32"
-        self._modes: set[str] = set()
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -104,12 +103,11 @@ class TorchBackend(Backend):
         return {
             "framework": "torch",
             "framework_version": torch.__version__,
-            "device": torch.cuda.get_device_name(self._device) if on_cuda else "cpu",
-            "device_type": self._device.type,
+            "device": "gpu" if on_cuda else "cpu",
+            "device_name": torch.cuda.get_device_name(self._device) if on_cuda else "cpu",
             "threads": self._threads,
             "interop_threads": torch.get_num_interop_threads(),
             "precision": self._precision,
-            "mode": ",".join(sorted(self._modes)) or None,  # the mode(s) built so far
             "memory_format": "channels_last" if CHANNELS_LAST else "nchw",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if on_cuda else None,
@@ -207,7 +205,6 @@ class TorchBackend(Backend):
                        trainable=train_params, optimizer=None, mode=mode)
         self.set_weights(model, weights)
         self._make_steps(model)
-        self._modes.add(mode)
         return model
 
     def _new_optimizer(self, model: _Model):

@@ -131,11 +131,11 @@ def test_sweep_rejects_a_bad_batch_size(capsys):
 
 @pytest.mark.slow
 def test_gpu_asked_for_and_absent_is_skipped_with_the_reason(tmp_path, backend_name):
-    from harness.runner import RunConfig, run_matrix
-
     from conftest import configured
 
-    if configured(backend_name).devices() != ["cpu"]:
+    from harness.runner import RunConfig, run_matrix
+
+    if configured(backend_name).environment()["device"] != "cpu":
         pytest.skip("this machine has a GPU")
     cfg = RunConfig(tasks=["mnist-mlp"], backends=[backend_name], out=tmp_path / "o", quick=True, data="synthetic",
                     device="gpu")

@@ -222,8 +222,8 @@ def test_finetune_head_shape_and_environment(backend):
     model = backend.build(spec, initial_weights(spec, 0), trainable=("head",), mode="eager")
     assert model.trainable == ("head",)
     env = backend.environment()
-    assert env["framework"] == "jax" and env["precision"] == "fp32" and env["device"].startswith("cpu")
-    assert set(env["framework_version"]) == {"jax", "jaxlib", "flax", "optax"}
+    assert env["framework"] == "jax" and env["precision"] == "fp32" and env["device"] == "cpu"
+    assert all(name in env["framework_version"] for name in ("jax", "jaxlib", "flax", "optax"))
     assert backend.memory() == {"device_peak_mb": None} or backend.memory()["device_peak_mb"] is not None
 
 
