@@ -144,10 +144,15 @@ def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gfl
     metrics = {k: v for k, v in primary.items() if k != "trainable"}
     metrics["stages"] = {name: r.metrics for name, r in results.items()}
     metrics["warmup_s"] = sum(r.metrics["warmup_s"] for r in results.values())
-    metrics["train_flops_per_sample"] = spec.train_flops_per_sample()
+    # Parity of the starting point: the first stage run starts from the same weights on
+    # every backend; later stages start from each backend's own training.
+    first = next(iter(results.values())).metrics
+    metrics["initial_test_loss"] = first["initial_test_loss"]
+    metrics["initial_test_accuracy"] = first["initial_test_accuracy"]
+    flops = spec.train_flops_per_sample(primary.get("trainable"))
+    metrics["train_flops_per_sample"] = flops
     rate = primary.get("train_samples_per_s")
-    metrics["roofline_fraction"] = (rate * spec.train_flops_per_sample() / (peak_gflops * 1e9)
-                                    if rate and peak_gflops else None)
+    metrics["roofline_fraction"] = rate * flops / (peak_gflops * 1e9) if rate and peak_gflops else None
     if "finetune" in results and "scratch" in results:  # the transfer-learning experiment
         metrics["finetuned_accuracy"] = results["finetune"].metrics["test_accuracy"]
         metrics["scratch_accuracy"] = results["scratch"].metrics["test_accuracy"]

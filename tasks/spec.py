@@ -210,17 +210,25 @@ class TaskSpec:
         return sum(math.prod(k) + math.prod(b) for name, k, b in self.param_shapes()
                    if trainable is None or name in trainable)
 
-    def train_flops_per_sample(self) -> int:
-        """Multiply-adds x 2 for forward, x 3 for forward + backward (the usual 1:2 rule)."""
-        forward = 0
+    def train_flops_per_sample(self, trainable: tuple[str, ...] | None = None) -> int:
+        """Training FLOPs per sample of the Dense and Conv2D layers (pooling is negligible).
+
+        Forward: 2 x multiply-adds per layer. Backward: 2 x forward for every layer from
+        the lowest trainable one up (its weight gradient and its input gradient), the
+        usual 1:2 rule; with nothing frozen that is 3 x forward. Frozen layers below
+        the lowest trainable one cost their forward pass only.
+        """
+        per_layer = []
         in_shape = tuple(self.input_shape)
         for layer, shape in zip(self.layers, self.layer_shapes()):
             if layer.kind == "dense":
-                forward += 2 * in_shape[0] * layer.units
+                per_layer.append((layer.name, 2 * in_shape[0] * layer.units))
             elif layer.kind == "conv2d":
-                forward += 2 * shape[0] * shape[1] * layer.filters * layer.kernel_size ** 2 * in_shape[2]
+                macs = shape[0] * shape[1] * layer.filters * layer.kernel_size ** 2 * in_shape[2]
+                per_layer.append((layer.name, 2 * macs))
             in_shape = shape
-        return 3 * forward
+        lowest = next(i for i, (name, _) in enumerate(per_layer) if trainable is None or name in trainable)
+        return sum(f for _, f in per_layer) + sum(2 * f for _, f in per_layer[lowest:])
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)

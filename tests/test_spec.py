@@ -80,3 +80,11 @@ def test_specs_are_frozen_and_serialisable():
 def test_training_flops_match_the_documented_formula():
     assert get_task("mnist-mlp").train_flops_per_sample() == 3 * 2 * (784 * 128 + 128 * 10)
     assert all(t.train_flops_per_sample() > 0 for t in TASKS.values())
+
+
+def test_frozen_layers_cost_only_their_forward_pass():
+    spec = get_task("finetune")
+    full = spec.train_flops_per_sample()
+    frozen = spec.train_flops_per_sample(spec.stage("finetune").trainable)
+    dense_forward = 2 * (1024 * 64 + 64 * 5)
+    assert full - frozen == 2 * (full // 3 - dense_forward)  # the convs' backward is gone
