@@ -163,7 +163,9 @@ class Cell:
 
 
 def plan(cfg: RunConfig) -> list[Cell]:
-    return [Cell(t, b, r) for t in cfg.tasks for b in cfg.backends for r in range(cfg.repeats)]
+    """Cells task by task, and within a task every backend once per repeat (A B C A B C):
+    a machine that slows down mid-run then slows every backend alike."""
+    return [Cell(t, b, r) for t in cfg.tasks for r in range(cfg.repeats) for b in cfg.backends]
 
 
 def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str]]:
