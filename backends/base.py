@@ -41,7 +41,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def environment(self) -> dict:
-        """framework, framework_version (one string), device ("cpu" | "gpu": the one actually
+        """framework, framework_version (one string: "2.21.0 (keras 3.15.1)"), device ("cpu" | "gpu": the one actually
         used), device_name (e.g. the GPU model), threads, precision."""
 
     @abc.abstractmethod

@@ -168,8 +168,8 @@ class JaxBackend(Backend):
 
         return {
             "framework": "jax",
-            "framework_version": f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
-                                 f"flax {flax.__version__}, optax {optax.__version__}",
+            "framework_version": f"{jax.__version__} (jaxlib {jaxlib.__version__}, "
+                                 f"flax {flax.__version__}, optax {optax.__version__})",
             "device": "cpu" if self._device.platform == "cpu" else "gpu",
             "device_name": self._device.device_kind,
             "threads": self._threads,

@@ -111,7 +111,7 @@ class TensorFlowBackend(Backend):
             device_name = details.get("device_name", "unknown gpu")
         return {
             "framework": "tensorflow",
-            "framework_version": f"tensorflow {tf.__version__}, keras {self._keras.__version__}",
+            "framework_version": f"{tf.__version__} (keras {self._keras.__version__})",
             "device": self._device,
             "device_name": device_name,
             "threads": self._threads,
