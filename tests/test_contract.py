@@ -1,6 +1,7 @@
 """The backend contract, checked the same way on every installed backend."""
 
 import numpy as np
+import numpy_reference
 import pytest
 from conftest import configured
 
@@ -111,3 +112,73 @@ def test_environment_reports_what_ran(backend_name):
     assert {"framework", "framework_version", "device", "threads", "precision"} <= set(env)
     assert env["precision"] == "fp32" and env["framework_version"]
     assert configured(backend_name).memory().keys() >= {"device_peak_mb"}
+
+
+@pytest.mark.parametrize("task", ["mnist-mlp", "cifar-cnn"])
+def test_logits_match_the_numpy_reference(backend_name, task):
+    # float32 sums of up to 1,024 products against float64: ~1e-6 relative per layer on
+    # logits of order 1, so 1e-4 leaves margin, while a transposed kernel or a wrong
+    # flatten order (torch's NCHW permutation) is off by ~1e-1.
+    backend = configured(backend_name)
+    spec = get_task(task)
+    w = initial_weights(spec, 3)
+    w[1] = np.linspace(-0.1, 0.1, w[1].size, dtype=np.float32)  # non-zero biases, so they count
+    x = small_data(spec.dataset, 16).x_train
+    got = backend.logits(backend.build(spec, w, trainable=None, mode="eager"), x)
+    np.testing.assert_allclose(got, numpy_reference.forward(spec, w, x), atol=1e-4, rtol=0)
+
+
+def test_one_adam_step_follows_the_paper(backend_name):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    w = initial_weights(spec, 1)
+    d = small_data("mnist", 64)
+    model = backend.build(spec, w, trainable=None, mode="compiled")
+    losses = backend.train_epoch(model, backend.put_data(d.x_train, d.y_train), np.arange(64, dtype=np.int32), 64)
+    loss, grads = numpy_reference.mlp_loss_and_grads(w, d.x_train, d.y_train)
+    want = numpy_reference.paper_adam_first_step(w, grads, spec.optimizer)
+    np.testing.assert_allclose(losses, [loss], rtol=1e-5)
+    # The first step moves a weight by lr * g / (|g| + eps). Where |g| is within a few eps
+    # of zero that is ill-conditioned (d update / d g ~ lr / eps = 1e4), so float32
+    # round-off in g alone moves it by ~1e-5: those weights are held to |update| <= lr.
+    # Elsewhere 1e-6 holds, tight enough to tell Keras's "epsilon hat" placement apart.
+    for got, ref, g in zip(backend.get_weights(model), want, grads):
+        well = np.abs(g) >= 100 * spec.optimizer.eps
+        assert well.mean() > 0.5
+        np.testing.assert_allclose(got[well], ref[well], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got[~well], ref[~well], atol=spec.optimizer.lr, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["mnist-mlp", "cifar-cnn"])
+def test_eager_and_compiled_modes_agree(backend_name, task):
+    # Same math, other kernels and fusion: float32 round-off only, over 4 steps.
+    backend = configured(backend_name)
+    spec = get_task(task)
+    w = initial_weights(spec, 4)
+    d = small_data(spec.dataset, 256)
+    order = epoch_order(0, 0, 0, 256, 64)
+    out = {}
+    for mode in ("eager", "compiled"):
+        model = backend.build(spec, w, trainable=None, mode=mode)
+        data = backend.put_data(d.x_train, d.y_train)
+        out[mode] = (backend.train_epoch(model, data, order, 64), backend.get_weights(model),
+                     backend.evaluate(model, data, 100))
+    np.testing.assert_allclose(out["eager"][0], out["compiled"][0], atol=1e-5, rtol=0)
+    (loss_e, acc_e), (loss_c, acc_c) = out["eager"][2], out["compiled"][2]
+    assert loss_e == pytest.approx(loss_c, rel=1e-4) and abs(acc_e - acc_c) <= 1 / 256  # one prediction
+    # Weights: Adam moves a weight whose gradient is within a few eps of zero by an
+    # ill-conditioned lr * g / (|g| + eps), so round-off can flip such a step; those rare
+    # weights are held to 4 steps of lr, the bulk (99%) to 1e-5.
+    for a, b in zip(out["eager"][1], out["compiled"][1]):
+        diff = np.abs(a - b)
+        assert diff.max() <= 4 * spec.optimizer.lr and np.mean(diff <= 1e-5) >= 0.99
+
+
+def test_a_missing_gpu_is_unavailable_not_a_crash(backend_name):
+    from backends import get_backend
+    from backends.base import BackendUnavailable
+
+    if configured(backend_name).environment()["device"] != "cpu":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BackendUnavailable, match="(?i)gpu|cuda"):
+        get_backend(backend_name).configure(device="gpu", threads=2, precision="fp32")
