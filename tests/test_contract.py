@@ -166,12 +166,16 @@ def test_eager_and_compiled_modes_agree(backend_name, task):
     np.testing.assert_allclose(out["eager"][0], out["compiled"][0], atol=1e-5, rtol=0)
     (loss_e, acc_e), (loss_c, acc_c) = out["eager"][2], out["compiled"][2]
     assert loss_e == pytest.approx(loss_c, rel=1e-4) and abs(acc_e - acc_c) <= 1 / 256  # one prediction
-    # Weights: Adam moves a weight whose gradient is within a few eps of zero by an
-    # ill-conditioned lr * g / (|g| + eps), so round-off can flip such a step; those rare
-    # weights are held to 4 steps of lr, the bulk (99%) to 1e-5.
-    for a, b in zip(out["eager"][1], out["compiled"][1]):
-        diff = np.abs(a - b)
-        assert diff.max() <= 4 * spec.optimizer.lr and np.mean(diff <= 1e-5) >= 0.99
+    # Weights: where an implementation choice routes a gradient differently (max-pool
+    # ties, ReLU at exactly 0: XLA and oneDNN differ) a weight's Adam step flips by up to
+    # lr, and Adam's m/sqrt(v) amplifies round-off where gradients cancel across steps
+    # (measured: TF conv3, max 1.2e-3, mean 1.8e-6, over a movement of 4e-3). So each
+    # array agrees on average to 1% of how far it moved, and no weight by more than the
+    # 4 steps' bound of 4 lr; a mode that skipped or mis-scaled updates is off by ~100%.
+    for start, a, b in zip(w, out["eager"][1], out["compiled"][1]):
+        moved = np.abs(a - start).mean()
+        assert moved > 0 and np.abs(a - b).mean() <= 0.01 * moved
+        assert np.abs(a - b).max() <= 4 * spec.optimizer.lr
 
 
 def test_a_missing_gpu_is_unavailable_not_a_crash(backend_name):
