@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,21 @@ from backends import BACKENDS
 _required = os.environ.get("TRIBENCH_REQUIRE_BACKENDS", "")
 REQUIRED = list(BACKENDS) if _required == "all" else [b for b in _required.split(",") if b]
 INSTALLED = [name for name, info in BACKENDS.items() if info.available()]
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
+    """tests/bench is the benchmark suite (`tox -e bench`), collected only with pytest-benchmark enabled.
+
+    Keyed on pytest-benchmark's own switch: pyproject's addopts disable it, and the
+    bench env's --benchmark-enable both turns timing on and brings these tests in.
+    """
+    if collection_path == Path(__file__).parent / "bench":
+        try:
+            enabled = not config.getoption("benchmark_disable") or config.getoption("benchmark_enable")
+        except ValueError:  # pytest-benchmark not installed
+            enabled = False
+        return None if enabled else True
+    return None
 
 
 def require(name: str) -> None:

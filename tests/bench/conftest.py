@@ -1,4 +1,4 @@
-"""Benchmark suite plumbing: runs only with --benchmark-enable, keeps frameworks grouped, prints the yardstick table."""
+"""Benchmark suite plumbing: keeps frameworks grouped and prints the yardstick table."""
 
 from __future__ import annotations
 
@@ -18,18 +18,6 @@ TARGETS = {"compiled": 1.2, "eager": 0.95}  # harness / yardstick throughput, fr
 ROOFLINE_TARGET = 0.6  # the fastest backend on the MLP, compiled mode
 
 
-def benchmarks_enabled(config: pytest.Config) -> bool:
-    """The same test pytest-benchmark makes: pyproject's addopts disable it, `tox -e bench` enables it.
-
-    Keying the skip on pytest-benchmark's own switch (rather than an environment variable)
-    means the one command in tox.ini both enables timing and un-skips this directory.
-    """
-    try:
-        return bool(not config.getoption("benchmark_disable") or config.getoption("benchmark_enable"))
-    except ValueError:  # pytest-benchmark not installed: its options do not exist
-        return False
-
-
 def _in_bench(item: pytest.Item) -> bool:
     return BENCH_DIR in Path(str(item.path)).resolve().parents
 
@@ -42,12 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     bench = [item for item in items if _in_bench(item)]
     if not bench:
-        return
-    if not benchmarks_enabled(config):
-        # The normal suite collects tests/ too: say why these do not run instead of hiding them.
-        skip = pytest.mark.skip(reason="benchmarks run only with --benchmark-enable (tox -e bench)")
-        for item in bench:
-            item.add_marker(skip)
         return
 
     # One framework at a time (all of torch, then TensorFlow, then JAX): a framework's
