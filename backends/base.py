@@ -18,6 +18,14 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run here: framework missing, or the device asked for absent."""
 
 
+def check_options(*, device: str, precision: str) -> None:
+    """Every adapter's configure() starts here, so all refuse the same bad values the same way."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
 class Backend(abc.ABC):
     """What every framework adapter supplies; the training loop itself is the harness's.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import DEVICES, MODES, PRECISIONS, Backend, BackendUnavailable
+from backends.base import MODES, Backend, BackendUnavailable, check_options
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ class _Model:
 
 class JaxBackend(Backend):
     name = "jax"
-    module = "jax"
 
     def __init__(self):
         self._jax = None
@@ -102,10 +101,7 @@ class JaxBackend(Backend):
     # -- set-up --------------------------------------------------------------------------
 
     def configure(self, *, device: str, threads: int, precision: str) -> None:
-        if device not in DEVICES:
-            raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_options(device=device, precision=precision)
         import sys
 
         already = "jax" in sys.modules

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import DEVICES, MODES, PRECISIONS, Backend, BackendUnavailable
+from backends.base import MODES, Backend, BackendUnavailable, check_options
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class _Model:
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
-    module = "tensorflow"
 
     def __init__(self):
         self._tf = None
@@ -65,10 +64,7 @@ class TensorFlowBackend(Backend):
     # -- set-up --------------------------------------------------------------------------
 
     def configure(self, *, device: str, threads: int, precision: str) -> None:
-        if device not in DEVICES:
-            raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_options(device=device, precision=precision)
         tf, keras = _import_tf()
         self._tf, self._keras = tf, keras
         gpus = tf.config.list_physical_devices("GPU")

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import MODES, PRECISIONS, Backend, BackendUnavailable
+from backends.base import MODES, Backend, BackendUnavailable, check_options
 from tasks.spec import TaskSpec
 
 # Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
@@ -51,7 +51,6 @@ class _Model:
 
 class TorchBackend(Backend):
     name = "torch"
-    module = "torch"
 
     def __init__(self):
         self._device = None
@@ -65,18 +64,15 @@ class TorchBackend(Backend):
             import torch
         except ImportError as exc:  # pragma: no cover - the registry checks first
             raise BackendUnavailable(f"torch is not installed ({exc})") from None
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_options(device=device, precision=precision)
         if device == "gpu":
             if not torch.cuda.is_available():
                 raise BackendUnavailable("torch: device 'gpu' asked for but there is no CUDA device")
             self._device = torch.device("cuda")
         elif device == "auto":
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        elif device == "cpu":
-            self._device = torch.device("cpu")
         else:
-            raise ValueError(f"unknown device {device!r}; valid: auto, cpu, gpu")
+            self._device = torch.device("cpu")
         if threads:
             torch.set_num_threads(int(threads))
         try:
