@@ -26,6 +26,17 @@ def check_options(*, device: str, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
+def check_build(spec: TaskSpec, *, trainable: tuple[str, ...] | None, mode: str) -> list[str]:
+    """Every adapter's build() starts here; returns the spec's parameter layer names."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    names = spec.param_layer_names()
+    unknown = set(trainable or ()) - set(names)
+    if unknown:
+        raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
+    return names
+
+
 class Backend(abc.ABC):
     """What every framework adapter supplies; the training loop itself is the harness's.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import MODES, Backend, BackendUnavailable, check_options
+from backends.base import Backend, BackendUnavailable, check_build, check_options
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -218,12 +218,7 @@ class JaxBackend(Backend):
         self._require()
         import optax
 
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        names = spec.param_layer_names()
-        unknown = set(trainable or ()) - set(names)
-        if unknown:
-            raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
+        names = check_build(spec, trainable=trainable, mode=mode)
         train_names = tuple(names) if trainable is None else tuple(n for n in names if n in trainable)
         frozen_names = tuple(n for n in names if n not in train_names)
         params = self._to_params(spec, weights)

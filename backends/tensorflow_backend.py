@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import MODES, Backend, BackendUnavailable, check_options
+from backends.base import Backend, BackendUnavailable, check_build, check_options
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,7 @@ class TensorFlowBackend(Backend):
               trainable: tuple[str, ...] | None, mode: str) -> Any:
         tf = self._require_configured()
         keras = self._keras
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        param_names = spec.param_layer_names()
-        unknown = set(trainable or ()) - set(param_names)
-        if unknown:
-            raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {param_names}")
+        param_names = check_build(spec, trainable=trainable, mode=mode)
         with tf.device(self._device_name):
             layers = [self._layer(layer) for layer in spec.layers]
             model = keras.Sequential([keras.Input(shape=tuple(spec.input_shape)), *layers], name=spec.name)

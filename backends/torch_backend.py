@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import MODES, Backend, BackendUnavailable, check_options
+from backends.base import Backend, BackendUnavailable, check_build, check_options
 from tasks.spec import TaskSpec
 
 # Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
@@ -153,12 +153,7 @@ class TorchBackend(Backend):
         torch = self._torch()
         from torch import nn
 
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        param_names = spec.param_layer_names()
-        unknown = set(trainable or ()) - set(param_names)
-        if unknown:
-            raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {param_names}")
+        check_build(spec, trainable=trainable, mode=mode)
 
         def conv(layer, in_shape):
             return nn.Conv2d(in_shape[2], layer.filters, layer.kernel_size, padding=layer.padding)
