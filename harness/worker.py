@@ -64,8 +64,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["spec"] = spec.to_dict()
     record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
                      "device_requested": cfg["device"], "threads": cfg["threads"]}
-    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"])
-    dataset = dataset.head(*cfg.get("subset") or (None, None))
+    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
+                            subset=cfg.get("subset"))
     record["data"] = dataset.describe()
     fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
     apply_fault(fault, dataset)
