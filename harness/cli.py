@@ -68,7 +68,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--mode", default="compiled", help=f"one of {', '.join(MODES)} (default compiled)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
-                   help="1 epoch on the first 12000/2000 MNIST or 4000/1000 CIFAR samples: a smoke run")
+                   help="1 epoch on 12000/2000 MNIST-format or 4000/1000 CIFAR-format samples: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
