@@ -5,9 +5,14 @@ Tolerances, and why:
   784-term dot product summed in another order differs by ~1e-6 at most.
 - CNN logits 1e-4 absolute: five layers, convolutions summing 288-576 terms with
   different algorithms (im2col, Winograd, direct); errors compound layer by layer.
-- Weights after one Adam step 1e-5: the step is ~lr = 1e-3 per weight, and the
-  m/(sqrt(v)+eps) ratio is ~±1 for any gradient well above eps; only gradients near
-  eps (1e-7) are sensitive, and they move a weight by less than lr.
+- Weights after one Adam step: Adam's first update is lr * g / (|g| + eps), ~±lr for any
+  gradient well above float32 noise, so 99% of each parameter's elements must agree to
+  1e-5. A gradient within float32 noise of zero can have its sign flipped by another
+  summation order: that element then differs by up to 2 lr, which no max-element
+  tolerance survives. Measured on a 2-core AMD EPYC: 1 of the 864 conv1 kernel elements
+  (0.12%) differed by 1.95e-3 (torch vs tensorflow, tensorflow vs jax); on the Xeon CI
+  machine, none. So: at most 1% of elements outside 1e-5, and none beyond 2 lr (a
+  bound no correct Adam step can exceed: a wrong learning rate or epsilon would).
 - Gradients 1e-4 relative to each layer's largest |g|: measured through an Adam step
   with lr=1, eps=1, where the update -g/(|g|+1) is ~linear in g; a conv kernel's
   gradient sums batch x positions (~50k) products, so float32 order effects grow.
@@ -55,9 +60,13 @@ def test_weights_after_one_adam_step_agree(backend_pair, task, kind):
     spec = get_task(task)
     w = initial_weights(spec, 0)
     a, b = (one_step(name, spec, w, kind) for name in backend_pair)
-    for before, wa, wb in zip(w, a, b):
+    lr = spec.optimizer.lr
+    for i, (before, wa, wb) in enumerate(zip(w, a, b)):
         assert not np.array_equal(before, wa)
-        np.testing.assert_allclose(wa, wb, atol=1e-5, rtol=0)
+        diff = np.abs(wa - wb)
+        assert diff.max() <= 2 * lr + 1e-5, f"array {i}: {diff.max():.3g} is more than any two Adam steps differ"
+        outside = np.count_nonzero(diff > 1e-5) / diff.size
+        assert outside <= 0.01, f"array {i}: {outside:.2%} of elements differ by more than 1e-5"
 
 
 def test_conv_gradients_agree(backend_pair):
