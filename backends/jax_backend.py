@@ -262,9 +262,14 @@ class JaxBackend(Backend):
             updates, opt_state = opt.update(grads, opt_state, train_params)
             return optax.apply_updates(train_params, updates), opt_state, loss
 
-        def eager_step(train_params, frozen_params, opt_state, x, y, index, i):
+        def eager_step(train_params, frozen_params, opt_state, losses, x, y, index, i):
+            # Each step writes its loss into the epoch's donated loss buffer: stacking the
+            # per-step scalars afterwards compiled a stack of `steps` operands inside the
+            # first timed epoch (H100: first eager MLP epoch at 64k samples/s, then 670k).
             rows = lax.dynamic_index_in_dim(index, i, keepdims=False)
-            return step(train_params, frozen_params, opt_state, jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
+            train_params, opt_state, loss = step(train_params, frozen_params, opt_state,
+                                                 jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
+            return train_params, opt_state, losses.at[i].set(loss)
 
         def epoch(train_params, frozen_params, opt_state, x, y, index):
             def body(carry, rows):
@@ -292,7 +297,7 @@ class JaxBackend(Backend):
 
         return {
             # Donate parameters and optimizer state: updated in place, no second copy.
-            "step": jax.jit(eager_step, donate_argnums=(0, 2)),
+            "step": jax.jit(eager_step, donate_argnums=(0, 2, 3)),
             "epoch": jax.jit(epoch, donate_argnums=(0, 2)),
             "evaluate": jax.jit(evaluate),
             "forward": jax.jit(forward),
@@ -336,21 +341,22 @@ class JaxBackend(Backend):
             model.executables[key] = exe
         return exe
 
+    def _loss_buffer(self, index):
+        # Committed like the step's outputs, so the first step hits the warmed jit entry.
+        return self._jax.device_put(np.zeros(index.shape[0], np.float32), self._device)
+
     def train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
-        jnp = self._require().numpy
+        self._require()
         index = self._index(order, batch_size)
         if model.fused:
             exe = self._epoch_executable(model, data, index)
             model.train_params, model.opt_state, losses = exe(
                 model.train_params, model.frozen_params, model.opt_state, data.x, data.y, index)
         else:
-            step_losses = []
-            tp, st = model.train_params, model.opt_state
+            tp, st, losses = model.train_params, model.opt_state, self._loss_buffer(index)
             for i in range(index.shape[0]):
-                tp, st, loss = model.step(tp, model.frozen_params, st, data.x, data.y, index, i)
-                step_losses.append(loss)
+                tp, st, losses = model.step(tp, model.frozen_params, st, losses, data.x, data.y, index, i)
             model.train_params, model.opt_state = tp, st
-            losses = jnp.stack(step_losses) if step_losses else jnp.zeros((0,), jnp.float32)
         self._last = losses
         return np.asarray(losses, dtype=np.float32)  # the one host read of the epoch
 
@@ -371,7 +377,8 @@ class JaxBackend(Backend):
             # jit cache entry it fills) is the one train_epoch will use.
             copy = jax.tree_util.tree_map(lambda a: jax.device_put(a.copy(), self._device),
                                           (model.train_params, model.opt_state))
-            self._last = model.step(copy[0], model.frozen_params, copy[1], data.x, data.y, index, 0)
+            self._last = model.step(copy[0], model.frozen_params, copy[1], self._loss_buffer(index),
+                                    data.x, data.y, index, 0)
         self.evaluate(model, eval_data, eval_batch_size)
         self.synchronize()
 

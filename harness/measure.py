@@ -1,4 +1,4 @@
-"""Measurement helpers: host memory (sampled RSS, ru_maxrss) and the matmul peak probe."""
+"""Measurement helpers: host memory (sampled RSS, ru_maxrss) and the roofline's peak (CPU probe, GPU table)."""
 
 from __future__ import annotations
 
@@ -96,3 +96,33 @@ def matmul_peak_gflops(cache: Path | None = None, *, refresh: bool = False) -> f
     except OSError as exc:
         log.debug("cannot cache the matmul probe: %s", exc)
     return value
+
+
+# Dense (no sparsity) peak TFLOP/s per precision from NVIDIA's datasheets; matched by a
+# substring of the device name the framework reports, most specific first. A GPU has no
+# cheap honest probe (clocks ramp, cuBLAS picks kernels per shape), so the roofline uses
+# the vendor's figure and the record names it.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float], str], ...] = (
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}, "NVIDIA H100 PCIe datasheet, dense"),
+    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}, "NVIDIA H100 SXM5 datasheet, dense"),
+    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}, "NVIDIA H200 SXM datasheet, dense"),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}, "NVIDIA A100 datasheet, dense"),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}, "NVIDIA L40S datasheet, dense"),
+    ("L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}, "NVIDIA L4 datasheet, dense"),
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0}, "NVIDIA A10 datasheet, dense"),
+)
+
+
+def gpu_peak_gflops(device_name: str, precision: str) -> tuple[float, str] | tuple[None, None]:
+    """(peak GFLOP/s, source) for a known GPU at the run's precision, else (None, None)."""
+    for key, peaks, source in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks[precision] * 1e3, f"{source}, {precision}"
+    return None, None
+
+
+def roofline_peak(env: dict) -> tuple[float | None, str | None]:
+    """The ceiling the roofline divides by, for the device the cell actually ran on, and its source."""
+    if env.get("device") == "gpu":
+        return gpu_peak_gflops(str(env.get("device_name", "")), env.get("precision", "fp32"))
+    return matmul_peak_gflops(), "numpy float32 2048x2048 matmul on this host, best of 5"

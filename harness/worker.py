@@ -55,7 +55,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from backends.base import BackendUnavailable
     from harness import data as data_mod
     from harness.loop import Diverged, flatten_metrics, run_stages
-    from harness.measure import RssSampler, matmul_peak_gflops, max_rss_mb, rss_mb
+    from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
     from harness.results import host_environment
     from harness.weights import load_checkpoint_for
     from tasks import get_task
@@ -79,8 +79,10 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["memory"]["rss_after_import_mb"] = rss_mb()
     record["env"].update(backend.environment())
     record["env"]["mode"] = cfg["mode"]
-    peak = matmul_peak_gflops()
+    # On a GPU the CPU's matmul peak says nothing: the roofline divides by the device's.
+    peak, peak_source = roofline_peak(record["env"])
     record["env"]["matmul_peak_gflops"] = peak
+    record["env"]["peak_source"] = peak_source
 
     init_from = load_checkpoint_for(Path(cfg["init_from"]), spec) if cfg.get("init_from") else None
     prefix = cfg.get("checkpoint_prefix")

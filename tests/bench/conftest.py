@@ -80,11 +80,12 @@ def summary_lines(rows: list[dict], *, started: dict) -> list[str]:
         best = max(mlp, key=lambda r: r["harness"]["median"])
         met = best["roofline_fraction"] >= ROOFLINE_TARGET
         lines += ["", f"Fastest on {best['task']} (compiled): {best['backend']} at {best['roofline_fraction']:.3f} "
-                      f"of the roofline ({best['flops_per_sample']:,} FLOP/sample, matmul peak "
+                      f"of the roofline ({best['flops_per_sample']:,} FLOP/sample, peak "
                       f"{best['peak_gflops']:.1f} GFLOP/s); target {ROOFLINE_TARGET}: {'met' if met else 'NOT met'}."]
     repeats = rows[0]["repeats"] if rows else 0
     lines += ["", f"Median of {repeats} interleaved repeats (yardstick epoch, then harness epoch) per row; "
                   "ratio = harness median / yardstick median. Reported, not asserted.",
+              f"Device: {', '.join(sorted({r['device'] for r in rows}))}; fp32.",
               f"Host: {platform.node()}, {os.cpu_count()} CPUs; load average at start {started['loadavg']}, "
               f"at end {loadavg()}; {time.time() - started['time']:.0f} s session."]
     return lines

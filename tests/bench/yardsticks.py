@@ -82,6 +82,10 @@ class TorchYardstick(Yardstick):
                 nn.Conv2d(64, 64, 3), nn.ReLU(),
                 nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
         self._load(model, torch)
+        # The quickstart's device line: the model on the GPU if there is one, each batch
+        # moved there as the DataLoader yields it.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.to(self.device)
         o = self.spec.optimizer
         self.model = model
         self.loss_fn = nn.CrossEntropyLoss()
@@ -123,7 +127,7 @@ class TorchYardstick(Yardstick):
         model.train()
         steps = 0
         for batch, idx in enumerate(batches):
-            X, y = self.xt[idx], self.yt[idx]
+            X, y = self.xt[idx].to(self.device), self.yt[idx].to(self.device)
             pred = model(X)
             loss = loss_fn(pred, y)
             loss.backward()
@@ -132,8 +136,8 @@ class TorchYardstick(Yardstick):
             if batch % TORCH_LOG_EVERY == 0:
                 loss = loss.item()
             steps += 1
-        # CPU tensors: the loop is already synchronous; a CUDA run would synchronize here.
-        if torch.cuda.is_available():
+        # On CPU the loop is already synchronous; on CUDA the clock waits for the device.
+        if self.device == "cuda":
             torch.cuda.synchronize()
         return EpochTiming(time.perf_counter() - t0, steps * self.batch_size)
 
