@@ -222,10 +222,10 @@ def digest_of(path: Path, algorithm: str) -> str:
 
 def verify(path: Path, expected: str) -> None:
     """Check a file against its SHA-256 (64 hex digits) or, where only that is published, MD5 (32)."""
-    algorithm = "md5" if len(expected) == 32 else "sha256"
+    algorithm, label = ("md5", "MD5") if len(expected) == 32 else ("sha256", "SHA-256")
     actual = digest_of(path, algorithm)
     if actual != expected:
-        raise ChecksumError(f"{path}: {algorithm.upper()} mismatch: expected {expected}, got {actual}; "
+        raise ChecksumError(f"{path}: {label} mismatch: expected {expected}, got {actual}; "
                             "the file is corrupt or not the published one; delete it and fetch it again")
 
 
