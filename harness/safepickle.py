@@ -13,6 +13,7 @@ import numpy as np
 # Each is a C constructor of plain data; none of them runs code named by the file.
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
 _SCALAR = np.float32(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5 arrays: numpy's _frombuffer
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
@@ -25,6 +26,7 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 ALLOWED = {
     **{(module, "_reconstruct"): _RECONSTRUCT for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(module, "scalar"): _SCALAR for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _FROMBUFFER for module in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_bytes,
