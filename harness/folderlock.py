@@ -48,3 +48,13 @@ def hold(folder: Path):
         yield
     finally:
         os.close(fd)  # the file stays: unlinking it would race with a process that has just opened it
+
+
+def check_free(folder: Path) -> None:
+    """Raise FolderBusy if a live process holds `folder`; for reads that come before the run takes the lock."""
+    if (Path(folder) / LOCK_FILE).exists():
+        try:
+            with hold(folder):
+                pass
+        except OSError:  # not ours to open: the run itself will say the folder is not writable
+            pass

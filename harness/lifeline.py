@@ -51,11 +51,26 @@ def _watch(driver_pid: int, cell_dir: Path | None, catch: bool) -> None:
         else:
             time.sleep(POLL_S)
             terminated = False
-        orphaned = os.getppid() != driver_pid
+        orphaned = _orphaned(driver_pid, settle_s=POLL_S if terminated else 0.0)
         if orphaned and cell_dir is not None:
             shutil.rmtree(cell_dir, ignore_errors=True)
         if terminated or orphaned:
             _terminate()
+
+
+def _orphaned(driver_pid: int, *, settle_s: float) -> bool:
+    """Whether the driver is gone, waiting up to `settle_s` for it to show.
+
+    The kernel may deliver the parent-death signal a moment before getppid() reports the
+    new parent, so a SIGTERM is followed by a short look before it counts as the driver's own.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        if os.getppid() != driver_pid:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _terminate() -> None:

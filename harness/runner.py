@@ -205,6 +205,10 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def load_resume(out: Path) -> RunConfig:
+    try:
+        folderlock.check_free(out)  # a live run's folder: say so, rather than judge its run.json
+    except folderlock.FolderBusy as exc:
+        raise UsageError(str(exc)) from None
     path = Path(out) / RUN_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
