@@ -92,3 +92,24 @@ def test_bad_threshold_raises_a_clear_value_error(text):
 def test_missing_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tribench run folder"):
         compare_runs(tmp_path / "nope", tmp_path / "nope2")
+
+
+@pytest.mark.parametrize("status", [None, "weird"])
+def test_a_new_record_without_a_status_is_a_named_regression(status):
+    base = make_run(backends=("torch",), repeats=2)
+    new = make_run(backends=("torch",), repeats=2)
+    if status is None:
+        del new[1]["status"]
+    else:
+        new[1]["status"] = status
+    text, code = compare_records(base, new)
+    what = "no status" if status is None else "unknown status 'weird'"
+    assert code == 1 and f"mnist-mlp/torch/cpu repeat 1 has {what}" in text
+    assert f"mnist-mlp/torch/cpu repeat 1: {what}" in text.splitlines()[-1]
+
+
+def test_a_cell_whose_only_new_record_has_no_status_is_a_regression():
+    new = [make_record()]
+    del new[0]["status"]
+    text, code = compare_records([make_record()], new)
+    assert code == 1 and "REGRESSION (rule: cell ok in base" in text
