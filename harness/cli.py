@@ -12,6 +12,7 @@ from backends import BACKENDS
 from backends.base import DEVICES, MODES, PRECISIONS
 from harness import data as data_mod
 from harness.runner import (
+    EXIT_CELL_FAILED,
     EXIT_USAGE,
     RunConfig,
     UsageError,
@@ -220,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, data_mod.DataError) as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk or a vanished folder while writing a report or sweep: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tribench: error: cannot write {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CELL_FAILED
 
 
 if __name__ == "__main__":

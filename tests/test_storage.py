@@ -252,3 +252,14 @@ def test_the_fault_hook_is_dead_outside_the_test_suite(monkeypatch):
     assert injected_fault("mnist-mlp", "torch", 0) == "raise"
     monkeypatch.delenv("TRIBENCH_TESTING")
     assert injected_fault("mnist-mlp", "torch", 0) is None
+
+
+def test_a_full_disk_under_tribench_report_is_one_line(tmp_path, monkeypatch, capsys):
+    from record_factory import make_run, write_run
+
+    run = write_run(tmp_path / "run", make_run())
+    full_disk(monkeypatch, when=lambda data: True)
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err
+    assert leftovers(run) == [] and not (run / "report.md").exists()
