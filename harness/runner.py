@@ -128,7 +128,8 @@ def _commit() -> str | None:
     return git_state()["git_commit"]
 
 
-# run.json config field -> the JSON types it may hold (None where the flag is optional).
+# run.json config field -> the JSON types it may hold (None where the flag is optional). A
+# RunConfig field missing here is accepted unchecked: add it when it can carry a path or a name.
 CONFIG_TYPES = {
     "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
     "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
@@ -149,7 +150,7 @@ def config_from_saved(saved, out: Path) -> RunConfig:
     if not isinstance(config, dict) or not isinstance(saved.get("specs"), dict) \
             or not isinstance(saved.get("versions"), dict):
         raise UsageError(f"{where} is not a tribench run file (no config, specs and versions objects)")
-    unknown = sorted(set(config) - set(CONFIG_TYPES) - {"out"})
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
         raise UsageError(f"{where}: unknown config field {unknown[0]!r}")
     for name, types in CONFIG_TYPES.items():
@@ -441,9 +442,8 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool) -> int:
         if state.get("proc") is not None:
             stop_process(state["proc"])
         records = read_records(records_path)
-        ui.error(f"cannot write {_os_error(exc)}: stopped after {stored} of {len(cells)} cells, the "
-                 f"{len(records)} records in {records_path} are whole; free space, then: tribench run --resume "
-                 f"{cfg.out}")
+        ui.error(f"run stopped after {stored} of {len(cells)} cells: {_os_error(exc)}; the {len(records)} "
+                 f"records in {records_path} are whole; free space, then: tribench run --resume {cfg.out}")
         return EXIT_CELL_FAILED if records else EXIT_USAGE
     finally:
         for sig, handler in previous.items():
