@@ -220,3 +220,13 @@ def test_the_report_escapes_strings_from_records(tmp_path):
     for name in ("report.md", "report.html"):
         text = (tmp_path / name).read_text()
         assert "<script" not in text and "&lt;script&gt;" in text, name
+
+
+def test_a_checkpoint_holding_a_pickled_object_runs_no_code(tmp_path, capsys):
+    path, marker = tmp_path / "ckpt.npz", tmp_path / "pwned"
+    rewrite(good_checkpoint(path), w001=np.array([Payload(marker)], dtype=object))
+    assert main(["run", "--task", "mnist-mlp", "--backend", "torch", "--init-from", str(path),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "allow_pickle=False" in err, err
+    assert not marker.exists()
