@@ -6,7 +6,7 @@ import contextlib
 import datetime as dt
 import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -55,7 +55,9 @@ def append_line(path: Path, line: bytes) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, rename over it; no temporary file survives a failure."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its files are 0600, and results are shared; 0666 less the umask, like open().
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         try:
             write_all(fd, data)

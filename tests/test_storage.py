@@ -263,3 +263,12 @@ def test_a_full_disk_under_tribench_report_is_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err
     assert leftovers(run) == [] and not (run / "report.md").exists()
+
+
+def test_atomic_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        storage.write_atomic(tmp_path / "f", b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
