@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, data_mod.DataError) as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # a full disk or a vanished folder while writing a report or sweep: one line
+    except OSError as exc:  # a full disk or a vanished folder under report or sweep: one line
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"tribench: error: cannot write {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"tribench: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_CELL_FAILED
 
 
