@@ -11,8 +11,17 @@ from pathlib import Path
 from backends import BACKENDS
 from backends.base import DEVICES, MODES, PRECISIONS
 from harness import data as data_mod
-from harness.runner import EXIT_USAGE, RunConfig, UsageError, available_backends, load_resume, run_matrix
-from tasks import TASKS, get_task
+from harness.runner import (
+    EXIT_CELL_FAILED,
+    EXIT_USAGE,
+    RunConfig,
+    UsageError,
+    available_backends,
+    check_config,
+    load_resume,
+    run_matrix,
+)
+from tasks import TASKS
 
 DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
 
@@ -34,14 +43,15 @@ def names(value: str, valid, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def positive(kind):
+def positive(kind, *, zero_ok: bool = False):
+    """An argparse type: a number above 0 (or from 0 with zero_ok); argparse names the flag in the error."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero_ok else 'positive'}, got {text}")
         return value
     return parse
 
@@ -61,7 +71,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     else:
         p.add_argument("--batch-size", type=positive(int), help="override every task's batch size")
     p.add_argument("--repeats", type=positive(int), default=1, help="fresh worker processes per cell (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=positive(int, zero_ok=True), default=0, help="0 or more (default 0)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
     p.add_argument("--threads", type=positive(int), help="intra-op threads for every framework (default: all cores)")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
@@ -100,8 +110,8 @@ def one_of(value: str, valid, flag: str) -> str:
 
 
 def run_config(args, *, batch_size: int | None = None) -> RunConfig:
-    tasks = names(args.task, TASKS, "task") if args.task else list(TASKS)
-    if args.backend:
+    tasks = names(args.task, TASKS, "task") if args.task is not None else list(TASKS)
+    if args.backend is not None:
         backends = names(args.backend, BACKENDS, "backend")
     else:
         backends = available_backends()
@@ -110,22 +120,10 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                              f"(or one of {', '.join(BACKENDS)})")
     for value in args.data.split(","):
         one_of(value.strip(), DATA_CHOICES, "--data")
-    for task in tasks:
-        try:
-            data_mod.choice_for(get_task(task).dataset, args.data)
-        except data_mod.DataError as exc:
-            raise UsageError(f"task {task!r}: {exc}") from None
-    if args.init_from is not None:
-        from harness.weights import CheckpointError, load_checkpoint_for
-
-        for task in tasks:
-            try:
-                load_checkpoint_for(args.init_from, get_task(task))
-            except CheckpointError as exc:
-                raise UsageError(f"--init-from: {exc}") from None
     out = args.out or Path("results") / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg = RunConfig(tasks=tasks, backends=backends, out=out, repeats=args.repeats, seed=args.seed,
-                    data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=batch_size,
+                    data=args.data, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                    epochs=args.epochs, batch_size=batch_size,
                     device=one_of(args.device, DEVICES, "--device"),
                     precision=one_of(args.precision, PRECISIONS, "--precision"),
                     mode=one_of(args.mode, MODES, "--mode"), timeout=args.timeout, quick=args.quick,
@@ -133,11 +131,23 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                     allow_download=not args.no_download)
     if args.threads:
         cfg.threads = args.threads
+    check_config(cfg)
     return cfg
+
+
+def flags_given(args, command: str) -> list[str]:
+    """The options of `args` set to anything but their defaults, as flags."""
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != defaults.get(k)]
 
 
 def cmd_run(args) -> int:
     if args.resume:
+        # A resume runs the matrix run.json describes; a flag that changed it would mix two runs in one table.
+        others = [f for f in flags_given(args, "run") if f != "--resume"]
+        if others:
+            raise UsageError(f"--resume takes no other run flags (got {', '.join(others)}): the cells and "
+                             f"settings come from {args.resume / 'run.json'}; start a new run to change them")
         return run_matrix(load_resume(args.resume), resume=True)
     return run_matrix(run_config(args, batch_size=args.batch_size))
 
@@ -191,7 +201,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--threshold: {exc}") from None
     try:
         text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, compare.EmptyRun) as exc:
         raise UsageError(str(exc)) from None
     print(text)
     return code
@@ -211,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, data_mod.DataError) as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk or a vanished folder under report or sweep: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tribench: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CELL_FAILED
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.stats import format_stat, group_cells, ok_records, spread_interval, summarise_figure
+from harness.results import STATUSES
+from harness.stats import cell_key, format_stat, group_cells, ok_records, spread_interval, summarise_figure
 
 # (figure, higher is better, format, rule). Accuracy is compared as an absolute change in
 # percentage points: a relative change of a fraction near 1 hides what users care about.
@@ -140,6 +141,13 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
     regressions = []
     only_base = sorted(set(base_cells) - set(new_cells))
     only_new = sorted(set(new_cells) - set(base_cells))
+    # A record with no known status says nothing about its cell: never count it as a pass.
+    for r in new:
+        if r.get("status") not in STATUSES:
+            label = f"{'/'.join(cell_key(r))} repeat {r.get('repeat')}"
+            what = "no status" if r.get("status") is None else f"unknown status {r.get('status')!r}"
+            lines += [f"REGRESSION (rule: every new record has a status): {label} has {what}", ""]
+            regressions.append(f"{label}: {what}")
     for key in sorted(set(base_cells) & set(new_cells)):
         b_rs, n_rs = base_cells[key], new_cells[key]
         b_ok, n_ok = ok_records(b_rs), ok_records(n_rs)
@@ -149,7 +157,7 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
         lines.append(f"  new:  {_provenance(n_rs)}, {len(n_ok)} ok of {len(n_rs)}")
         if not n_ok:
             status = _status_text(n_rs)
-            if b_ok and any(r.get("status") in STATUS_FAILURES for r in n_rs):
+            if b_ok and any(r.get("status") != "skipped" for r in n_rs):
                 lines.append(f"  REGRESSION (rule: cell ok in base, {status} in new)")
                 regressions.append(f"{label}: status")
             else:
@@ -171,12 +179,14 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
             direction = "higher" if higher else "lower"
             rows.append([f"{name} ({direction} better)", _fmt(bs, fmt), _fmt(ns, fmt), _ratio(bs, ns), verdict])
         lines += [*_table(rows), ""]
-    for title, keys, cells in (("Cells only in base (not in new)", only_base, base_cells),
+    for title, keys, cells in (("REGRESSION: cells in base missing from new (rule: every base cell is in new)",
+                                only_base, base_cells),
                                ("Cells only in new (not in base)", only_new, new_cells)):
         if keys:
             lines.append(f"{title}:")
             lines += [f"  {'/'.join(k)}: {_status_text(cells[k])}" for k in keys]
             lines.append("")
+    regressions += [f"{'/'.join(k)}: missing from new" for k in only_base]
     if regressions:
         lines.append(f"RESULT: {len(regressions)} regression(s): {'; '.join(regressions)}")
     else:
@@ -185,15 +195,26 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
 
 
 def compare_runs(base_dir, new_dir, *, threshold: float = 0.05) -> tuple[str, int]:
-    """Compare the records.jsonl of two run folders; (text to print, exit code 1 on regression else 0)."""
+    """Compare the records.jsonl of two run folders; (text to print, exit code 1 on regression else 0).
+
+    Raises FileNotFoundError for a folder without records.jsonl and EmptyRun for one with no record.
+    """
     from harness.results import RECORDS_FILE, read_records
 
     if isinstance(threshold, str):
         threshold = parse_threshold(threshold)
     base_dir, new_dir = Path(base_dir), Path(new_dir)
+    runs = []
     for d in (base_dir, new_dir):
         path = d if d.is_file() else d / RECORDS_FILE
         if not path.exists():
             raise FileNotFoundError(f"no records at {path}: is {d} a tribench run folder?")
-    return compare_records(read_records(base_dir), read_records(new_dir), threshold=threshold,
-                           base_name=str(base_dir), new_name=str(new_dir))
+        records = read_records(d)
+        if not records:  # an empty run is no evidence of "no regression"
+            raise EmptyRun(f"{path} holds no records: nothing to compare (did that run write anything?)")
+        runs.append(records)
+    return compare_records(*runs, threshold=threshold, base_name=str(base_dir), new_name=str(new_dir))
+
+
+class EmptyRun(ValueError):
+    """A run folder whose records.jsonl holds no record."""

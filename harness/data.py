@@ -11,10 +11,12 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from harness import safepickle
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ class Source:
     files: dict[str, str]  # file name -> sha256
     url: str  # base URL the file names are appended to
     how_to_get: str
+    # Files of the extracted archive (CIFAR-10's cifar-10-batches-py folder) -> digest, where
+    # published: torchvision's MD5s. MD5 still resists second preimages, so a crafted file
+    # cannot pass for an official one.
+    extracted: dict[str, str] = field(default_factory=dict)
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
@@ -61,7 +67,14 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
     }, "https://www.cs.toronto.edu/~kriz/",
         "put cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder, in a 'cifar10' "
-        "subfolder of one of those folders"),
+        "subfolder of one of those folders", {
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        }),
 )}
 
 # Which real sources can stand in for a task's dataset, and the input shape they give.
@@ -148,15 +161,27 @@ def load_mnist_dir(folder: Path) -> tuple[np.ndarray, ...]:
     return x_tr, y_tr, x_te, y_te
 
 
+def _cifar_batch(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images NHWC uint8, labels) of one batch, read with the restricted unpickler: a file can hold data, not code."""
+    batch = safepickle.loads(blob)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError("not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"b'data' is {data.dtype} {data.shape}, a CIFAR-10 batch holds uint8 (n, 3072)")
+    y = np.asarray(batch[b"labels"], np.int32)
+    if y.shape != (len(data),):
+        raise ValueError(f"{len(data)} images but labels of shape {y.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
 def _cifar_batches(members) -> tuple[np.ndarray, ...]:
     """members: iterable of (name, bytes) of the cifar-10-batches-py files."""
     train, test = {}, None
     for name, blob in members:
         base = os.path.basename(name)
         if base.startswith("data_batch_") or base == "test_batch":
-            batch = pickle.loads(blob, encoding="bytes")
-            x = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            y = np.asarray(batch[b"labels"], np.int32)
+            x, y = _cifar_batch(blob)
             if base == "test_batch":
                 test = (x, y)
             else:
@@ -177,14 +202,18 @@ def load_cifar(path: Path) -> tuple[np.ndarray, ...]:
             return _cifar_batches((p.name, p.read_bytes()) for p in sorted(path.iterdir()) if p.is_file())
         with tarfile.open(path, "r:gz") as tar:
             return _cifar_batches((m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile())
-    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError) as exc:
+    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: cannot read CIFAR-10 ({type(exc).__name__}: {exc})") from None
 
 
 # -- checksums, search, download ----------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    return digest_of(path, "sha256")
+
+
+def digest_of(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -192,9 +221,11 @@ def sha256_of(path: Path) -> str:
 
 
 def verify(path: Path, expected: str) -> None:
-    actual = sha256_of(path)
+    """Check a file against its SHA-256 (64 hex digits) or, where only that is published, MD5 (32)."""
+    algorithm, label = ("md5", "MD5") if len(expected) == 32 else ("sha256", "SHA-256")
+    actual = digest_of(path, algorithm)
     if actual != expected:
-        raise ChecksumError(f"{path}: SHA-256 mismatch: expected {expected}, got {actual}; "
+        raise ChecksumError(f"{path}: {label} mismatch: expected {expected}, got {actual}; "
                             "the file is corrupt or not the published one; delete it and fetch it again")
 
 
@@ -220,23 +251,30 @@ def find_source(source: Source, data_dir=None) -> tuple[Path | None, list[Path]]
     """(folder holding verified files or None, every folder looked in).
 
     A folder whose files exist but fail their checksum is reported and skipped: a
-    corrupt file is never used.
+    corrupt file is never used. An extracted CIFAR-10 folder is checked file by file
+    before anything in it is unpickled.
     """
     looked = []
     for root in search_dirs(data_dir):
         for folder in candidates(source, root):
             looked.append(folder)
-            if source.kind == "cifar10" and (folder / "cifar-10-batches-py").is_dir():
-                return folder, looked
-            if all((folder / f).is_file() for f in source.files):
-                try:
-                    for name, digest in source.files.items():
-                        verify(folder / name, digest)
-                except ChecksumError as exc:
-                    log.warning("%s", exc)
-                    continue
-                return folder, looked
+            for where, files in ((folder / "cifar-10-batches-py", source.extracted), (folder, source.files)):
+                if files and where.is_dir() and _verified(where, files):
+                    return folder, looked
     return None, looked
+
+
+def _verified(folder: Path, files: dict[str, str]) -> bool:
+    """Every file present and matching its digest; a mismatch is reported, and the folder is never read."""
+    if not all((folder / f).is_file() for f in files):
+        return False
+    try:
+        for name, digest in files.items():
+            verify(folder / name, digest)
+    except ChecksumError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
 
 
 def download(source: Source, *, timeout: float = 30.0) -> Path:
@@ -280,8 +318,11 @@ def load_real(name: str, folder: Path) -> Dataset:
     if SOURCES[name].kind == "mnist":
         arrays = load_mnist_dir(folder)
     else:
+        # The extracted folder only when every batch matches its published digest (the
+        # runner checked too, but this process may have been handed any folder).
         extracted = folder / "cifar-10-batches-py"
-        arrays = load_cifar(extracted if extracted.is_dir() else folder / "cifar-10-python.tar.gz")
+        use = extracted.is_dir() and _verified(extracted, SOURCES[name].extracted)
+        arrays = load_cifar(extracted if use else folder / "cifar-10-python.tar.gz")
     return Dataset(name, str(folder), False, *arrays)
 
 

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness.storage import write_atomic
+
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -82,20 +84,41 @@ def matmul_peak_gflops(cache: Path | None = None, *, refresh: bool = False) -> f
 
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tribench" / "matmul_peak.json"
     key = f"{os.uname().nodename}|{cpu_name()}|{os.cpu_count()}"
-    try:
-        cached = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = _read_cache(cache)
     if key in cached and not refresh:
-        return float(cached[key])
+        return cached[key]
     # A probe on a busy machine reads low, so a new probe only ever raises the cached peak.
-    value = max(round(_probe_gflops(), 1), float(cached.get(key, 0)))
+    value = max(round(_probe_gflops(), 1), cached.get(key, 0.0))
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**cached, key: value}))
+        write_atomic(cache, json.dumps({**cached, key: value}).encode())
     except OSError as exc:
         log.debug("cannot cache the matmul probe: %s", exc)
     return value
+
+
+# Bounds of a believable fp32 matmul peak for a host CPU, GFLOP/s: a cached value outside
+# them (a hand edit, a probe on a machine thrashing at the time) would turn every roofline
+# into nonsense, so it is dropped and the probe runs again.
+PEAK_BOUNDS = (0.5, 1e6)
+
+
+def _read_cache(cache: Path) -> dict[str, float]:
+    """The cache's believable entries; anything unreadable or out of bounds is ignored (and re-probed)."""
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if cache.exists():
+            log.warning("ignoring the unreadable matmul-peak cache %s (%s)", cache, exc)
+        return {}
+    if not isinstance(cached, dict):
+        log.warning("ignoring the matmul-peak cache %s: not a JSON object", cache)
+        return {}
+    sane = {k: float(v) for k, v in cached.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and PEAK_BOUNDS[0] <= v <= PEAK_BOUNDS[1]}
+    if len(sane) != len(cached):
+        log.warning("ignoring %d implausible entries of the matmul-peak cache %s", len(cached) - len(sane), cache)
+    return sane
 
 
 # Dense (no sparsity) peak TFLOP/s per precision from NVIDIA's datasheets; matched by a

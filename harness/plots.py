@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from harness.stats import figure, group_cells, ok_records, spread_interval, spread_kind, summarise_figure
+from harness.storage import write_atomic
 
 DPI = 110
 # Overlaid backends with identical weights should draw on top of each other; distinct
@@ -97,7 +99,7 @@ def _repeat_note(groups) -> str:
             else "one repeat per backend")
 
 
-def plot_accuracy_vs_time(records, path: Path) -> str:
+def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binary file
     """Test accuracy against cumulative training time, one line per backend, one panel per task."""
     plt = _pyplot()
     tasks = _by_task(records)
@@ -132,7 +134,7 @@ def plot_accuracy_vs_time(records, path: Path) -> str:
     return f"Test accuracy against cumulative training time per backend ({note}; epoch 0 is the untrained model)."
 
 
-def plot_epoch_curves(records, path: Path) -> str:
+def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary file
     """Training loss and test accuracy per epoch, backends overlaid: the picture of parity."""
     plt = _pyplot()
     tasks = _by_task(records)
@@ -204,7 +206,7 @@ def _colors(records) -> dict:
     return {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
 
 
-def plot_throughput(records, path: Path) -> str:
+def plot_throughput(records, path) -> str:  # path: a file name or a binary file
     """Training throughput per backend: median bars with the spread as error bars."""
     plt = _pyplot()
     tasks = _by_task(records)
@@ -232,7 +234,7 @@ def plot_throughput(records, path: Path) -> str:
             f"spread ({', '.join(sorted(kinds))}).")
 
 
-def plot_memory(records, path: Path) -> str:
+def plot_memory(records, path) -> str:  # path: a file name or a binary file
     """Peak host RSS, RSS after import and device peak per backend, grouped bars with spread."""
     plt = _pyplot()
     tasks = _by_task(records)
@@ -277,4 +279,11 @@ def write_plots(records, run_dir: Path) -> list[tuple[Path, str]]:
     if not ok_records(records):
         return []
     run_dir = Path(run_dir)
-    return [(run_dir / name, fn(records, run_dir / name)) for name, fn in PLOTS]
+    out = []
+    for name, fn in PLOTS:
+        # Drawn in memory and written in one checked, atomic write: a full disk leaves no 0-byte PNG.
+        buffer = io.BytesIO()
+        caption = fn(records, buffer)
+        write_atomic(run_dir / name, buffer.getvalue())
+        out.append((run_dir / name, caption))
+    return out

@@ -97,6 +97,10 @@ class Progress:
     def warn(self, text: str) -> None:
         self.info(f"WARNING: {text}" if self.console is None else f"\x1b[1;33mWARNING: {text}\x1b[0m")
 
+    def error(self, text: str) -> None:
+        """The one line that says why a run stopped early."""
+        self.info(f"tribench: error: {text}")
+
     @contextlib.contextmanager
     def matrix(self, total: int):
         if self.console is None:

@@ -19,6 +19,7 @@ from harness.stats import (
     summarise,
     summarise_figure,
 )
+from harness.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +316,13 @@ def render_terminal(records: list[dict]) -> str:
 
 # -- markdown and HTML -------------------------------------------------------------------------
 
-def _md_table(df) -> str:
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
+def _md(text) -> str:
+    """Record text made inert in markdown: renderers pass raw HTML through, so <script> from a record must not."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
+
+def _md_table(df) -> str:
+    cell = _md
     head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -329,13 +333,13 @@ def _render_md(records, table, figures, title) -> str:
     out = [f"# {title}", ""]
     warning = synthetic_warning(records)
     if warning:
-        out += [f"> **{warning}**", ""]
+        out += [f"> **{_md(warning)}**", ""]
     out += ["## Environment", ""]
-    out += [f"- **{k}**: {v}" for k, v in environment(records)]
+    out += [f"- **{_md(k)}**: {_md(v)}" for k, v in environment(records)]
     out += ["", LEGEND, ""]
     for task, rs in _by_task(records).items():
-        out += [f"## {task}", "", f"_{task_source(rs)}_", "", _md_table(task_table(table, task)), "",
-                f"**{parity_line(rs)}**", ""]
+        out += [f"## {_md(task)}", "", f"_{_md(task_source(rs))}_", "", _md_table(task_table(table, task)), "",
+                f"**{_md(parity_line(rs))}**", ""]
     out += ["## Plots", ""]
     if not figures:
         out += ["No successful cell: nothing to plot.", ""]
@@ -401,7 +405,7 @@ def write_report(run_dir, *, records: list[dict] | None = None) -> list[Path]:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"tribench report: {run_dir.name} ({len(records)} records, {stamp})"
     md_path, html_path = run_dir / REPORT_MD, run_dir / REPORT_HTML
-    md_path.write_text(_render_md(records, table, figures, title) + "\n", encoding="utf-8")
-    html_path.write_text(_render_html(records, table, figures, title) + "\n", encoding="utf-8")
+    write_atomic(md_path, (_render_md(records, table, figures, title) + "\n").encode())
+    write_atomic(html_path, (_render_html(records, table, figures, title) + "\n").encode())
     log.info("report written to %s", html_path)
     return [md_path, html_path, *(p for p, _ in figures)]

@@ -9,6 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from harness.storage import append_line, write_atomic
+
 SCHEMA_VERSION = 1
 RECORDS_FILE = "records.jsonl"
 STATUSES = ("ok", "failed", "skipped", "diverged")
@@ -79,25 +81,20 @@ def empty_record(*, task: str, backend: str, repeat: int, seed: int) -> dict:
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one complete line and fsync it, so a crash never leaves half a record.
+    """Append one complete line and fsync it, so a crash or a full disk never leaves half a record.
 
-    One os.write of a single line on an O_APPEND descriptor lands whole; the fsync
-    makes it survive a power cut or a SIGKILL of the parent right after.
+    storage.append_line checks every write and takes back a partial one; the fsync
+    makes the line survive a power cut or a SIGKILL of the parent right after.
     """
     line = (json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(path, line)
 
 
 def read_records(path: Path, *, history: bool = False) -> list[dict]:
     """The complete records of a records.jsonl, the latest one per cell unless `history`.
 
     A resumed run appends a new record for a cell that failed before; readers want the
-    latest. A torn last line is skipped with a warning.
+    latest. A torn line, or one that is not a JSON object, is skipped with a warning naming it.
     """
     path = Path(path)
     if path.is_dir():
@@ -105,14 +102,20 @@ def read_records(path: Path, *, history: bool = False) -> list[dict]:
     records = []
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 log.warning("%s:%d: skipping an incomplete record", path, number)
+                continue
+            if not isinstance(record, dict):  # e.g. a line "42": valid JSON, not a record
+                log.warning("%s:%d: skipping a line that is not a record (a JSON %s)", path, number,
+                            type(record).__name__)
+                continue
+            records.append(record)
     if history:
         return records
     latest = {(r.get("task"), r.get("backend"), r.get("repeat")): r for r in records}
@@ -120,11 +123,5 @@ def read_records(path: Path, *, history: bool = False) -> list[dict]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temp file, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON to a temp file, fsync, then rename over `path` (storage.write_atomic)."""
+    write_atomic(path, json.dumps(obj, sort_keys=True, indent=2, default=str).encode())

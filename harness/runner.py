@@ -19,7 +19,10 @@ from pathlib import Path
 
 from backends import BACKENDS, backend_info
 from harness import data as data_mod
+from harness import folderlock
+from harness.lifeline import CELL_DIR_PREFIX
 from harness.results import RECORDS_FILE, REPO_ROOT, SCHEMA_VERSION, append_record, empty_record, read_records
+from harness.storage import set_aside_torn_tail
 from harness.worker import PROGRESS_PREFIX, utc_now
 from tasks import get_task
 
@@ -125,14 +128,94 @@ def _commit() -> str | None:
     return git_state()["git_commit"]
 
 
+# run.json config field -> the JSON types it may hold (None where the flag is optional). A
+# RunConfig field missing here is accepted unchecked: add it when it can carry a path or a name.
+CONFIG_TYPES = {
+    "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
+    "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
+    "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
+    "allow_download": bool,
+}
+
+
+def config_from_saved(saved, out: Path) -> RunConfig:
+    """The RunConfig a run.json describes, refused with one line when anything in it is off.
+
+    A results folder may come from someone else: every value is type- and name-checked,
+    and paths in it (data_dir, init_from) are taken relative to the folder, not to
+    wherever the user happens to stand.
+    """
+    where = f"--resume {out}: {RUN_FILE}"
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or not isinstance(saved.get("specs"), dict) \
+            or not isinstance(saved.get("versions"), dict):
+        raise UsageError(f"{where} is not a tribench run file (no config, specs and versions objects)")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise UsageError(f"{where}: unknown config field {unknown[0]!r}")
+    for name, types in CONFIG_TYPES.items():
+        if name not in config and name not in ("tasks", "backends"):
+            continue  # the default, as for a run.json from before the field existed
+        value = config.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            raise UsageError(f"{where}: config.{name} is {json.dumps(value)}, not a valid value")
+    args = {k: v for k, v in config.items() if k != "out"}
+    for name in ("data_dir", "init_from"):
+        if args.get(name):
+            args[name] = str((Path(out) / args[name]).resolve())
+    cfg = RunConfig(**args, out=Path(out))
+    try:
+        check_config(cfg)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return cfg
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Names and ranges every run must satisfy, whether its config came from flags or from run.json."""
+    from backends.base import DEVICES, MODES, PRECISIONS
+    from tasks import TASKS
+
+    for name, values, valid in (("task", cfg.tasks, TASKS), ("backend", cfg.backends, BACKENDS),
+                                ("device", [cfg.device], DEVICES), ("precision", [cfg.precision], PRECISIONS),
+                                ("mode", [cfg.mode], MODES)):
+        if not values or not all(isinstance(v, str) and v in valid for v in values):
+            raise UsageError(f"{name} {values!r} is not valid; valid: {', '.join(valid)}")
+    for name, low in (("repeats", 1), ("threads", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value} is below {low}")
+    if cfg.timeout is not None and not cfg.timeout > 0:
+        raise UsageError(f"timeout {cfg.timeout} is not positive")
+    for task in cfg.tasks:
+        try:
+            data_mod.choice_for(get_task(task).dataset, cfg.data)
+        except data_mod.DataError as exc:
+            raise UsageError(f"task {task!r}: {exc}") from None
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"
+        raise UsageError(f"--data-dir {cfg.data_dir} {state}")
+    if cfg.init_from is not None:
+        from harness.weights import CheckpointError, load_checkpoint_for
+
+        for task in cfg.tasks:
+            try:
+                load_checkpoint_for(Path(cfg.init_from), get_task(task))
+            except CheckpointError as exc:
+                raise UsageError(f"--init-from: {exc}") from None
+
+
 def load_resume(out: Path) -> RunConfig:
+    try:
+        folderlock.check_free(out)  # a live run's folder: say so, rather than judge its run.json
+    except folderlock.FolderBusy as exc:
+        raise UsageError(str(exc)) from None
     path = Path(out) / RUN_FILE
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--resume {out}: no readable {RUN_FILE} there ({exc})") from None
-    args = dict(saved["config"], out=Path(out))
-    cfg = RunConfig(**args)
+    cfg = config_from_saved(saved, Path(out))
     check_resume(cfg, saved)
     return cfg
 
@@ -206,7 +289,9 @@ def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads:
                on_event: Callable[[dict], None], state: dict) -> dict:
     """Run one worker process; always returns a record, whatever happened to the process."""
     cfg_path, rec_path = workdir / "cell.json", workdir / "record.json"
-    cfg_path.write_text(json.dumps(cell_cfg))
+    # The worker watches this PID and, if it dies, removes `cell_dir` itself (lifeline.py).
+    cfg_path.write_text(json.dumps({**cell_cfg, "driver_pid": os.getpid(), "cell_dir": str(workdir)}))
+    faults: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
@@ -217,9 +302,12 @@ def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads:
         for line in proc.stderr:
             if line.startswith(PROGRESS_PREFIX):
                 try:
-                    on_event(json.loads(line[len(PROGRESS_PREFIX):]))
+                    event = json.loads(line[len(PROGRESS_PREFIX):])
                 except ValueError:
-                    pass
+                    continue
+                if event.get("event") == "fault":
+                    faults.append(str(event.get("fault")))
+                on_event(event)
             else:
                 tail.append(line.rstrip("\n"))
 
@@ -257,6 +345,8 @@ def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads:
                                "signal": signal.Signals(-proc.returncode).name if (proc.returncode or 0) < 0 else None})
     if record["status"] in ("failed", "diverged"):
         record["failure"] = {**(record.get("failure") or {}), "stderr_tail": list(tail)}
+    if faults:  # test-only fault injection: a record made under it says so
+        record["env"] = {**(record.get("env") or {}), "injected_fault": faults[0]}
     return record
 
 
@@ -281,18 +371,40 @@ def skipped_record(cell: Cell, seed: int, error: str) -> dict:
 
 
 def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True) -> int:
-    """Run every planned cell not already finished; returns the process exit code."""
+    """Run every planned cell not already finished; returns the process exit code.
+
+    The folder is locked for the whole run (folderlock), so a second run or a resume
+    into a live folder stops before it reads or writes anything.
+    """
     from harness.progress import Progress
 
     ui = ui or Progress()
     prepare_out_dir(cfg.out)
+    try:
+        with folderlock.hold(cfg.out):
+            return _run_locked(cfg, resume=resume, ui=ui, write_report=write_report)
+    except folderlock.FolderBusy as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool) -> int:
     records_path = cfg.out / RECORDS_FILE
-    done = {(r["task"], r["backend"], r["repeat"]) for r in read_records(records_path)
+    try:
+        side = set_aside_torn_tail(records_path)
+        if not resume:
+            if records_path.exists() and records_path.stat().st_size:
+                raise UsageError(f"{cfg.out} already holds records; use --resume {cfg.out} or another --out")
+            write_run_file(cfg)
+    except OSError as exc:
+        raise UsageError(f"cannot write results to {cfg.out}: {_os_error(exc)}") from None
+    if side:
+        ui.warn(f"{records_path} ended in half a record (a crash or a full disk); it was moved to {side}")
+    done = {(r.get("task"), r.get("backend"), r.get("repeat")) for r in read_records(records_path)
             if r.get("status") in FINISHED} if resume else set()
-    if not resume:
-        if records_path.exists() and records_path.stat().st_size:
-            raise UsageError(f"{cfg.out} already holds records; use --resume {cfg.out} or another --out")
-        write_run_file(cfg)
+    if resume:
+        for name in ("data_dir", "init_from"):
+            if getattr(cfg, name):
+                ui.info(f"--resume: {name} from {cfg.out / RUN_FILE}: {getattr(cfg, name)}")
     sources = resolve_data(cfg)
     for task, (name, where) in sources.items():
         if name == "synthetic":
@@ -311,21 +423,14 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
 
     for sig in previous:
         signal.signal(sig, interrupt)
-    code = EXIT_OK
+    code, stored = EXIT_OK, 0
     try:
         with ui.matrix(len(cells)) as bar:
             for cell in cells:
                 bar.start_cell(cell.label)
-                info = backend_info(cell.backend)
-                if info.missing():
-                    record = skipped_record(cell, cfg.seed + cell.repeat,
-                                            f"{', '.join(info.missing())} not installed: {info.install_hint}")
-                else:
-                    with tempfile.TemporaryDirectory(prefix="tribench-cell-") as tmp:
-                        record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp),
-                                            timeout=cfg.timeout, threads=cfg.threads, on_event=bar.event,
-                                            state=state)
+                record = cell_record(cfg, cell, sources[cell.task], on_event=bar.event, state=state)
                 append_record(records_path, record)
+                stored += 1
                 bar.finish_cell(cell.label, record)
     except Interrupted as exc:
         if state.get("proc") is not None:
@@ -333,30 +438,61 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
         ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "
                 f"continue with: tribench run --resume {cfg.out}")
         code = 128 + exc.signum
+    except OSError as exc:  # a full disk, mostly: stop at once, keep every whole record
+        if state.get("proc") is not None:
+            stop_process(state["proc"])
+        records = read_records(records_path)
+        ui.error(f"run stopped after {stored} of {len(cells)} cells: {_os_error(exc)}; the {len(records)} "
+                 f"records in {records_path} are whole; free space, then: tribench run --resume {cfg.out}")
+        return EXIT_CELL_FAILED if records else EXIT_USAGE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     records = read_records(records_path)
-    finish(cfg.out, records, ui, write_report=write_report)
-    if code == EXIT_OK and any(r["status"] in ("failed", "diverged") for r in records):
+    if not finish(cfg.out, records, ui, write_report=write_report) and code == EXIT_OK:
+        code = EXIT_CELL_FAILED
+    if code == EXIT_OK and any(r.get("status") in ("failed", "diverged") for r in records):
         code = EXIT_CELL_FAILED
     return code
 
 
-def finish(out: Path, records: list[dict], ui, *, write_report: bool = True) -> None:
-    """The summary table and the report, also after an interruption."""
+def _os_error(exc: OSError) -> str:
+    """'PATH: reason' of an OSError, on one line."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def cell_record(cfg: RunConfig, cell: Cell, source: tuple[str, str], *, on_event, state: dict) -> dict:
+    """The record of one cell: skipped when its backend is missing, else from a worker in a fresh folder."""
+    info = backend_info(cell.backend)
+    if info.missing():
+        return skipped_record(cell, cfg.seed + cell.repeat, f"{', '.join(info.missing())} not installed: "
+                              f"{info.install_hint}")
+    with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
+        return run_worker(cell_config(cfg, cell, source), Path(tmp), timeout=cfg.timeout, threads=cfg.threads,
+                          on_event=on_event, state=state)
+
+
+def finish(out: Path, records: list[dict], ui, *, write_report: bool = True) -> bool:
+    """The summary table and the report, also after an interruption; False if the report could not be written."""
     from harness import report
 
     ui.print(report.render_terminal(records))
+    written = True
     if write_report:
         try:
             paths = report.write_report(out, records=records)
             ui.info(f"report: {paths[0].parent / 'report.html'}")
+        except OSError as exc:  # a full disk: one line, the records are safe
+            ui.error(f"report not written: cannot write {_os_error(exc)}; the records are in {out / RECORDS_FILE}")
+            written = False
         except Exception:  # a broken plot must not hide the records that are safe on disk
             log.exception("writing the report failed; the records are in %s", out / RECORDS_FILE)
     for r in records:
-        if r["status"] in ("failed", "diverged"):
-            ui.warn(f"{r['status'].upper()}: {r['task']} / {r['backend']} / repeat {r['repeat']}: {r['error']}")
+        if r.get("status") in ("failed", "diverged"):
+            ui.warn(f"{r['status'].upper()}: {r.get('task')} / {r.get('backend')} / repeat {r.get('repeat')}: "
+                    f"{r.get('error')}")
+    return written
 
 
 def available_backends() -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 from harness.results import read_records
 from harness.runner import RunConfig, run_matrix
 from harness.stats import format_stat, group_cells, ok_records, summarise_figure
+from harness.storage import write_atomic
 
 SWEEP_MD, SWEEP_PNG = "sweep.md", "sweep.png"
 
@@ -61,13 +63,15 @@ def write_sweep(records: list[dict], out: Path) -> tuple[Path, Path]:
             size = (r.get("spec") or {}).get("batch_size")
             lines.append(f"\n{r['status'].upper()}: {r['task']} / {r['backend']} batch {size}: {r['error']}")
     md = out / SWEEP_MD
-    md.write_text("\n".join(lines) + "\n")
+    write_atomic(md, ("\n".join(lines) + "\n").encode())
     png = out / SWEEP_PNG
-    plot_sweep(rows, png, title_note=source)
+    buffer = io.BytesIO()
+    plot_sweep(rows, buffer, title_note=source)
+    write_atomic(png, buffer.getvalue())
     return md, png
 
 
-def plot_sweep(rows: list[tuple], path: Path, *, title_note: str) -> None:
+def plot_sweep(rows: list[tuple], path, *, title_note: str) -> None:  # path: a file name or a binary file
     from harness.plots import _pyplot
 
     plt = _pyplot()

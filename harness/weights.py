@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from harness.storage import write_atomic
 from tasks.spec import TaskSpec
 
 CHECKPOINT_FORMAT = 1
@@ -68,33 +71,49 @@ def save_checkpoint(path: Path, spec: TaskSpec, weights: list[np.ndarray], *, me
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": CHECKPOINT_FORMAT, "spec": spec.to_dict(), "meta": meta or {}}
     arrays = {f"w{i:03d}": np.asarray(w, np.float32) for i, w in enumerate(weights)}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, header=np.array(json.dumps(header, sort_keys=True)), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, header=np.array(json.dumps(header, sort_keys=True)), **arrays)
+    write_atomic(path, buffer.getvalue())  # checked, and no .tmp left on a full disk
 
 
 def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
-    """(header, weights) from a checkpoint written by save_checkpoint."""
+    """(header, weights) from a checkpoint written by save_checkpoint; anything else is a CheckpointError.
+
+    Read with allow_pickle=False: a checkpoint holds numbers and a JSON header, never
+    objects. Truncated or bad-CRC archives, a header that is not a JSON object, and
+    arrays that are not finite real numbers are all refused.
+    """
     try:
         with np.load(Path(path), allow_pickle=False) as npz:
             header = json.loads(str(npz["header"]))
             keys = sorted(k for k in npz.files if k.startswith("w"))
-            weights = [npz[k].astype(np.float32, copy=False) for k in keys]
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a tribench checkpoint ({exc})") from None
+            raw = [npz[k] for k in keys]
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CheckpointError(f"{path}: not a tribench checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a tribench checkpoint (its header is a JSON {type(header).__name__}, "
+                              "not an object)")
     if header.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {header.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    weights = []
+    for key, array in zip(keys, raw):
+        if array.dtype.kind not in "fiu":
+            raise CheckpointError(f"{path}: array {key} is {array.dtype}, a checkpoint holds real numbers")
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{path}: array {key} holds NaN or infinite values")
+        weights.append(array)
     return header, weights
 
 
 def load_checkpoint_for(path: Path, spec: TaskSpec) -> list[np.ndarray]:
     """Weights from `path`, refused with the first mismatch when they do not fit `spec`."""
     header, weights = load_checkpoint(path)
-    saved = header.get("spec", {})
-    saved_layers, layers = saved.get("layers", []), spec.to_dict()["layers"]
+    saved = header.get("spec")
+    saved_layers = saved.get("layers") if isinstance(saved, dict) else None
+    if not isinstance(saved_layers, list):
+        raise CheckpointError(f"{path}: the checkpoint header has no spec with a list of layers")
+    layers = spec.to_dict()["layers"]
     for i, (a, b) in enumerate(zip(saved_layers, layers)):
         if a != b:
             raise CheckpointError(f"{path}: layer {i} is {a} in the checkpoint but {b} in task {spec.name!r}")

@@ -16,7 +16,10 @@ from pathlib import Path
 PROGRESS_PREFIX = "@@tribench "
 # Test-only fault injection, read here and nowhere else: "<fault>[@<task>/<backend>[/<repeat>]]".
 # Faults: raise, segfault, oom (SIGKILL, as the kernel's OOM killer sends), hang, nan.
+# Honoured only with TESTING_ENV=1 (tests/conftest.py sets it), so a stray variable in a
+# user's shell cannot fail real runs; a fault used is announced and lands in the record.
 FAULT_ENV = "TRIBENCH_FAULT"
+TESTING_ENV = "TRIBENCH_TESTING"
 
 
 def utc_now() -> str:
@@ -30,6 +33,8 @@ def emit(event: dict) -> None:
 
 
 def injected_fault(task: str, backend: str, repeat: int) -> str | None:
+    if os.environ.get(TESTING_ENV) != "1":
+        return None
     fault, _, target = os.environ.get(FAULT_ENV, "").partition("@")
     return fault if fault and target in ("", f"{task}/{backend}", f"{task}/{backend}/{repeat}") else None
 
@@ -68,6 +73,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
                             subset=cfg.get("subset"))
     record["data"] = dataset.describe()
     fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
+    if fault:
+        emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
     apply_fault(fault, dataset)
 
     backend = get_backend(cfg["backend"])
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = json.loads(args.config.read_text())
+    if cfg.get("driver_pid"):
+        from harness.lifeline import tie_to_driver
+
+        tie_to_driver(int(cfg["driver_pid"]), Path(cfg["cell_dir"]) if cfg.get("cell_dir") else None)
     from harness.results import empty_record, write_json_atomic
 
     record = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"], seed=cfg["seed"])

@@ -16,6 +16,9 @@ _required = os.environ.get("TRIBENCH_REQUIRE_BACKENDS", "")
 REQUIRED = list(BACKENDS) if _required == "all" else [b for b in _required.split(",") if b]
 INSTALLED = [name for name, info in BACKENDS.items() if info.available()]
 
+# The worker honours TRIBENCH_FAULT only under the test suite; workers inherit this.
+os.environ["TRIBENCH_TESTING"] = "1"
+
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
     """tests/bench is the benchmark suite (`tox -e bench`), collected only with pytest-benchmark enabled.

@@ -142,3 +142,77 @@ def test_gpu_asked_for_and_absent_is_skipped_with_the_reason(tmp_path, backend_n
     assert run_matrix(cfg) == 0
     (record,) = read_records(tmp_path / "o")
     assert record["status"] == "skipped" and "gpu" in record["error"].lower()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--seed", "-1"], ["--seed", "0 or more", "-1"]),
+    (["run", "--task", ""], ["no task given", "mnist-mlp"]),
+    (["run", "--backend", " , "], ["no backend given", "torch"]),
+])
+def test_more_bad_flags_exit_2_naming_the_flag(args, words, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_data_dir_that_is_not_a_folder_exits_2(tmp_path, capsys, kind):
+    target = tmp_path / "data"
+    if kind == "file":
+        target.write_text("x")
+    assert main(["run", "--task", "mnist-mlp", "--data-dir", str(target), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    state = "is not a folder" if kind == "file" else "does not exist"
+    assert len(err.splitlines()) == 1 and f"--data-dir {target} {state}" in err
+
+
+def saved_run(tmp_path):
+    from harness.runner import RunConfig, write_run_file
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_file(RunConfig(tasks=["mnist-mlp"], backends=["torch"], out=out, data="synthetic", quick=True))
+    return out
+
+
+def test_resume_refuses_other_flags(tmp_path, capsys):
+    out = saved_run(tmp_path)
+    assert main(["run", "--resume", str(out), "--seed", "3", "--task", "mnist-mlp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume takes no other run flags (got --task, --seed)" in err
+    assert not (out / "records.jsonl").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: "[1, 2]", "not a tribench run file"),
+    (lambda s: "{not json", "no readable run.json"),
+    (lambda s: {**s, "config": []}, "not a tribench run file"),
+    (lambda s: {**s, "config": {**s["config"], "tasks": "mnist-mlp"}}, 'config.tasks is "mnist-mlp"'),
+    (lambda s: {**s, "config": {**s["config"], "tasks": ["nope"]}}, "task ['nope'] is not valid"),
+    (lambda s: {**s, "config": {**s["config"], "repeats": "3"}}, 'config.repeats is "3"'),
+    (lambda s: {**s, "config": {**s["config"], "repeats": 0}}, "repeats 0 is below 1"),
+    (lambda s: {**s, "config": {**s["config"], "seed": -1}}, "seed -1 is below 0"),
+    (lambda s: {**s, "config": {**s["config"], "quick": 1}}, "config.quick is 1"),
+    (lambda s: {**s, "config": {**s["config"], "evil": 1}}, "unknown config field 'evil'"),
+    (lambda s: {**s, "config": {**s["config"], "data_dir": "nowhere"}}, "nowhere does not exist"),
+])
+def test_a_malformed_run_json_exits_2_with_one_line(tmp_path, capsys, edit, words):
+    out = saved_run(tmp_path)
+    saved = json.loads((out / "run.json").read_text())
+    changed = edit(saved)
+    (out / "run.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    assert main(["run", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run.json" in err and words in err and "Traceback" not in err, err
+
+
+def test_compare_of_an_empty_run_is_an_error_naming_it(tmp_path, capsys):
+    from record_factory import make_run, write_run
+
+    base = write_run(tmp_path / "a", make_run())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "records.jsonl").write_text("")
+    assert main(["compare", str(base), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "b" / "records.jsonl") in err and "no records" in err

@@ -60,13 +60,14 @@ def test_accuracy_uses_absolute_points():
     assert code == 1 and "-7.50 points" in line and "absolute change in points" in line
 
 
-def test_cells_in_one_run_only_are_listed(tmp_path):
+def test_a_cell_missing_from_new_is_a_named_regression_and_a_new_cell_is_listed(tmp_path):
     base = make_run(backends=("torch", "jax"))
     new = make_run(backends=("torch", "tensorflow"))
     text, code = compare_runs(_run(tmp_path, "a", base), _run(tmp_path, "b", new))
-    assert code == 0
-    assert "Cells only in base (not in new):\n  mnist-mlp/jax/cpu" in text
+    assert code == 1
+    assert "REGRESSION: cells in base missing from new (rule: every base cell is in new):\n  mnist-mlp/jax/cpu" in text
     assert "Cells only in new (not in base):\n  mnist-mlp/tensorflow/cpu" in text
+    assert "mnist-mlp/jax/cpu: missing from new" in text.splitlines()[-1]
 
 
 def test_cell_failing_in_new_is_a_regression_but_skipped_is_not():
@@ -91,3 +92,24 @@ def test_bad_threshold_raises_a_clear_value_error(text):
 def test_missing_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tribench run folder"):
         compare_runs(tmp_path / "nope", tmp_path / "nope2")
+
+
+@pytest.mark.parametrize("status", [None, "weird"])
+def test_a_new_record_without_a_status_is_a_named_regression(status):
+    base = make_run(backends=("torch",), repeats=2)
+    new = make_run(backends=("torch",), repeats=2)
+    if status is None:
+        del new[1]["status"]
+    else:
+        new[1]["status"] = status
+    text, code = compare_records(base, new)
+    what = "no status" if status is None else "unknown status 'weird'"
+    assert code == 1 and f"mnist-mlp/torch/cpu repeat 1 has {what}" in text
+    assert f"mnist-mlp/torch/cpu repeat 1: {what}" in text.splitlines()[-1]
+
+
+def test_a_cell_whose_only_new_record_has_no_status_is_a_regression():
+    new = [make_record()]
+    del new[0]["status"]
+    text, code = compare_records([make_record()], new)
+    assert code == 1 and "REGRESSION (rule: cell ok in base" in text

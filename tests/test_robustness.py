@@ -1,7 +1,7 @@
 """Faults in a cell, interruption and resume: nothing finished is ever lost.
 
-Faults are injected through TRIBENCH_FAULT, read only by the worker, so the real
-adapters carry no test hooks.
+Faults are injected through TRIBENCH_FAULT, read only by the worker and only under the
+test suite (tests/conftest.py sets TRIBENCH_TESTING=1), so the real adapters carry no test hooks.
 """
 
 import json
@@ -42,6 +42,8 @@ def test_a_failing_cell_is_recorded_and_the_matrix_continues(tmp_path, monkeypat
     assert bad["status"] == "failed" and bad["failure"]["reason"] == reason
     assert all(w in bad["error"] for w in words), bad["error"]
     assert good["status"] == "ok"
+    # Whether the worker wrote the record or died before it could, the fault used is on record.
+    assert bad["env"]["injected_fault"] == fault and "injected_fault" not in good["env"]
     if fault == "raise":
         assert any("injected fault" in line for line in bad["failure"]["stderr_tail"])
 
