@@ -19,7 +19,9 @@ from pathlib import Path
 
 from backends import BACKENDS, backend_info
 from harness import data as data_mod
+from harness.node import describe_node
 from harness.results import RECORDS_FILE, REPO_ROOT, SCHEMA_VERSION, append_record, empty_record, read_records
+from harness.shard import in_shard
 from harness.worker import PROGRESS_PREFIX, utc_now
 from tasks import get_task
 
@@ -65,6 +67,7 @@ class RunConfig:
     quick: bool = False
     init_from: str | None = None
     allow_download: bool = True
+    shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
 
     def overrides(self) -> dict:
         changes = {}
@@ -280,8 +283,52 @@ def skipped_record(cell: Cell, seed: int, error: str) -> dict:
     return record
 
 
-def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True) -> int:
-    """Run every planned cell not already finished; returns the process exit code."""
+def missing_backend_record(cfg: RunConfig, cell: Cell) -> dict | None:
+    """A skipped record when the cell's framework is not installed here, else None."""
+    info = backend_info(cell.backend)
+    if not info.missing():
+        return None
+    return skipped_record(cell, cfg.seed + cell.repeat,
+                          f"{', '.join(info.missing())} not installed: {info.install_hint}")
+
+
+class LocalExecutor:
+    """The default executor: cells one after another, each in a fresh worker subprocess on this machine."""
+
+    name = "local"
+
+    def __init__(self):
+        self.state: dict = {"proc": None}
+
+    def start(self, cfg: RunConfig) -> None:
+        """Nothing to connect to; an executor raises UsageError here when it cannot run."""
+
+    def run(self, cfg: RunConfig, cells: list[Cell], sources: dict, *, bar, on_record) -> None:
+        """Run `cells`, calling on_record(cell, record) as each one ends."""
+        for cell in cells:
+            bar.start_cell(cell.label)
+            record = missing_backend_record(cfg, cell)
+            if record is None:
+                with tempfile.TemporaryDirectory(prefix="tribench-cell-") as tmp:
+                    record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp), timeout=cfg.timeout,
+                                        threads=cfg.threads, on_event=bar.event, state=self.state)
+            record["node"] = describe_node(executor=self.name)
+            on_record(cell, record)
+
+    def stop(self) -> None:
+        """On Ctrl-C / SIGTERM: end the cell that is running."""
+        if self.state.get("proc") is not None:
+            stop_process(self.state["proc"])
+
+    def close(self) -> None:
+        """Always called at the end of a run, interrupted or not."""
+
+
+def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True, executor=None) -> int:
+    """Run every planned cell of this shard not already finished; returns the process exit code.
+
+    `executor` decides where cells run (default: LocalExecutor, one subprocess at a time here).
+    """
     from harness.progress import Progress
 
     ui = ui or Progress()
@@ -299,12 +346,14 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
             ui.warn(f"{task}: SYNTHETIC data (generated from the seed, not {get_task(task).dataset})")
         else:
             ui.info(f"{task}: real data {name} from {where}")
-    cells = [c for c in plan(cfg) if c.key not in done]
+    cells = [c for c in in_shard(plan(cfg), cfg.shard) if c.key not in done]
     if done:
         ui.info(f"resuming {cfg.out}: {len(done)} cells already finished, {len(cells)} to run")
 
-    state: dict = {"proc": None}
+    executor = executor or LocalExecutor()
+    # Before our handlers go in: starting Ray installs a SIGTERM handler of its own.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    executor.start(cfg)
 
     def interrupt(signum, frame):
         raise Interrupted(signum)
@@ -314,26 +363,18 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
     code = EXIT_OK
     try:
         with ui.matrix(len(cells)) as bar:
-            for cell in cells:
-                bar.start_cell(cell.label)
-                info = backend_info(cell.backend)
-                if info.missing():
-                    record = skipped_record(cell, cfg.seed + cell.repeat,
-                                            f"{', '.join(info.missing())} not installed: {info.install_hint}")
-                else:
-                    with tempfile.TemporaryDirectory(prefix="tribench-cell-") as tmp:
-                        record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp),
-                                            timeout=cfg.timeout, threads=cfg.threads, on_event=bar.event,
-                                            state=state)
+            def on_record(cell: Cell, record: dict) -> None:
                 append_record(records_path, record)
                 bar.finish_cell(cell.label, record)
+
+            executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
     except Interrupted as exc:
-        if state.get("proc") is not None:
-            stop_process(state["proc"])
+        executor.stop()
         ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "
                 f"continue with: tribench run --resume {cfg.out}")
         code = 128 + exc.signum
     finally:
+        executor.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     records = read_records(records_path)
