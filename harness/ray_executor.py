@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from harness.node import describe_node
 from harness.results import empty_record
 from harness.runner import (
     Cell,
+    Interrupted,
     RunConfig,
     UsageError,
     cell_config,
@@ -190,17 +193,20 @@ class RayExecutor:
                               allow_download=cfg.allow_download)
             self.pending[ref] = cell
         bar.start_cell(f"Ray: {len(self.pending)} cells queued, {cfg.threads} CPUs and {gpus} GPUs each")
-        while self.pending:
-            # A short timeout: Python runs the driver's signal handlers only between calls.
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                cell = self.pending.pop(ref)
-                try:
-                    record, checkpoints = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    record, checkpoints = ray_failure_record(configs[cell.key], exc), {}
-                _save_checkpoints(cfg.out, checkpoints)
-                on_record(cell, record)
+        with _signals_between_waits() as received:
+            while self.pending:
+                # One second at most: `received` is looked at between waits.
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    cell = self.pending.pop(ref)
+                    try:
+                        record, checkpoints = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        record, checkpoints = ray_failure_record(configs[cell.key], exc), {}
+                    _save_checkpoints(cfg.out, checkpoints)
+                    on_record(cell, record)
+                if received:
+                    raise Interrupted(received[0])
 
     def stop(self) -> None:
         """Cancel every cell not finished; their tasks stop their workers (run_cell_task)."""
@@ -230,6 +236,24 @@ class RayExecutor:
         if cfg.device == "cpu":
             return 0
         return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+@contextlib.contextmanager
+def _signals_between_waits():
+    """Note SIGINT/SIGTERM; the loop raises Interrupted once ray.wait has returned.
+
+    The runner's handler raises at once, and an exception raised inside Ray's compiled
+    wait() comes out as a SystemError, so here the handler only writes the signal down.
+    """
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cores() -> int:
