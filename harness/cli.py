@@ -235,8 +235,8 @@ def cmd_merge(args) -> int:
     ui = Progress()
     finish(args.out, records, ui)
     if missing:
-        ui.warn(f"{len(missing)} cells of the matrix are in none of these folders (first: {missing[0]}); "
-                f"run them with: tribench run --resume {args.out}")
+        ui.warn(f"in none of these folders: {len(missing)} of {len(missing) + len(records)} cells "
+                f"(first: {missing[0]}); run them with: tribench run --resume {args.out}")
     return 0
 
 

@@ -24,9 +24,10 @@ def load_run(folder: Path) -> dict:
 
 def matrix_of(saved: dict) -> dict:
     """What makes two runs parts of the same matrix: the config minus PER_SHARD, the specs, the versions."""
-    config = {k: v for k, v in saved["config"].items() if k not in PER_SHARD}
-    return {**{f"--{k.replace('_', '-')}": v for k, v in config.items()},
-            "the task specs": saved.get("specs"), "the framework versions": saved.get("versions")}
+    config = {f"--{k.replace('_', '-')}": v for k, v in saved["config"].items() if k not in PER_SHARD}
+    specs = {f"the spec of task {t!r}": spec for t, spec in (saved.get("specs") or {}).items()}
+    versions = {f"the version of {m}": v for m, v in (saved.get("versions") or {}).items()}
+    return {**config, **specs, **versions}
 
 
 def check_same_matrix(folders: list[Path], runs: list[dict]) -> None:
@@ -34,10 +35,10 @@ def check_same_matrix(folders: list[Path], runs: list[dict]) -> None:
     first = matrix_of(runs[0])
     for folder, saved in zip(folders[1:], runs[1:]):
         other = matrix_of(saved)
-        for key in first.keys() | other.keys():
+        for key in [*first, *(k for k in other if k not in first)]:
             if first.get(key) != other.get(key):
-                raise UsageError(f"{folder} is not part of the same matrix as {folders[0]}: {key} differs "
-                                 f"({other.get(key)!r} vs {first.get(key)!r})")
+                shown = "" if key.startswith("the spec") else f" ({other.get(key)!r} vs {first.get(key)!r})"
+                raise UsageError(f"{folder} is not part of the same matrix as {folders[0]}: {key} differs{shown}")
     seen: dict[tuple, Path] = {}
     for folder, saved in zip(folders, runs):
         shard = saved["config"].get("shard")

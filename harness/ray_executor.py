@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def _node_here() -> dict:
 
     context = ray.get_runtime_context()
     return describe_node(executor="ray", node_id=context.get_node_id(), attempt=_attempt(),
+                         resources=context.get_assigned_resources(),
                          gpu_ids=[str(g) for g in context.get_accelerator_ids().get("GPU", [])])
 
 
@@ -159,11 +161,12 @@ class RayExecutor:
 
         try:
             if self.address:
+                _probe(self.address)
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 # A private instance for this run, sized like the local executor's machine.
                 ray.init(num_cpus=max(cfg.threads, _cores()), include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             raise UsageError(f"--ray-address {self.address}: cannot join that Ray cluster "
                              f"({(str(exc).strip().splitlines() or [''])[0]})") from None
         self.connected = True
@@ -254,6 +257,15 @@ def _signals_between_waits():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT that nothing listens on: ray.init retries such an address for many minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto" or a ray:// client address: Ray's own lookup answers quickly
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
 
 
 def _cores() -> int:

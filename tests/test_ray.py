@@ -52,6 +52,7 @@ def test_a_matrix_on_ray_gives_the_same_ok_records_as_local(tmp_path):
         node = record["node"]
         assert node["executor"] == "ray" and len(node["node_id"]) >= 40 and node["hostname"]
         assert node["cpu"] and node["cpu_count"] >= 1 and node["memory_gb"] > 0 and node["attempt"] == 1
+        assert node["resources"] == {"CPU": 1.0} and node["gpu_ids"] == []  # what Ray reserved: --threads 1
     assert {r["node"]["node_id"] for r in runs["local"]} == {None}
 
 
@@ -162,3 +163,33 @@ def test_sigterm_cancels_outstanding_cells_and_resume_completes_the_matrix(tmp_p
     assert sorted(records) == [0, 1, 2] and all(r["status"] == "ok" for r in records.values())
     assert records[0] == finished[0] and records[2] == finished[2]  # not run again
     assert records[1]["node"]["executor"] == "local"
+
+
+def test_an_unreachable_ray_address_exits_2_at_once(tmp_path):
+    t0 = time.monotonic()
+    out = run_cli(*RUN, "--backend", "jax", "--executor", "ray", "--ray-address", "127.0.0.1:9",
+                  "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and time.monotonic() - t0 < 60
+    assert "cannot join that Ray cluster" in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
+def test_joining_an_existing_cluster_runs_there_and_leaves_it_up(tmp_path):
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False)  # this test process holds the cluster
+    try:
+        address = ray.get_runtime_context().gcs_address
+        (node_id,) = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        args = ("run", "--task", "mnist-mlp", "--backend", "jax", "--data", "synthetic", "--quick",
+                "--executor", "ray", "--ray-address", address)
+        too_big = run_cli(*args, "--threads", "2", "--out", str(tmp_path / "big"))
+        fits = run_cli(*args, "--threads", "1", "--out", str(tmp_path / "fits"))
+        still_up = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    finally:
+        ray.shutdown()
+    assert too_big.returncode == 2, too_big.stderr[-2000:]
+    assert "--threads 2: no node of the Ray cluster has that many CPUs (largest: 1)" in too_big.stderr
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    (record,) = read_records(tmp_path / "fits")
+    assert record["status"] == "ok" and record["node"]["node_id"] == node_id
+    assert still_up == [node_id]  # the run disconnected from the cluster, it did not stop it
