@@ -38,7 +38,8 @@ MAX_RETRIES = 1
 RETRY_SIGNALS = ("SIGKILL", "SIGTERM")
 # Driver environment the cells see on every node: TRIBENCH_* settings (data folder, test faults).
 FORWARDED_ENV_PREFIX = "TRIBENCH_"
-CANCEL_GRACE_S = 15.0
+# Long enough for a cancelled task to stop its worker (stop_process: SIGTERM, 5 s, SIGKILL).
+CANCEL_GRACE_S = 10.0
 
 
 def ray_installed() -> bool:
