@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ from harness.runner import (
     Interrupted,
     RunConfig,
     UsageError,
+    available_cores,
     cell_config,
     missing_backend_record,
     run_worker,
@@ -27,8 +27,6 @@ from harness.runner import (
     stop_process,
 )
 from harness.worker import utc_now
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "tribench[ray]"'
 # A cell whose process or node died is run once more, then recorded as failed.
@@ -166,13 +164,16 @@ class RayExecutor:
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 # A private instance for this run, sized like the local executor's machine.
-                ray.init(num_cpus=max(cfg.threads, _cores()), include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=max(cfg.threads, available_cores()), include_dashboard=False,
+                         log_to_driver=False)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise UsageError(f"--ray-address {self.address}: cannot join that Ray cluster "
-                             f"({(str(exc).strip().splitlines() or [''])[0]})") from None
+            what = f"--ray-address {self.address}: cannot join that Ray cluster" if self.address else \
+                "cannot start a local Ray instance"
+            raise UsageError(f"{what} ({(str(exc).strip().splitlines() or [''])[0]})") from None
         self.connected = True
         largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if cfg.threads > largest:
+            self.close()  # the runner calls close() only for an executor that started
             raise UsageError(f"--threads {cfg.threads}: no node of the Ray cluster has that many CPUs "
                              f"(largest: {largest:g}); pass --threads {int(largest)} or less")
 
@@ -267,10 +268,6 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         return  # "auto" or a ray:// client address: Ray's own lookup answers quickly
     with socket.create_connection((host, int(port)), timeout=timeout_s):
         pass
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _runtime_env() -> dict | None:

@@ -37,6 +37,11 @@ FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and s
 EXIT_OK, EXIT_CELL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), which can be fewer than the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class UsageError(ValueError):
     """Bad input from the user: exit code 2 and one line."""
 
@@ -59,8 +64,7 @@ class RunConfig:
     epochs: int | None = None
     batch_size: int | None = None
     device: str = "auto"
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else os.cpu_count() or 1)
+    threads: int = field(default_factory=available_cores)
     precision: str = "fp32"
     mode: str = "compiled"
     timeout: float | None = None
