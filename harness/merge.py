@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from harness.results import RECORDS_FILE, append_record, read_records, write_json_atomic
 from harness.runner import RUN_FILE, RunConfig, UsageError, plan, prepare_out_dir
 from harness.worker import utc_now
+
+log = logging.getLogger(__name__)
 
 # What may differ between the shards of one matrix: where each wrote, and which shard it was.
 PER_SHARD = ("out", "shard")
@@ -58,6 +61,9 @@ def merge_runs(folders: list[Path], out: Path) -> tuple[list[dict], list[str]]:
     folders = [Path(f) for f in folders]
     runs = [load_run(f) for f in folders]
     check_same_matrix(folders, runs)
+    commits = sorted({str(saved.get("tribench_commit")) for saved in runs})
+    if len(commits) > 1:  # as --resume does: the specs and versions match, so warn rather than refuse
+        log.warning("merging shards run at different tribench commits: %s", ", ".join(commits))
     if any(f.resolve() == Path(out).resolve() for f in folders):
         raise UsageError(f"--out {out} is one of the folders to merge; merge into a new folder")
     prepare_out_dir(out)
