@@ -184,7 +184,8 @@ class RayExecutor:
         task = ray.remote(run_cell_task).options(
             num_cpus=cfg.threads, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=[CellProcessKilled],
             runtime_env=_runtime_env(), name="tribench-cell")
-        init_from = Path(cfg.init_from).read_bytes() if cfg.init_from else None
+        # Stored once in Ray's object store; Ray hands each task the bytes, not the reference.
+        init_from = ray.put(Path(cfg.init_from).read_bytes()) if cfg.init_from else None
         configs = {}
         for cell in cells:
             skipped = missing_backend_record(cfg, cell)

@@ -54,6 +54,15 @@ def test_a_matrix_on_ray_gives_the_same_ok_records_as_local(tmp_path):
         assert node["cpu"] and node["cpu_count"] >= 1 and node["memory_gb"] > 0 and node["attempt"] == 1
         assert node["resources"] == {"CPU": 1.0} and node["gpu_ids"] == []  # what Ray reserved: --threads 1
     assert {r["node"]["node_id"] for r in runs["local"]} == {None}
+    # The checkpoints each task wrote on its node came back to the run folder ...
+    names = {executor: sorted(p.name for p in (tmp_path / executor / "checkpoints").iterdir()) for executor in runs}
+    assert names["ray"] == names["local"] and len(names["ray"]) == 2
+    # ... and one of them, shipped to a task as --init-from, starts torch from jax's trained weights.
+    out = run_cli(*RUN, "--backend", "torch", "--executor", "ray", "--out", str(tmp_path / "init"),
+                  "--init-from", str(tmp_path / "ray" / "checkpoints" / "mnist-mlp-jax-r0-train.npz"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = read_records(tmp_path / "init")
+    assert record["metrics"]["initial_test_accuracy"] > 0.5  # random weights give ~0.1
 
 
 def test_a_killed_worker_is_retried_once_then_failed_and_the_rest_finishes(tmp_path, monkeypatch):
