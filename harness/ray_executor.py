@@ -135,9 +135,11 @@ def ray_failure_record(cell_cfg: dict, exc: Exception) -> dict:
         # The task itself died (its Ray worker or node): only the exception says what happened.
         record = empty_record(task=cell_cfg["task"], backend=cell_cfg["backend"], repeat=cell_cfg["repeat"],
                               seed=cell_cfg["seed"])
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        record.update(status="failed", finished_at=utc_now(), error=f"Ray: {type(exc).__name__}: {first_line}",
-                      failure={"reason": "ray", "exception": type(exc).__name__})
+        message = str(exc).strip()
+        # Ray's messages run to several sentences of advice: the record's error keeps the first.
+        first = (message.splitlines() or [""])[0].split(". ")[0]
+        record.update(status="failed", finished_at=utc_now(), error=f"Ray: {type(exc).__name__}: {first}",
+                      failure={"reason": "ray", "exception": type(exc).__name__, "message": message})
     record["failure"] = {**(record.get("failure") or {}), "attempts": MAX_RETRIES + 1}
     record["error"] = f"{record['error']} (after {MAX_RETRIES} retry)"
     return record

@@ -142,6 +142,50 @@ def test_a_ray_worker_that_dies_mid_cell_is_retried_then_recorded(tmp_path):
     assert len(killed) == 2  # the second worker of repeat 0 exists only because Ray retried the cell
 
 
+def test_a_node_that_dies_mid_cell_is_retried_on_another_then_recorded(tmp_path):
+    # Two 1-CPU nodes beside a head that runs nothing. Repeat 0 hangs: its node is removed
+    # (raylet and Ray workers gone, as when a machine dies), Ray runs it again on the other
+    # node, that one is removed too, and the cell is failed while repeat 1 finished.
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        out = tmp_path / "run"
+        proc = subprocess.Popen([sys.executable, "-m", "harness", *RUN, "--backend", "jax", "--repeats", "2",
+                                 "--seed", str(SEED + 2), "--executor", "ray", "--ray-address", cluster.address,
+                                 "--out", str(out)],
+                                env={**os.environ, "TRIBENCH_FAULT": "hang@mnist-mlp/jax/0"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            removed = []
+            for _ in range(2):
+                def repeat_0_hangs_and_repeat_1_is_done():
+                    hanging = [pid for pid, cfg in workers(SEED + 2).items() if cfg["repeat"] == 0]
+                    return len(read_records(out)) == 1 and [p for p in hanging if p not in removed]
+
+                (pid,) = wait_for(repeat_0_hangs_and_repeat_1_is_done)
+                raylet = parent_of(parent_of(pid))  # worker <- Ray worker <- the node's raylet
+                (node,) = [n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid == raylet]
+                cluster.remove_node(node)
+                os.kill(pid, signal.SIGKILL)  # the machine took its processes with it
+                removed.append(pid)
+            _, err = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 1, err[-3000:]
+    records = {r["repeat"]: r for r in read_records(out)}
+    assert records[1]["status"] == "ok"
+    bad = records[0]
+    assert bad["status"] == "failed" and bad["failure"]["exception"] == "NodeDiedError"
+    assert bad["failure"]["attempts"] == 2 and "node it was running on is dead" in bad["error"]
+
+
 def test_sigterm_cancels_outstanding_cells_and_resume_completes_the_matrix(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "harness", *RUN, "--backend", "jax", "--repeats", "3",
