@@ -21,9 +21,11 @@ from harness.runner import (
     load_resume,
     run_matrix,
 )
+from harness.shard import parse_shard
 from tasks import TASKS
 
 DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
+EXECUTORS = ("local", "ray")
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,6 +87,12 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
         p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
+        p.add_argument("--executor", default="local", help=f"where cells run: {' or '.join(EXECUTORS)} "
+                       "(default local: one subprocess at a time on this machine; ray: one Ray task per cell)")
+        p.add_argument("--ray-address", metavar="ADDRESS", help="with --executor ray: join the cluster at "
+                       "HOST:PORT or 'auto' (default: start a Ray instance on this machine for the run)")
+        p.add_argument("--shard", metavar="I/N", help="run only shard I of N of the matrix (0 <= I < N); "
+                       "join the shard folders with tribench merge")
 
 
 def build_parser() -> Parser:
@@ -100,6 +108,9 @@ def build_parser() -> Parser:
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
     compare.add_argument("--threshold", default="5%", help="smallest change called a regression (default 5%%)")
+    merge = sub.add_parser("merge", help="join the --shard folders of one matrix into one run folder")
+    merge.add_argument("dirs", type=Path, nargs="+", metavar="DIR")
+    merge.add_argument("--out", type=Path, required=True, help="the merged run folder (new)")
     return parser
 
 
@@ -131,6 +142,11 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                     allow_download=not args.no_download)
     if args.threads:
         cfg.threads = args.threads
+    if getattr(args, "shard", None):
+        try:
+            cfg.shard = parse_shard(args.shard)
+        except ValueError as exc:
+            raise UsageError(f"--shard {exc}") from None
     check_config(cfg)
     return cfg
 
@@ -141,15 +157,31 @@ def flags_given(args, command: str) -> list[str]:
     return [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != defaults.get(k)]
 
 
+def make_executor(args):
+    """None for the runner's default (local), else the executor --executor names."""
+    one_of(args.executor, EXECUTORS, "--executor")
+    if args.executor == "local":
+        if args.ray_address:
+            raise UsageError("--ray-address needs --executor ray")
+        return None
+    from harness.ray_executor import RayExecutor
+
+    return RayExecutor(args.ray_address)
+
+
 def cmd_run(args) -> int:
+    executor = make_executor(args)
     if args.resume:
-        # A resume runs the matrix run.json describes; a flag that changed it would mix two runs in one table.
-        others = [f for f in flags_given(args, "run") if f != "--resume"]
+        # A resume runs the matrix run.json describes; a flag that changed it would mix two runs in one
+        # table. Where the cells run (--executor, --ray-address) is not part of the matrix.
+        where = ("--resume", "--executor", "--ray-address")
+        others = [f for f in flags_given(args, "run") if f not in where]
         if others:
-            raise UsageError(f"--resume takes no other run flags (got {', '.join(others)}): the cells and "
-                             f"settings come from {args.resume / 'run.json'}; start a new run to change them")
-        return run_matrix(load_resume(args.resume), resume=True)
-    return run_matrix(run_config(args, batch_size=args.batch_size))
+            raise UsageError(f"--resume takes no other run flags but --executor and --ray-address (got "
+                             f"{', '.join(others)}): the cells and settings come from {args.resume / 'run.json'}; "
+                             "start a new run to change them")
+        return run_matrix(load_resume(args.resume), resume=True, executor=executor)
+    return run_matrix(run_config(args, batch_size=args.batch_size), executor=executor)
 
 
 def cmd_sweep(args) -> int:
@@ -207,7 +239,22 @@ def cmd_compare(args) -> int:
     return code
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+def cmd_merge(args) -> int:
+    from harness.merge import merge_runs
+    from harness.progress import Progress
+    from harness.runner import finish
+
+    records, missing = merge_runs(args.dirs, args.out)
+    ui = Progress()
+    finish(args.out, records, ui)
+    if missing:
+        ui.warn(f"in none of these folders: {len(missing)} of {len(missing) + len(records)} cells "
+                f"(first: {missing[0]}); run them with: tribench run --resume {args.out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare,
+            "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,9 @@ from backends import BACKENDS, backend_info
 from harness import data as data_mod
 from harness import folderlock
 from harness.lifeline import CELL_DIR_PREFIX
+from harness.node import describe_node
 from harness.results import RECORDS_FILE, REPO_ROOT, SCHEMA_VERSION, append_record, empty_record, read_records
+from harness.shard import in_shard
 from harness.storage import set_aside_torn_tail
 from harness.worker import PROGRESS_PREFIX, utc_now
 from tasks import get_task
@@ -36,6 +38,11 @@ QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000)}
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
 EXIT_OK, EXIT_CELL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), which can be fewer than the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class UsageError(ValueError):
@@ -60,14 +67,14 @@ class RunConfig:
     epochs: int | None = None
     batch_size: int | None = None
     device: str = "auto"
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else os.cpu_count() or 1)
+    threads: int = field(default_factory=available_cores)
     precision: str = "fp32"
     mode: str = "compiled"
     timeout: float | None = None
     quick: bool = False
     init_from: str | None = None
     allow_download: bool = True
+    shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
 
     def overrides(self) -> dict:
         changes = {}
@@ -370,9 +377,51 @@ def skipped_record(cell: Cell, seed: int, error: str) -> dict:
     return record
 
 
-def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True) -> int:
-    """Run every planned cell not already finished; returns the process exit code.
+def missing_backend_record(cfg: RunConfig, cell: Cell) -> dict | None:
+    """A skipped record when the cell's framework is not installed here, else None."""
+    info = backend_info(cell.backend)
+    if not info.missing():
+        return None
+    return skipped_record(cell, cfg.seed + cell.repeat,
+                          f"{', '.join(info.missing())} not installed: {info.install_hint}")
 
+
+class LocalExecutor:
+    """The default executor: cells one after another, each in a fresh worker subprocess on this machine."""
+
+    name = "local"
+
+    def __init__(self):
+        self.state: dict = {"proc": None}
+
+    def start(self, cfg: RunConfig) -> None:
+        """Nothing to connect to; an executor raises UsageError here when it cannot run."""
+
+    def run(self, cfg: RunConfig, cells: list[Cell], sources: dict, *, bar, on_record) -> None:
+        """Run `cells`, calling on_record(cell, record) as each one ends."""
+        for cell in cells:
+            bar.start_cell(cell.label)
+            record = missing_backend_record(cfg, cell)
+            if record is None:
+                with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
+                    record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp), timeout=cfg.timeout,
+                                        threads=cfg.threads, on_event=bar.event, state=self.state)
+            record["node"] = describe_node(executor=self.name)
+            on_record(cell, record)
+
+    def stop(self) -> None:
+        """On Ctrl-C / SIGTERM: end the cell that is running."""
+        if self.state.get("proc") is not None:
+            stop_process(self.state["proc"])
+
+    def close(self) -> None:
+        """Always called at the end of a run, interrupted or not."""
+
+
+def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: bool = True, executor=None) -> int:
+    """Run every planned cell of this shard not already finished; returns the process exit code.
+
+    `executor` decides where cells run (default: LocalExecutor, one subprocess at a time here).
     The folder is locked for the whole run (folderlock), so a second run or a resume
     into a live folder stops before it reads or writes anything.
     """
@@ -382,12 +431,12 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
     prepare_out_dir(cfg.out)
     try:
         with folderlock.hold(cfg.out):
-            return _run_locked(cfg, resume=resume, ui=ui, write_report=write_report)
+            return _run_locked(cfg, resume=resume, ui=ui, write_report=write_report, executor=executor)
     except folderlock.FolderBusy as exc:
         raise UsageError(str(exc)) from None
 
 
-def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool) -> int:
+def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executor) -> int:
     records_path = cfg.out / RECORDS_FILE
     try:
         side = set_aside_torn_tail(records_path)
@@ -411,12 +460,14 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool) -> int:
             ui.warn(f"{task}: SYNTHETIC data (generated from the seed, not {get_task(task).dataset})")
         else:
             ui.info(f"{task}: real data {name} from {where}")
-    cells = [c for c in plan(cfg) if c.key not in done]
+    cells = [c for c in in_shard(plan(cfg), cfg.shard) if c.key not in done]
     if done:
         ui.info(f"resuming {cfg.out}: {len(done)} cells already finished, {len(cells)} to run")
 
-    state: dict = {"proc": None}
+    executor = executor or LocalExecutor()
+    # Before our handlers go in: starting Ray installs a SIGTERM handler of its own.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    executor.start(cfg)
 
     def interrupt(signum, frame):
         raise Interrupted(signum)
@@ -426,26 +477,26 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool) -> int:
     code, stored = EXIT_OK, 0
     try:
         with ui.matrix(len(cells)) as bar:
-            for cell in cells:
-                bar.start_cell(cell.label)
-                record = cell_record(cfg, cell, sources[cell.task], on_event=bar.event, state=state)
+            def on_record(cell: Cell, record: dict) -> None:
+                nonlocal stored
                 append_record(records_path, record)
                 stored += 1
                 bar.finish_cell(cell.label, record)
+
+            executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
     except Interrupted as exc:
-        if state.get("proc") is not None:
-            stop_process(state["proc"])
+        executor.stop()
         ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "
                 f"continue with: tribench run --resume {cfg.out}")
         code = 128 + exc.signum
     except OSError as exc:  # a full disk, mostly: stop at once, keep every whole record
-        if state.get("proc") is not None:
-            stop_process(state["proc"])
+        executor.stop()
         records = read_records(records_path)
         ui.error(f"run stopped after {stored} of {len(cells)} cells: {_os_error(exc)}; the {len(records)} "
                  f"records in {records_path} are whole; free space, then: tribench run --resume {cfg.out}")
         return EXIT_CELL_FAILED if records else EXIT_USAGE
     finally:
+        executor.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     records = read_records(records_path)
@@ -460,17 +511,6 @@ def _os_error(exc: OSError) -> str:
     """'PATH: reason' of an OSError, on one line."""
     reason = exc.strerror or str(exc)
     return f"{exc.filename}: {reason}" if exc.filename else reason
-
-
-def cell_record(cfg: RunConfig, cell: Cell, source: tuple[str, str], *, on_event, state: dict) -> dict:
-    """The record of one cell: skipped when its backend is missing, else from a worker in a fresh folder."""
-    info = backend_info(cell.backend)
-    if info.missing():
-        return skipped_record(cell, cfg.seed + cell.repeat, f"{', '.join(info.missing())} not installed: "
-                              f"{info.install_hint}")
-    with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
-        return run_worker(cell_config(cfg, cell, source), Path(tmp), timeout=cfg.timeout, threads=cfg.threads,
-                          on_event=on_event, state=state)
 
 
 def finish(out: Path, records: list[dict], ui, *, write_report: bool = True) -> bool:

@@ -1,4 +1,4 @@
-"""`import harness, tasks, backends` must not import any framework."""
+"""`import harness, tasks, backends` must not import any framework, nor Ray."""
 
 import json
 import subprocess
@@ -7,8 +7,9 @@ import sys
 
 def test_core_packages_import_no_framework():
     code = ("import sys, json, harness, tasks, backends, backends.base, harness.cli, harness.runner, "
-            "harness.report, harness.compare, harness.loop, harness.data, harness.weights; "
-            "print(json.dumps(sorted(m for m in ('torch', 'tensorflow', 'jax', 'flax', 'optax', 'keras') "
+            "harness.report, harness.compare, harness.loop, harness.data, harness.weights, harness.ray_executor, "
+            "harness.merge, harness.shard, harness.node; "
+            "print(json.dumps(sorted(m for m in ('torch', 'tensorflow', 'jax', 'flax', 'optax', 'keras', 'ray') "
             "if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
