@@ -1,4 +1,4 @@
-"""The one backend interface: public methods that enforce the contract, hooks the adapters implement. No framework import."""
+"""The one backend interface: public methods enforce the contract, adapters implement hooks. No framework import."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The JAX adapter: jax.numpy/lax layer functions over flat canonical params, optax optimizers, epochs fused by lax.scan."""
+"""The JAX adapter: jax.numpy/lax layers over flat canonical params, optax optimizers, epochs fused by lax.scan."""
 
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def _flax_pool(name):
 # canonical arrays, which are flax's own layout (Dense (in, out), Conv HWIO on NHWC,
 # attention (dim, heads, head_dim)), so weights load and export without conversion.
 LAYERS = {
-    "dense": _dense, "conv2d": _conv2d, "maxpool2d": _pool(_flax_pool("max_pool")),
+    "dense": _dense, "activation": lambda layer, h, ctx: _activation(layer.activation, h),
+    "conv2d": _conv2d, "maxpool2d": _pool(_flax_pool("max_pool")),
     "avgpool2d": _pool(_flax_pool("avg_pool")), "globalavgpool2d": lambda layer, h, ctx: h.mean(axis=(1, 2)),
     "flatten": lambda layer, h, ctx: h.reshape(h.shape[0], -1),  # NHWC row-major: the canonical order
     "batchnorm": _batchnorm, "layernorm": _layernorm, "dropout": _dropout, "embedding": _embedding,

@@ -99,15 +99,25 @@ def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
 
 
 def load_checkpoint_for(path: Path, spec: TaskSpec) -> list[np.ndarray]:
-    """Weights from `path`, refused with the first mismatch when they do not fit `spec`."""
+    """Weights from `path`, refused with the first mismatch when they do not fit `spec`.
+
+    Saved layers are read back as spec layers, so a checkpoint written before a layer
+    gained a field (Conv2D's stride) compares equal with that field at its default.
+    """
+    from tasks.taskfile import TaskFileError, layer_from_dict
+
     header, weights = load_checkpoint(path)
-    saved = header.get("spec", {})
-    saved_layers, layers = saved.get("layers", []), spec.to_dict()["layers"]
-    for i, (a, b) in enumerate(zip(saved_layers, layers)):
-        if a != b:
-            raise CheckpointError(f"{path}: layer {i} is {a} in the checkpoint but {b} in task {spec.name!r}")
-    if len(saved_layers) != len(layers):
+    saved_layers = header.get("spec", {}).get("layers", [])
+    for i, (table, layer) in enumerate(zip(saved_layers, spec.layers)):
+        try:
+            saved = layer_from_dict(table, f"layers[{i}]")
+        except TaskFileError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if saved != layer:
+            raise CheckpointError(f"{path}: layer {i} is {table} in the checkpoint but "
+                                  f"{spec.to_dict()['layers'][i]} in task {spec.name!r}")
+    if len(saved_layers) != len(spec.layers):
         raise CheckpointError(f"{path}: {len(saved_layers)} layers in the checkpoint, "
-                              f"{len(layers)} in task {spec.name!r}")
+                              f"{len(spec.layers)} in task {spec.name!r}")
     check_weights(spec, weights, source=str(path))
     return weights

@@ -49,6 +49,13 @@ def _positive_int(layer, attr: str) -> None:
             f"layer {layer.name!r}: {attr} must be a positive int, got {value!r}")
 
 
+def _in_range(layer, attr: str, low: float, high: float, says: str) -> None:
+    """low < value <= high, a number (not a bool)."""
+    value = getattr(layer, attr)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high,
+            f"layer {layer.name!r}: {attr} must {says}, got {value!r}")
+
+
 def _one_of(layer, attr: str, valid) -> None:
     value = getattr(layer, attr)
     require(value in valid, f"layer {layer.name!r}: unknown {attr} {value!r}; valid: {', '.join(valid)}")
@@ -100,6 +107,18 @@ class Dense(LayerBase):
 
     def flops(self, x):
         return 2 * math.prod(x) * self.units
+
+
+@dataclass(frozen=True)
+class Activation(LayerBase):
+    """An activation on its own, for where it follows a normalisation (conv -> BatchNorm -> relu)."""
+
+    activation: str
+    name: str
+    kind: str = field(default="activation", init=False)
+
+    def __post_init__(self):
+        _one_of(self, "activation", ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -205,10 +224,8 @@ class BatchNorm(LayerBase):
     kind: str = field(default="batchnorm", init=False)
 
     def __post_init__(self):
-        require(isinstance(self.momentum, (int, float)) and 0 < self.momentum <= 1,
-                f"layer {self.name!r}: momentum must lie in (0, 1], got {self.momentum!r}")
-        require(isinstance(self.eps, (int, float)) and self.eps > 0,
-                f"layer {self.name!r}: eps must be positive, got {self.eps!r}")
+        _in_range(self, "momentum", 0, 1, "lie in (0, 1]")
+        _in_range(self, "eps", 0, math.inf, "be positive")
 
     def params(self, x):
         return (*_norm_params(x), Param("running_mean", (x[-1],), trainable=False),
@@ -224,8 +241,7 @@ class LayerNorm(LayerBase):
     kind: str = field(default="layernorm", init=False)
 
     def __post_init__(self):
-        require(isinstance(self.eps, (int, float)) and self.eps > 0,
-                f"layer {self.name!r}: eps must be positive, got {self.eps!r}")
+        _in_range(self, "eps", 0, math.inf, "be positive")
 
     def params(self, x):
         return _norm_params(x)
@@ -352,9 +368,8 @@ class Residual(LayerBase):
         return tuple(x)
 
 
-LAYER_TYPES = {cls.__dataclass_fields__["kind"].default: cls for cls in (
-    Dense, Conv2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, BatchNorm, LayerNorm, Dropout, Embedding,
-    PositionalEmbedding, MultiHeadSelfAttention, Residual)}
+Layer = (Dense | Activation | Conv2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D | Flatten | BatchNorm | LayerNorm
+         | Dropout | Embedding | PositionalEmbedding | MultiHeadSelfAttention | Residual)
+# kind -> class: what task files and saved specs are read with.
+LAYER_TYPES = {cls.__dataclass_fields__["kind"].default: cls for cls in Layer.__args__}
 KINDS = tuple(LAYER_TYPES)
-Layer = (Dense | Conv2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D | Flatten | BatchNorm | LayerNorm | Dropout
-         | Embedding | PositionalEmbedding | MultiHeadSelfAttention | Residual)

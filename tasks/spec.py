@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task modules import from
     KINDS,
+    Activation,
     AvgPool2D,
     BatchNorm,
     Conv2D,

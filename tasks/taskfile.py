@@ -46,8 +46,12 @@ def _convert(value):
     return tuple(_convert(v) for v in value) if isinstance(value, list) else value
 
 
-def _build(cls, table: dict, where: str, nested: dict | None = None):
-    """cls(**table), refusing unknown fields and wrong types with a message that says `where`."""
+def _build(cls, table: dict, where: str, nested: dict | None = None, path: str | None = None):
+    """cls(**table), refusing unknown fields and wrong types with a message that says `where`.
+
+    nested: field -> reader for fields holding tables; they are located as `path.field`.
+    """
+    path = where if path is None else path
     if not isinstance(table, dict):
         raise TaskFileError(f"{where}: expected a table, got {table!r}")
     hints = typing.get_type_hints(cls)
@@ -59,7 +63,7 @@ def _build(cls, table: dict, where: str, nested: dict | None = None):
         if key not in fields:
             raise TaskFileError(f"{where}: unknown field {key!r}; valid: {', '.join(fields)}")
         if nested and key in nested:
-            kwargs[key] = nested[key](value, f"{where}.{key}" if where else key)
+            kwargs[key] = nested[key](value, f"{path}.{key}" if path else key)
             continue
         if not _type_ok(value, hints[key]):
             raise TaskFileError(f"{where}: field {key!r} must be {_describe(hints[key])}, got {value!r}")
@@ -90,7 +94,8 @@ def _kind_of(table, registry: dict, where: str):
 def layer_from_dict(table: dict, where: str):
     cls = _kind_of(table, LAYER_TYPES, where)
     label = f"{where} ({table['name']!r})" if isinstance(table.get("name"), str) else where
-    return _build(cls, table, f"layer {label}", nested={"body": _layers} if cls.kind == "residual" else None)
+    return _build(cls, table, f"layer {label}", nested={"body": _layers} if cls.kind == "residual" else None,
+                  path=where)
 
 
 def _layers(items, where: str) -> tuple:
@@ -104,6 +109,8 @@ def _schedule(table, where: str):
 
 
 def _optimizer(table, where: str):
+    if isinstance(table, dict) and "kind" not in table and table.get("name") in OPTIMIZERS:
+        table = {**{k: v for k, v in table.items() if k != "name"}, "kind": table["name"]}  # records before v2
     return _build(_kind_of(table, OPTIMIZERS, where), table, where, nested={"schedule": _schedule})
 
 
