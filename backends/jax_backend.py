@@ -144,6 +144,7 @@ LAYERS = {
     "conv2d": _conv2d, "maxpool2d": _pool(_flax_pool("max_pool")),
     "avgpool2d": _pool(_flax_pool("avg_pool")), "globalavgpool2d": lambda layer, h, ctx: h.mean(axis=(1, 2)),
     "flatten": lambda layer, h, ctx: h.reshape(h.shape[0], -1),  # NHWC row-major: the canonical order
+    "reshape": lambda layer, h, ctx: h.reshape(h.shape[0], *layer.target_shape),
     "batchnorm": _batchnorm, "layernorm": _layernorm, "dropout": _dropout, "embedding": _embedding,
     "positionalembedding": _positional, "multiheadselfattention": _attention, "residual": _residual,
 }

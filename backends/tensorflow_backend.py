@@ -104,6 +104,7 @@ LAYERS = {
     "globalavgpool2d": _keras_layer(lambda k, s, init: k.layers.GlobalAveragePooling2D(
         data_format="channels_last", name=s.name)),
     "flatten": _keras_layer(lambda k, s, init: k.layers.Flatten(data_format="channels_last", name=s.name)),
+    "reshape": _keras_layer(lambda k, s, init: k.layers.Reshape(s.target_shape, name=s.name)),
     # Keras's momentum is the decay of the running statistics: 1 - the spec's (torch's).
     "batchnorm": _keras_layer(lambda k, s, init: k.layers.BatchNormalization(
         momentum=1 - s.momentum, epsilon=s.eps, name=s.name)),
@@ -273,6 +274,9 @@ class TensorFlowBackend(Backend):
         """One optimizer step on the trainable variables, in tasks/optim.py's pinned forms."""
         tf = self._tf
         o = model.spec.optimizer
+        # An Embedding's gradient arrives as IndexedSlices; the pinned optimizers update every
+        # row (Adam's moments decay everywhere), as torch's dense gradient and optax do.
+        grads = [tf.convert_to_tensor(g) for g in grads]
         if o.clip_norm is not None:
             norm = tf.linalg.global_norm(grads)
             grads = [g * tf.minimum(1.0, o.clip_norm / norm) for g in grads]

@@ -106,6 +106,12 @@ def _flatten(layer, h, ctx):
     return (h.permute(0, 2, 3, 1) if h.dim() == 4 else h).reshape(h.shape[0], -1)
 
 
+def _reshape(layer, h, ctx):
+    # Reshape the canonical (NHWC) layout, and hand images back in torch's logical NCHW.
+    y = (h.permute(0, 2, 3, 1) if h.dim() == 4 else h).reshape(h.shape[0], *layer.target_shape)
+    return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
+
+
 def _attention(layer, h, ctx):
     import torch.nn.functional as F
 
@@ -152,6 +158,7 @@ LAYERS = {
     "avgpool2d": _Kind(_pool("avg_pool2d")),
     "globalavgpool2d": _Kind(lambda layer, h, ctx: h.mean(dim=(2, 3))),
     "flatten": _Kind(_flatten),
+    "reshape": _Kind(_reshape),
     "batchnorm": _Kind(_batchnorm),
     "layernorm": _Kind(_layernorm),
     "dropout": _Kind(lambda layer, h, ctx: _functional().dropout(h, layer.rate, training=ctx.train)),

@@ -203,6 +203,24 @@ class Flatten(LayerBase):
         return (math.prod(x),)
 
 
+@dataclass(frozen=True)
+class Reshape(LayerBase):
+    """Row-major reshape of the canonical layout (NHWC, or (seq, features)), e.g. a sequence into an image."""
+
+    target_shape: tuple[int, ...]
+    name: str
+    kind: str = field(default="reshape", init=False)
+
+    def __post_init__(self):
+        require(bool(self.target_shape) and all(isinstance(d, int) and d > 0 for d in self.target_shape),
+                f"layer {self.name!r}: target_shape must be positive ints, got {self.target_shape!r}")
+
+    def out_shape(self, x):
+        require(math.prod(x) == math.prod(self.target_shape),
+                f"layer {self.name!r}: cannot reshape {tuple(x)} into {tuple(self.target_shape)}")
+        return tuple(self.target_shape)
+
+
 def _norm_params(x) -> tuple[Param, ...]:
     return Param("scale", (x[-1],), "ones"), Param("offset", (x[-1],))
 
@@ -368,8 +386,8 @@ class Residual(LayerBase):
         return tuple(x)
 
 
-Layer = (Dense | Activation | Conv2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D | Flatten | BatchNorm | LayerNorm
-         | Dropout | Embedding | PositionalEmbedding | MultiHeadSelfAttention | Residual)
+Layer = (Dense | Activation | Conv2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D | Flatten | Reshape | BatchNorm
+         | LayerNorm | Dropout | Embedding | PositionalEmbedding | MultiHeadSelfAttention | Residual)
 # kind -> class: what task files and saved specs are read with.
 LAYER_TYPES = {cls.__dataclass_fields__["kind"].default: cls for cls in Layer.__args__}
 KINDS = tuple(LAYER_TYPES)

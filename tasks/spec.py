@@ -23,6 +23,7 @@ from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task
     MultiHeadSelfAttention,
     Param,
     PositionalEmbedding,
+    Reshape,
     Residual,
     SpecError,
     require,

@@ -249,6 +249,8 @@ LAYERS = {
     "avgpool2d": (_avgpool_f, _pool_b),
     "globalavgpool2d": (_gap_f, _gap_b),
     "flatten": (_flatten_f, lambda layer, P, shape, dy, grads: dy.reshape(shape)),
+    "reshape": (lambda layer, P, x, train: (x.reshape(len(x), *layer.target_shape), x.shape),
+                lambda layer, P, shape, dy, grads: dy.reshape(shape)),
     "batchnorm": (_batchnorm_f, _batchnorm_b),
     "layernorm": (_layernorm_f, _layernorm_b),
     "dropout": (_identity_f, lambda layer, P, cache, dy, grads: dy),

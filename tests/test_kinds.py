@@ -1,21 +1,26 @@
 """Every layer kind, optimizer, schedule and clipping on every backend against the float64 numpy reference.
 
+Each case puts a parameter layer ("pre") before the kind under test, so the kind's input
+gradient is checked through pre's parameter gradients (the public API exposes no input
+gradients); the reference's own input gradient is checked by finite differences.
+
 Tolerances, and why (measured on the 2-core AMD EPYC, torch 2.13 / TF 2.21 / jax 0.10.2):
 - Reference gradients against central finite differences (h = 1e-6, float64): 1e-6
   relative to each array's largest gradient. FD truncation is ~h^2 and round-off ~1e-16/h,
-  both far below; a wrong backward formula is off by O(1). Measured worst: 2.5e-8.
-- Forward logits, float32 against float64: 1e-5 relative to the largest logit (at least
-  1e-5 absolute). Sums of <= 75 products per output in float32 (~6e-8 each);
-  measured worst 3.2e-7 (tensorflow, conv2d same with an even kernel). A transposed
-  kernel or a wrong padding is off by ~1e-1.
-- Gradients (one SGD step with lr = 1, so g = w - w_new): 1e-4 relative to each array's
-  largest |g|. The subtraction loses ~6e-8 |w| / |g| of precision and BatchNorm's
-  backward cancels terms; measured worst 2.2e-5 (jax, attention's key bias, whose exact
-  gradient is zero, against the 1e-3 floor below), 5x under.
+  both far below; a wrong backward formula is off by O(1). Measured worst: 5.6e-8.
+- Forward logits, float32 against float64: 1e-5 relative to the largest logit. Sums of
+  <= 75 products per output in float32 (~6e-8 each); measured worst 3.2e-7 (tensorflow,
+  conv2d "same" with an even kernel). A transposed kernel or a wrong padding is off by ~1e-1.
+- Gradients (one SGD step with lr = 1, so g = w - w_new): 3e-5 relative to each array's
+  largest |g|. The subtraction loses ~6e-8 |w| / |g| and BatchNorm's backward cancels
+  terms; measured worst 3.0e-6 (jax and tensorflow, a conv bias under a BatchNorm).
+  Attention's key bias has zero gradient in exact arithmetic (softmax ignores a constant
+  per query): held to 1e-4 of the largest gradient; measured 6.9e-8 (torch).
 - Running statistics after one training step: 1e-5 absolute (values ~1, one float32 update).
-- Ten steps of AdamW + warmup-cosine + clipping (and the other optimizers): relative L2
-  error per array ||w_backend - w_ref|| / ||w_ref - w_0|| <= 1e-2; measured worst 9.4e-4
-  (tensorflow, the sequence model's attention query bias), 1.1e-5 for torch and jax.
+- Ten steps of AdamW + warmup-cosine + clipping on one model with every kind (and each
+  optimizer on an MLP): relative L2 error per array ||w_backend - w_ref|| / ||w_ref - w_0||
+  <= 1e-3; measured worst 2.0e-5 (jax, ln1.offset). A TF clipping bug this test found
+  (the global norm of an Embedding's unsummed IndexedSlices) showed as 2e-3 in the losses.
   Not the largest element: Adam normalises each element by its own gradient size, so
   float32 noise on a near-zero gradient can become an lr-sized step on that one element.
 Dropout is 0 wherever parity is exact: masks come from each framework's own generator,
@@ -48,13 +53,14 @@ from tasks.spec import (
     MaxPool2D,
     MultiHeadSelfAttention,
     PositionalEmbedding,
+    Reshape,
     Residual,
     TaskSpec,
     WarmupCosine,
 )
 
 CLASSES, BATCH, VOCAB = 3, 8, 11
-FD_TOL, FWD_TOL, GRAD_TOL, STATE_TOL, L2_TOL = 1e-6, 1e-5, 1e-4, 1e-5, 1e-2
+FD_TOL, FWD_TOL, GRAD_TOL, STATE_TOL, L2_TOL = 1e-6, 1e-5, 3e-5, 1e-5, 1e-3
 
 
 def _pre_conv():
@@ -85,6 +91,10 @@ CASES = {
     "avgpool2d-floor": ((7, 7, 3), (_pre_conv(), AvgPool2D(pool_size=2, name="k"), Flatten(name="f"))),
     "globalavgpool2d": ((6, 6, 3), (_pre_conv(), GlobalAvgPool2D(name="k"))),
     "flatten": ((4, 3, 2), (_pre_conv(), Flatten(name="k"))),
+    "reshape-sequence-to-image": ((4,), (_pre_embedding(), Reshape(target_shape=(2, 2, 6), name="k"),
+                                         Conv2D(filters=3, kernel_size=2, name="c"), Flatten(name="f"))),
+    "reshape-image-to-sequence": ((4, 4, 3), (_pre_conv(), Reshape(target_shape=(8, 8), name="k"),
+                                              MultiHeadSelfAttention(heads=2, name="a"), Flatten(name="f"))),
     "batchnorm-image": ((5, 5, 3), (_pre_conv(), BatchNorm(momentum=0.2, eps=1e-3, name="k"), Flatten(name="f"))),
     "batchnorm-features": ((5,), (_pre_dense(), BatchNorm(name="k"))),
     "layernorm": ((5,), (_pre_dense(), LayerNorm(eps=1e-3, name="k"))),
@@ -189,13 +199,14 @@ def test_kind_forward_and_gradients_match_the_reference(backend_name, case):
     losses = backend.train_epoch(model, backend.put_data(x, y), np.arange(BATCH, dtype=np.int32), BATCH)
     loss, grads, _, stated = ref.loss_and_grads(spec, w, x, y)
     assert losses[0] == pytest.approx(loss, rel=1e-5)
-    # A gradient that is zero in exact arithmetic (attention's key bias: softmax ignores a
-    # constant per query) is float32 noise in a backend: held to 1e-3 of the largest gradient.
-    floor = 1e-3 * max(np.abs(g).max() for g in grads)
+    largest = max(np.abs(g).max() for g in grads)
     for e, before, after, g, st in zip(spec.params(), w, backend.get_weights(model), grads, stated):
-        if e.param.trainable:
-            got = before.astype(np.float64) - after
-            err = float(np.abs(got - g).max() / max(np.abs(g).max(), floor))
+        got = before.astype(np.float64) - after
+        if e.param.name == "key_bias":
+            # Zero in exact arithmetic (softmax ignores a constant per query): float32 noise only.
+            assert np.abs(got).max() <= 1e-4 * largest, f"{e.name}: {np.abs(got).max():.2e}"
+        elif e.param.trainable:
+            err = scaled_err(got, g)
             assert err <= GRAD_TOL, f"{e.name}: gradient off by {err:.2e} (relative)"
         else:  # running statistics: one training step's update, momentum in the spec's convention
             np.testing.assert_allclose(after, st, atol=STATE_TOL, rtol=0, err_msg=e.name)
@@ -217,22 +228,25 @@ def test_dropout_is_the_identity_in_evaluation_and_active_in_training(backend_na
 
 # -- several steps: optimizers, schedules, clipping ----------------------------------------------------------
 
-IMAGE_MODEL = ((8, 8, 3), (
+# One model with every kind: a causal transformer block over 16 tokens, reshaped into a
+# 4x4x4 image for a small residual CNN.
+EVERY_KIND = ((16,), (
+    Embedding(vocab_size=VOCAB, dim=4, name="emb"), PositionalEmbedding(max_len=16, name="pos"),
+    Residual(name="attn_block", body=(LayerNorm(name="ln_a"),
+                                      MultiHeadSelfAttention(heads=2, causal=True, name="attn"))),
+    Residual(name="mlp_block", body=(LayerNorm(name="ln_m"), Dense(units=8, activation="gelu", name="up"),
+                                     Dropout(rate=0.0, name="drop"), Dense(units=4, name="down"))),
+    Reshape(target_shape=(4, 4, 4), name="to_image"),
     # c1's activation comes before the BatchNorm: a bias straight into a BatchNorm has zero
     # gradient, and Adam would turn each backend's float32 noise there into lr-sized steps.
     Conv2D(filters=6, kernel_size=3, padding="same", name="c1"), Activation(activation="relu", name="a1"),
     BatchNorm(name="bn1"),
     Residual(name="res", body=(Conv2D(filters=6, kernel_size=3, padding="same", activation="silu", name="c2"),
                                LayerNorm(name="ln1"))),
-    MaxPool2D(pool_size=2, name="mp"), Conv2D(filters=8, kernel_size=3, stride=2, activation="tanh", name="c3"),
-    AvgPool2D(pool_size=1, name="ap"), Dropout(rate=0.0, name="drop"), GlobalAvgPool2D(name="gap"),
+    MaxPool2D(pool_size=2, name="mp"), Conv2D(filters=8, kernel_size=3, padding="same", stride=2,
+                                              activation="tanh", name="c3"),
+    AvgPool2D(pool_size=1, name="ap"), GlobalAvgPool2D(name="gap"),
     Dense(units=8, activation="gelu_tanh", name="fc"), Flatten(name="flat")))
-SEQUENCE_MODEL = ((6,), (
-    Embedding(vocab_size=VOCAB, dim=8, name="emb"), PositionalEmbedding(max_len=6, name="pos"),
-    Residual(name="attn_block", body=(LayerNorm(name="ln_a"),
-                                      MultiHeadSelfAttention(heads=2, causal=True, name="attn"))),
-    Residual(name="mlp_block", body=(LayerNorm(name="ln_m"), Dense(units=16, activation="gelu", name="up"),
-                                     Dropout(rate=0.0, name="drop"), Dense(units=8, name="down")))))
 SCHEDULE = WarmupCosine(warmup_steps=3, total_steps=10)
 OPTIMIZERS = {
     "adamw-warmup_cosine-clip": AdamW(lr=1e-2, weight_decay=0.1, eps=1e-8, schedule=SCHEDULE, clip_norm=0.5),
@@ -267,16 +281,16 @@ def ten_steps(backend_name, spec, mode="compiled"):
     return worst
 
 
-@pytest.mark.parametrize("model", ["image", "sequence"])
-def test_every_kind_ten_steps_adamw_warmup_cosine_clipping(backend_name, model):
-    shape, layers = IMAGE_MODEL if model == "image" else SEQUENCE_MODEL
-    ten_steps(backend_name, make_spec(shape, layers, OPTIMIZERS["adamw-warmup_cosine-clip"]))
+def test_every_kind_ten_steps_adamw_warmup_cosine_clipping(backend_name):
+    ten_steps(backend_name, make_spec(*EVERY_KIND, OPTIMIZERS["adamw-warmup_cosine-clip"]))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_optimizers_ten_steps(backend_name, optimizer):
-    layers = (Flatten(name="flat"), Dense(units=16, activation="relu", name="fc"))
-    ten_steps(backend_name, make_spec((4, 4, 1), layers, OPTIMIZERS[optimizer]))
+    # An Embedding first: its gradient is sparse in TensorFlow (IndexedSlices), once unsupported by Adam there.
+    layers = (Embedding(vocab_size=VOCAB, dim=4, name="emb"), Flatten(name="flat"),
+              Dense(units=16, activation="relu", name="fc"))
+    ten_steps(backend_name, make_spec((6,), layers, OPTIMIZERS[optimizer]))
 
 
 def test_covers_every_kind():
@@ -288,4 +302,4 @@ def test_covers_every_kind():
 
     per_kind = set().union(*(kinds(*c) for c in CASES.values()))
     assert per_kind == set(KINDS)
-    assert kinds(*IMAGE_MODEL) | kinds(*SEQUENCE_MODEL) == set(KINDS)
+    assert kinds(*EVERY_KIND) == set(KINDS)
