@@ -1,4 +1,4 @@
-"""The one backend interface. It names frameworks but never imports one."""
+"""The one backend interface: public methods enforce the contract, adapters implement hooks. No framework import."""
 
 from __future__ import annotations
 
@@ -18,99 +18,135 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run here: framework missing, or the device asked for absent."""
 
 
-def check_options(*, device: str, precision: str) -> None:
-    """Every adapter's configure() starts here, so all refuse the same bad values the same way."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-
-
-def check_build(spec: TaskSpec, *, trainable: tuple[str, ...] | None, mode: str) -> list[str]:
-    """Every adapter's build() starts here; returns the spec's parameter layer names."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    names = spec.param_layer_names()
-    unknown = set(trainable or ()) - set(names)
-    if unknown:
-        raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
-    return names
-
-
 class Backend(abc.ABC):
     """What every framework adapter supplies; the training loop itself is the harness's.
 
-    Canonical layout (framework-free): a list of float32 numpy arrays, kernel then bias
-    for every parameter layer in spec order; Dense kernel (in, out), Conv2D kernel HWIO;
-    images NHWC. Loss: softmax cross-entropy on logits with integer labels.
-    Adam follows spec.optimizer exactly, epsilon placement included.
+    The public methods below hold the rules for every backend (checked once, here) and
+    call the protected hooks `_configure`, `_build`, ... that an adapter implements.
+
+    Canonical weights: float32 numpy arrays flat in spec order (`spec.params()`), each
+    in the layout tasks/README.md writes down; images NHWC, token ids int32. Loss:
+    softmax cross-entropy on logits with integer labels. The optimizer, schedule and
+    clipping follow spec.optimizer exactly (tasks/optim.py).
     """
 
     name: str = ""  # registry key, e.g. "torch"
+    # kind -> the adapter's implementation: the one table that maps spec layers to the framework.
+    LAYERS: dict = {}
+
+    _configured = False
 
     # -- set-up --------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def configure(self, *, device: str, threads: int, precision: str) -> None:
         """Import the framework and pin device, thread pools and precision.
 
         Called once per process before anything else. Raises BackendUnavailable when
         `device` ("cpu" | "gpu" | "auto") cannot be honoured.
         """
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self._configure(device=device, threads=threads, precision=precision)
+        self._configured = True
 
-    @abc.abstractmethod
+    def _require_configured(self) -> None:
+        if not self._configured:
+            raise RuntimeError(f"{type(self).__name__}.configure() must be called first")
+
     def environment(self) -> dict:
-        """framework, framework_version (one string: "2.21.0 (keras 3.15.1)"), device ("cpu" | "gpu": the one actually
-        used), device_name (e.g. the GPU model), threads, precision."""
+        """framework, framework_version (one string: "2.21.0 (keras 3.15.1)"), device ("cpu" | "gpu": the one
+        actually used), device_name (e.g. the GPU model), threads, precision."""
+        self._require_configured()
+        return self._environment()
 
-    @abc.abstractmethod
     def synchronize(self) -> None:
         """Wait until all queued device work has finished (for honest timing)."""
+        self._require_configured()
+        self._synchronize()
 
     def memory(self) -> dict:
         """Device allocator statistics: {"device_peak_mb": float | None}."""
-        return {"device_peak_mb": None}
+        self._require_configured()
+        return self._memory()
 
-    # -- model ---------------------------------------------------------------------------
+    # -- data and model ------------------------------------------------------------------
 
-    @abc.abstractmethod
     def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
-        """Move a dataset (x float32 NHWC, y int32) to the device once; returns a handle."""
+        """Move a dataset to the device once; returns a handle.
 
-    @abc.abstractmethod
+        x: float32 features (NHWC images), or integer token ids (kept as int32); y: int32
+        labels, one per sample or one per position.
+        """
+        self._require_configured()
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        x = np.asarray(x)
+        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
+        return self._put_data(x, np.asarray(y, np.int32))
+
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
               trainable: tuple[str, ...] | None, mode: str) -> Any:
         """Build spec.layers with these canonical weights and a fresh spec.optimizer.
 
         Only the layers named in `trainable` (None: all) are updated, and the backward
-        pass must not compute gradients for the others.
+        pass must not compute gradients for the others; a frozen BatchNorm uses its
+        running statistics.
         """
+        self._require_configured()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        names = spec.param_layer_names()
+        unknown = set(trainable or ()) - set(names)
+        if unknown:
+            raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
+        missing = sorted({layer.kind for layer, _, _ in spec.walk()} - set(self.LAYERS))
+        if missing:
+            raise ValueError(f"{self.name}: no implementation of layer kind(s) {', '.join(missing)}")
+        spec.check_weights(weights)
+        return self._build(spec, [np.asarray(w, np.float32) for w in weights], trainable=trainable, mode=mode)
 
-    @abc.abstractmethod
     def get_weights(self, model: Any) -> list[np.ndarray]:
-        """The current weights in canonical layout (fresh float32 copies)."""
+        """The current weights in canonical layout (fresh float32 copies), running statistics included."""
+        self._require_configured()
+        return self._get_weights(model)
 
-    @abc.abstractmethod
     def set_weights(self, model: Any, weights: list[np.ndarray]) -> None:
-        """Load canonical weights and reset the optimizer state to its initial value."""
+        """Load canonical weights and reset the optimizer state (moments, step count, schedule)."""
+        self._require_configured()
+        model.spec.check_weights(weights)
+        self._set_weights(model, [np.asarray(w, np.float32) for w in weights])
 
     # -- primitive steps the harness loop calls -----------------------------------------
 
-    @abc.abstractmethod
     def train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
-        """One Adam step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
+        """One optimizer step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
 
-        len(order) is a multiple of batch_size. Returns the per-step losses as float32,
-        read from the device once at the end (no per-step host sync).
+        Returns the per-step losses as float32, read from the device once at the end (no
+        per-step host sync).
         """
+        self._require_configured()
+        order = np.asarray(order)
+        if batch_size <= 0 or len(order) % batch_size:
+            raise ValueError(f"len(order)={len(order)} is not a multiple of batch_size={batch_size}")
+        if len(order) and not model.spec.param_count(model.trainable_layers):
+            raise RuntimeError("no trainable parameter layers: nothing to train")
+        return self._train_epoch(model, data, order.astype(np.int32, copy=False), int(batch_size))
 
-    @abc.abstractmethod
     def evaluate(self, model: Any, data: Any, batch_size: int) -> tuple[float, float]:
-        """(mean loss, accuracy) over the whole dataset, the last partial batch included."""
+        """(mean loss, accuracy) over the whole dataset (every position), the last partial batch included."""
+        self._require_configured()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        return self._evaluate(model, data, int(batch_size))
 
-    @abc.abstractmethod
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Forward pass on a host array; returns float32 logits (for parity checks)."""
+        """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks)."""
+        self._require_configured()
+        x = np.asarray(x)
+        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
+        return self._logits(model, x)
 
     def warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
                eval_data: Any, eval_batch_size: int) -> None:
@@ -125,3 +161,40 @@ class Backend(abc.ABC):
         self.evaluate(model, eval_data, eval_batch_size)
         self.synchronize()
         self.set_weights(model, initial)
+
+    # -- the adapter's part --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _configure(self, *, device: str, threads: int, precision: str) -> None: ...
+
+    @abc.abstractmethod
+    def _environment(self) -> dict: ...
+
+    @abc.abstractmethod
+    def _synchronize(self) -> None: ...
+
+    def _memory(self) -> dict:
+        return {"device_peak_mb": None}
+
+    @abc.abstractmethod
+    def _put_data(self, x: np.ndarray, y: np.ndarray) -> Any: ...
+
+    @abc.abstractmethod
+    def _build(self, spec: TaskSpec, weights: list[np.ndarray], *, trainable: tuple[str, ...] | None,
+               mode: str) -> Any:
+        """Returns a model handle with .spec and .trainable_layers (the trainable layer names, None: all)."""
+
+    @abc.abstractmethod
+    def _get_weights(self, model: Any) -> list[np.ndarray]: ...
+
+    @abc.abstractmethod
+    def _set_weights(self, model: Any, weights: list[np.ndarray]) -> None: ...
+
+    @abc.abstractmethod
+    def _train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _evaluate(self, model: Any, data: Any, batch_size: int) -> tuple[float, float]: ...
+
+    @abc.abstractmethod
+    def _logits(self, model: Any, x: np.ndarray) -> np.ndarray: ...

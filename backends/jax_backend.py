@@ -1,4 +1,4 @@
-"""The JAX adapter: flax.linen layers over an explicit params pytree, optax Adam, epochs fused by lax.scan."""
+"""The JAX adapter: jax.numpy/lax layers over flat canonical params, optax optimizers, epochs fused by lax.scan."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, check_build, check_options
+from backends.base import Backend, BackendUnavailable
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -19,50 +19,167 @@ log = logging.getLogger(__name__)
 _MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
 
 
-def _dense(layer, params, x, compute_dtype):
-    import flax.linen as nn
+class _Ctx:
+    """What a layer function may need beyond its input: parameters, mode, randomness, new state."""
+
+    def __init__(self, params: dict, *, train: bool, frozen: frozenset, key=None):
+        self.params, self.train, self.frozen, self.key = params, train, frozen, key
+        self.state: dict = {}  # updated BatchNorm running statistics, by canonical name
+        self.dropouts = 0
+
+    def p(self, layer, name: str):
+        return self.params[f"{layer.name}.{name}"]
+
+
+def _run(layers, h, ctx: _Ctx):
+    for layer in layers:
+        h = LAYERS[layer.kind](layer, h, ctx)
+    return h
+
+
+def _activation(name: str, h):
     import jax
 
-    y = nn.Dense(layer.units, dtype=compute_dtype).apply({"params": params}, x)
-    return jax.nn.relu(y) if layer.activation == "relu" else y
+    fns = {"linear": lambda v: v, "relu": jax.nn.relu, "tanh": jax.numpy.tanh, "silu": jax.nn.silu,
+           "gelu": lambda v: jax.nn.gelu(v, approximate=False), "gelu_tanh": lambda v: jax.nn.gelu(v, approximate=True)}
+    return fns[name](h)
 
 
-def _conv2d(layer, params, x, compute_dtype):
-    import flax.linen as nn
+def _dense(layer, h, ctx):
+    y = h @ ctx.p(layer, "kernel").astype(h.dtype) + ctx.p(layer, "bias").astype(h.dtype)
+    return _activation(layer.activation, y)
+
+
+def _conv2d(layer, h, ctx):
+    from jax import lax
+
+    s = layer.stride
+    # lax's "SAME" puts the odd padding row/column at the bottom/right, as TensorFlow does.
+    y = lax.conv_general_dilated(h, ctx.p(layer, "kernel").astype(h.dtype), (s, s), layer.padding.upper(),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _activation(layer.activation, y + ctx.p(layer, "bias").astype(h.dtype))
+
+
+def _pool(reduce):
+    def apply(layer, h, ctx):
+        p = layer.pool_size
+        # "VALID" floors H and W, as the spec's out_shape has it.
+        return reduce(h, (p, p), strides=(p, p), padding="VALID")
+    return apply
+
+
+def _normalise(h, mean, var, eps, scale, offset):
+    from jax import lax
+
+    return (h - mean) * lax.rsqrt(var + eps) * scale.astype(h.dtype) + offset.astype(h.dtype)
+
+
+def _batchnorm(layer, h, ctx):
+    if not ctx.train or layer.name in ctx.frozen:
+        mean, var = ctx.p(layer, "running_mean"), ctx.p(layer, "running_var")
+    else:
+        axes = tuple(range(h.ndim - 1))
+        mean, var = h.mean(axes), h.var(axes)  # biased variance, for normalising and for the running one
+        m = layer.momentum
+        ctx.state[f"{layer.name}.running_mean"] = (1 - m) * ctx.p(layer, "running_mean") + m * mean
+        ctx.state[f"{layer.name}.running_var"] = (1 - m) * ctx.p(layer, "running_var") + m * var
+    return _normalise(h, mean.astype(h.dtype), var.astype(h.dtype), layer.eps, ctx.p(layer, "scale"),
+                      ctx.p(layer, "offset"))
+
+
+def _layernorm(layer, h, ctx):
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    return _normalise(h, mean, var, layer.eps, ctx.p(layer, "scale"), ctx.p(layer, "offset"))
+
+
+def _dropout(layer, h, ctx):
     import jax
 
-    k = layer.kernel_size
-    y = nn.Conv(layer.filters, (k, k), padding=layer.padding.upper(), dtype=compute_dtype).apply({"params": params}, x)
-    return jax.nn.relu(y) if layer.activation == "relu" else y
+    if not ctx.train or layer.rate == 0:
+        return h
+    ctx.dropouts += 1
+    keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, ctx.dropouts), 1 - layer.rate, h.shape)
+    return jax.numpy.where(keep, h / (1 - layer.rate), 0).astype(h.dtype)
 
 
-def _maxpool2d(layer, params, x, compute_dtype):
-    import flax.linen as nn
-
-    p = layer.pool_size
-    # "VALID" floors H and W, as the spec's layer_shapes (and Keras) have it.
-    return nn.max_pool(x, (p, p), strides=(p, p), padding="VALID")
+def _embedding(layer, h, ctx):
+    return ctx.p(layer, "table")[h]
 
 
-def _flatten(layer, params, x, compute_dtype):
-    return x.reshape(x.shape[0], -1)  # NHWC row-major: the canonical feature order
+def _positional(layer, h, ctx):
+    return h + ctx.p(layer, "table")[: h.shape[1]].astype(h.dtype)
 
 
-# The one map from spec layer kinds to flax.linen layers, applied with explicit params:
-# params[layer.name] = {"kernel", "bias"} is flax's own layout and the canonical one
-# (Dense (in, out), Conv HWIO on NHWC), so weights load and export without conversion.
+def _attention(layer, h, ctx):
+    import jax
+    jnp = jax.numpy
+
+    q, k, v = (jnp.einsum("btd,dhk->bthk", h, ctx.p(layer, f"{n}_kernel").astype(h.dtype))
+               + ctx.p(layer, f"{n}_bias").astype(h.dtype) for n in ("query", "key", "value"))
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+    if layer.causal:
+        t = h.shape[1]
+        scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
+    o = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(scores, axis=-1), v)
+    return jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(h.dtype)) + ctx.p(layer, "out_bias")
+
+
+def _residual(layer, h, ctx):
+    return h + _run(layer.body, h, ctx)
+
+
+def _flax_pool(name):
+    def reduce(*args, **kwargs):
+        import flax.linen as nn
+
+        return getattr(nn, name)(*args, **kwargs)
+    return reduce
+
+
+# The one map from spec layer kinds to jax: functions of (layer, input, context) over the
+# canonical arrays, which are flax's own layout (Dense (in, out), Conv HWIO on NHWC,
+# attention (dim, heads, head_dim)), so weights load and export without conversion.
+LAYERS = {
+    "dense": _dense, "activation": lambda layer, h, ctx: _activation(layer.activation, h),
+    "conv2d": _conv2d, "maxpool2d": _pool(_flax_pool("max_pool")),
+    "avgpool2d": _pool(_flax_pool("avg_pool")), "globalavgpool2d": lambda layer, h, ctx: h.mean(axis=(1, 2)),
+    "flatten": lambda layer, h, ctx: h.reshape(h.shape[0], -1),  # NHWC row-major: the canonical order
+    "reshape": lambda layer, h, ctx: h.reshape(h.shape[0], *layer.target_shape),
+    "batchnorm": _batchnorm, "layernorm": _layernorm, "dropout": _dropout, "embedding": _embedding,
+    "positionalembedding": _positional, "multiheadselfattention": _attention, "residual": _residual,
+}
+
 SCAN_UNROLL = 1
 # XLA:CPU (jaxlib 0.10.2) runs convolutions inside a while loop ~20x slower than the same
 # convolutions in a straight-line jit (measured: CNN 40 vs 850 samples/s), so on CPU a
 # model with convolutions runs "compiled" as jitted steps over device-resident data.
 SCAN_CONV_ON_CPU = False
 
-LAYERS = {"dense": _dense, "conv2d": _conv2d, "maxpool2d": _maxpool2d, "flatten": _flatten}
+
+def _optimizer(o):
+    """optax for the spec's optimizer: the same formulas tasks/optim.py pins (optax's own forms)."""
+    import jax.numpy as jnp
+    import optax
+
+    table = jnp.asarray(o.lr_table(), jnp.float32)
+
+    def lr(count):
+        return table[jnp.minimum(count, len(table) - 1)]
+
+    if o.kind == "sgd":
+        opt = optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov)
+    elif o.kind == "adamw":
+        # optax.adamw: p -= lr * (adam + weight_decay * p), torch's decoupled decay.
+        opt = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0, weight_decay=o.weight_decay)
+    else:
+        # optax.adam: p -= lr * m_hat / (sqrt(v_hat) + eps), the spec's "sqrt_v_hat"; eps_root stays 0.
+        opt = optax.adam(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0)
+    return opt if o.clip_norm is None else optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
 
 
 @dataclass
 class _Data:
-    x: Any  # device float32 NHWC
+    x: Any  # device float32 NHWC, or int32 token ids
     y: Any  # device int32
     n: int
     eval_index: dict = field(default_factory=dict)  # batch_size -> (index, mask) on device
@@ -72,22 +189,24 @@ class _Data:
 class _Model:
     spec: TaskSpec
     mode: str
-    trainable: tuple[str, ...]
-    frozen: tuple[str, ...]
+    trainable_layers: tuple[str, ...] | None
+    train_names: tuple[str, ...]  # canonical names the optimizer updates
     train_params: dict
-    frozen_params: dict
+    frozen_params: dict  # learned arrays that do not train, and running statistics
     opt: Any
     opt_state: Any
     step: Any  # jitted one-step function (eager mode)
     epoch: Any  # jitted fused epoch (compiled mode)
     evaluate: Any
     forward: Any
+    steps_done: Any = None  # device int32: steps taken, the dropout stream's counter
     executables: dict = field(default_factory=dict)  # shapes -> compiled epoch
     fused: bool = True  # compiled mode runs the epoch as one lax.scan
 
 
 class JaxBackend(Backend):
     name = "jax"
+    LAYERS = LAYERS
 
     def __init__(self):
         self._jax = None
@@ -99,8 +218,7 @@ class JaxBackend(Backend):
 
     # -- set-up --------------------------------------------------------------------------
 
-    def configure(self, *, device: str, threads: int, precision: str) -> None:
-        check_options(device=device, precision=precision)
+    def _configure(self, *, device: str, threads: int, precision: str) -> None:
         import sys
 
         already = "jax" in sys.modules
@@ -150,13 +268,8 @@ class JaxBackend(Backend):
         if threads not in (1, os.cpu_count()) and self._device.platform == "cpu":
             log.warning("jax: XLA:CPU cannot pin %d threads; it uses all %d cores", threads, os.cpu_count())
 
-    def _require(self):
-        if self._jax is None:
-            raise RuntimeError("JaxBackend.configure() must be called first")
-        return self._jax
-
-    def environment(self) -> dict:
-        jax = self._require()
+    def _environment(self) -> dict:
+        jax = self._jax
         import flax
         import jaxlib
         import optax
@@ -171,11 +284,11 @@ class JaxBackend(Backend):
             "precision": self._precision,
         }
 
-    def synchronize(self) -> None:
+    def _synchronize(self) -> None:
         if self._last is not None:
             self._jax.block_until_ready(self._last)
 
-    def memory(self) -> dict:
+    def _memory(self) -> dict:
         stats = None
         if self._device is not None:
             try:
@@ -188,55 +301,36 @@ class JaxBackend(Backend):
 
     # -- model ---------------------------------------------------------------------------
 
-    def put_data(self, x: np.ndarray, y: np.ndarray) -> _Data:
-        jax = self._require()
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y, np.int32)
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples, y has {len(y)}")
+    def _put_data(self, x: np.ndarray, y: np.ndarray) -> _Data:
+        jax = self._jax
         return _Data(jax.device_put(x, self._device), jax.device_put(y, self._device), len(x))
 
-    def _to_params(self, spec: TaskSpec, weights: list[np.ndarray]) -> dict:
-        jax = self._require()
-        shapes = spec.param_shapes()
-        if len(weights) != 2 * len(shapes):
-            raise ValueError(f"{len(weights)} weight arrays, task {spec.name!r} needs {2 * len(shapes)}")
-        params = {}
-        for i, (name, kshape, bshape) in enumerate(shapes):
-            kernel, bias = weights[2 * i], weights[2 * i + 1]
-            for part, array, shape in (("kernel", kernel, kshape), ("bias", bias, bshape)):
-                if tuple(array.shape) != tuple(shape):
-                    raise ValueError(f"{name}.{part} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-            # Own copies: the epoch donates parameter buffers, which must never alias a caller's array.
-            params[name] = {"kernel": jax.device_put(np.array(kernel, np.float32, copy=True), self._device),
-                            "bias": jax.device_put(np.array(bias, np.float32, copy=True), self._device)}
-        return params
+    def _split(self, model_spec: TaskSpec, weights: list[np.ndarray], train_names) -> tuple[dict, dict]:
+        """(trainable, frozen) dicts of device arrays by canonical name, from canonical weights."""
+        jax = self._jax
+        # Own copies: the epoch donates parameter buffers, which must never alias a caller's array.
+        params = {e.name: jax.device_put(np.array(w, np.float32, copy=True), self._device)
+                  for e, w in zip(model_spec.params(), weights)}
+        return ({n: params[n] for n in train_names}, {n: a for n, a in params.items() if n not in train_names})
 
-    def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
-              trainable: tuple[str, ...] | None, mode: str) -> _Model:
-        self._require()
-        import optax
-
-        names = check_build(spec, trainable=trainable, mode=mode)
-        train_names = tuple(names) if trainable is None else tuple(n for n in names if n in trainable)
-        frozen_names = tuple(n for n in names if n not in train_names)
-        params = self._to_params(spec, weights)
-        o = spec.optimizer
-        # optax.adam: p -= lr * m_hat / (sqrt(v_hat) + eps), the spec's "sqrt_v_hat"; eps_root stays 0.
-        opt = optax.adam(learning_rate=o.lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0)
-        train_params = {n: params[n] for n in train_names}
-        frozen_params = {n: params[n] for n in frozen_names}
-        fns = self._functions(spec, opt)
+    def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
+               trainable: tuple[str, ...] | None, mode: str) -> _Model:
+        train_names = tuple(e.name for e in spec.params()
+                            if e.param.trainable and (trainable is None or e.layer in trainable))
+        frozen_layers = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
+        opt = _optimizer(spec.optimizer)
+        fns = self._functions(spec, opt, frozen_layers)
         fused = mode == "compiled" and (SCAN_CONV_ON_CPU or self._device.platform != "cpu"
-                                        or not any(layer.kind == "conv2d" for layer in spec.layers))
+                                        or not any(layer.kind == "conv2d" for layer, _, _ in spec.walk()))
         if mode == "compiled" and not fused:
             log.warning("jax: %s has convolutions; XLA:CPU runs them slowly inside lax.scan, so "
                         "'compiled' dispatches one jitted step per batch instead of a fused epoch", spec.name)
-        return _Model(fused=fused, spec=spec, mode=mode, trainable=train_names, frozen=frozen_names,
-                      train_params=train_params, frozen_params=frozen_params, opt=opt,
-                      opt_state=self._init_state(opt, train_params), **fns)
+        model = _Model(fused=fused, spec=spec, mode=mode, trainable_layers=trainable, train_names=train_names,
+                       train_params={}, frozen_params={}, opt=opt, opt_state=None, **fns)
+        self._set_weights(model, weights)
+        return model
 
-    def _functions(self, spec: TaskSpec, opt) -> dict:
+    def _functions(self, spec: TaskSpec, opt, frozen_layers: frozenset) -> dict:
         jax = self._jax
         jnp = jax.numpy
         import optax
@@ -244,77 +338,75 @@ class JaxBackend(Backend):
 
         layers = spec.layers
         compute_dtype = self._compute_dtype
+        base_key = jax.random.PRNGKey(spec.seed)
 
-        def forward(params, x):
-            h = x.astype(compute_dtype)
-            for layer in layers:
-                h = LAYERS[layer.kind](layer, params.get(layer.name), h, compute_dtype)
-            return h.astype(jnp.float32)
+        def forward(params, x, train=False, key=None):
+            ctx = _Ctx(params, train=train, frozen=frozen_layers, key=key)
+            h = x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+            return _run(layers, h, ctx).astype(jnp.float32), ctx.state
 
-        def loss_fn(train_params, frozen_params, x, y):
-            logits = forward({**frozen_params, **train_params}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        def cross_entropy(logits, y):
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-        def step(train_params, frozen_params, opt_state, x, y):
+        def loss_fn(train_params, frozen_params, count, x, y):
+            logits, state = forward({**frozen_params, **train_params}, x, True, jax.random.fold_in(base_key, count))
+            return cross_entropy(logits, y).mean(), state
+
+        def step(train_params, frozen_params, count, opt_state, x, y):
             # Only the trainable subtree is differentiated: XLA drops the frozen layers'
             # weight gradients, and the backward pass stops at the first trainable layer.
-            loss, grads = jax.value_and_grad(loss_fn)(train_params, frozen_params, x, y)
+            (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen_params, count, x, y)
             updates, opt_state = opt.update(grads, opt_state, train_params)
-            return optax.apply_updates(train_params, updates), opt_state, loss
+            return optax.apply_updates(train_params, updates), {**frozen_params, **state}, count + 1, opt_state, loss
 
-        def eager_step(train_params, frozen_params, opt_state, losses, x, y, index, i):
+        def eager_step(train_params, frozen_params, count, opt_state, losses, x, y, index, i):
             # Each step writes its loss into the epoch's donated loss buffer: stacking the
             # per-step scalars afterwards compiled a stack of `steps` operands inside the
             # first timed epoch (H100: first eager MLP epoch at 64k samples/s, then 670k).
             rows = lax.dynamic_index_in_dim(index, i, keepdims=False)
-            train_params, opt_state, loss = step(train_params, frozen_params, opt_state,
-                                                 jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
-            return train_params, opt_state, losses.at[i].set(loss)
+            *state, loss = step(train_params, frozen_params, count, opt_state, jnp.take(x, rows, axis=0),
+                                jnp.take(y, rows, axis=0))
+            return (*state, losses.at[i].set(loss))
 
-        def epoch(train_params, frozen_params, opt_state, x, y, index):
+        def epoch(train_params, frozen_params, count, opt_state, x, y, index):
             def body(carry, rows):
-                tp, st = carry
-                tp, st, loss = step(tp, frozen_params, st, jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
-                return (tp, st), loss
+                tp, fp, c, st = carry
+                tp, fp, c, st, loss = step(tp, fp, c, st, jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
+                return (tp, fp, c, st), loss
 
-            (train_params, opt_state), losses = lax.scan(body, (train_params, opt_state), index,
-                                                         unroll=SCAN_UNROLL)
-            return train_params, opt_state, losses
+            carry, losses = lax.scan(body, (train_params, frozen_params, count, opt_state), index, unroll=SCAN_UNROLL)
+            return (*carry, losses)
 
         def evaluate(params, x, y, index, mask):
             # index/mask: (batches, batch_size); the last batch is padded with a valid row
             # and masked out, so one compiled body serves every batch.
             def body(carry, inputs):
                 rows, m = inputs
-                logits = forward(params, jnp.take(x, rows, axis=0))
+                logits, _ = forward(params, jnp.take(x, rows, axis=0))
                 yb = jnp.take(y, rows, axis=0)
-                losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+                m = m.reshape(m.shape + (1,) * (yb.ndim - 1))  # per-position labels: mask every position
                 correct = (jnp.argmax(logits, axis=-1) == yb).astype(jnp.float32)
-                return (carry[0] + jnp.sum(losses * m), carry[1] + jnp.sum(correct * m)), None
+                return (carry[0] + jnp.sum(cross_entropy(logits, yb) * m), carry[1] + jnp.sum(correct * m)), None
 
             (loss_sum, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), (index, mask))
             return loss_sum, correct
 
         return {
-            # Donate parameters and optimizer state: updated in place, no second copy.
-            "step": jax.jit(eager_step, donate_argnums=(0, 2, 3)),
-            "epoch": jax.jit(epoch, donate_argnums=(0, 2)),
+            # Donate parameters, state and optimizer state: updated in place, no second copy.
+            "step": jax.jit(eager_step, donate_argnums=(0, 1, 3, 4)),
+            "epoch": jax.jit(epoch, donate_argnums=(0, 1, 3)),
             "evaluate": jax.jit(evaluate),
-            "forward": jax.jit(forward),
+            "forward": jax.jit(lambda params, x: forward(params, x)[0]),
         }
 
-    def get_weights(self, model: _Model) -> list[np.ndarray]:
-        out = []
-        for name in model.spec.param_layer_names():
-            p = model.train_params.get(name) or model.frozen_params[name]
-            out += [np.array(p["kernel"], np.float32, copy=True), np.array(p["bias"], np.float32, copy=True)]
-        return out
+    def _get_weights(self, model: _Model) -> list[np.ndarray]:
+        params = {**model.frozen_params, **model.train_params}
+        return [np.array(params[e.name], np.float32, copy=True) for e in model.spec.params()]
 
-    def set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
-        params = self._to_params(model.spec, weights)
-        model.train_params = {n: params[n] for n in model.trainable}
-        model.frozen_params = {n: params[n] for n in model.frozen}
+    def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
+        model.train_params, model.frozen_params = self._split(model.spec, weights, model.train_names)
         model.opt_state = self._init_state(model.opt, model.train_params)
+        model.steps_done = self._jax.device_put(np.int32(0), self._device)
 
     def _init_state(self, opt, train_params):
         # Committed to the device like every step's output: an uncommitted first state
@@ -324,20 +416,19 @@ class JaxBackend(Backend):
     # -- primitive steps -----------------------------------------------------------------
 
     def _index(self, order: np.ndarray, batch_size: int):
-        order = np.asarray(order)
-        steps = len(order) // batch_size
-        if steps * batch_size != len(order):
-            raise ValueError(f"len(order)={len(order)} is not a multiple of batch_size={batch_size}")
-        index = np.ascontiguousarray(order.reshape(steps, batch_size), dtype=np.int32)
+        index = np.ascontiguousarray(order.reshape(len(order) // batch_size, batch_size), dtype=np.int32)
         return self._jax.device_put(index, self._device)  # one upload per epoch
+
+    @staticmethod
+    def _state(model: _Model) -> tuple:
+        return model.train_params, model.frozen_params, model.steps_done, model.opt_state
 
     def _epoch_executable(self, model: _Model, data: _Data, index):
         # The scan's code depends on the step count, so executables are cached by shapes.
         key = (index.shape, data.x.shape, data.y.shape)
         exe = model.executables.get(key)
         if exe is None:
-            exe = model.epoch.lower(model.train_params, model.frozen_params, model.opt_state,
-                                    data.x, data.y, index).compile()
+            exe = model.epoch.lower(*self._state(model), data.x, data.y, index).compile()
             model.executables[key] = exe
         return exe
 
@@ -345,18 +436,16 @@ class JaxBackend(Backend):
         # Committed like the step's outputs, so the first step hits the warmed jit entry.
         return self._jax.device_put(np.zeros(index.shape[0], np.float32), self._device)
 
-    def train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
-        self._require()
+    def _train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
         index = self._index(order, batch_size)
         if model.fused:
             exe = self._epoch_executable(model, data, index)
-            model.train_params, model.opt_state, losses = exe(
-                model.train_params, model.frozen_params, model.opt_state, data.x, data.y, index)
+            *state, losses = exe(*self._state(model), data.x, data.y, index)
         else:
-            tp, st, losses = model.train_params, model.opt_state, self._loss_buffer(index)
+            state, losses = self._state(model), self._loss_buffer(index)
             for i in range(index.shape[0]):
-                tp, st, losses = model.step(tp, model.frozen_params, st, losses, data.x, data.y, index, i)
-            model.train_params, model.opt_state = tp, st
+                *state, losses = model.step(*state, losses, data.x, data.y, index, i)
+        model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
         self._last = losses
         return np.asarray(losses, dtype=np.float32)  # the one host read of the epoch
 
@@ -368,22 +457,21 @@ class JaxBackend(Backend):
         cached by shapes); eager mode runs its step once on throw-away copies of the state,
         since donation would otherwise consume the model's buffers. Evaluation runs once.
         """
-        jax = self._require()
-        index = self._index(order, batch_size)
+        self._require_configured()
+        jax = self._jax
+        index = self._index(np.asarray(order), batch_size)
         if model.fused:
             self._epoch_executable(model, data, index)
         else:
             # Committed copies on the model's device, so that the call's signature (and the
             # jit cache entry it fills) is the one train_epoch will use.
-            copy = jax.tree_util.tree_map(lambda a: jax.device_put(a.copy(), self._device),
-                                          (model.train_params, model.opt_state))
-            self._last = model.step(copy[0], model.frozen_params, copy[1], self._loss_buffer(index),
-                                    data.x, data.y, index, 0)
+            copy = jax.tree_util.tree_map(lambda a: jax.device_put(a.copy(), self._device), self._state(model))
+            self._last = model.step(*copy, self._loss_buffer(index), data.x, data.y, index, 0)
         self.evaluate(model, eval_data, eval_batch_size)
         self.synchronize()
 
-    def evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
-        jax = self._require()
+    def _evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
+        jax = self._jax
         if data.n == 0:
             raise ValueError("evaluate on an empty dataset")
         cached = data.eval_index.get(batch_size)
@@ -397,11 +485,11 @@ class JaxBackend(Backend):
         params = {**model.frozen_params, **model.train_params}
         loss_sum, correct = model.evaluate(params, data.x, data.y, *cached)
         self._last = correct
-        return float(loss_sum) / data.n, float(correct) / data.n
+        count = data.n * int(np.prod(data.y.shape[1:]))  # every position of every sample
+        return float(loss_sum) / count, float(correct) / count
 
-    def logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
-        jax = self._require()
+    def _logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
         params = {**model.frozen_params, **model.train_params}
-        out = model.forward(params, jax.device_put(np.asarray(x, np.float32), self._device))
+        out = model.forward(params, self._jax.device_put(x, self._device))
         self._last = out
         return np.array(out, np.float32)

@@ -1,4 +1,4 @@
-"""TensorFlow/Keras 3 adapter: a Keras model from the spec, paper-form Adam, whole epochs in tf.function."""
+"""TensorFlow/Keras 3 adapter: a functional Keras model, the pinned optimizers by hand, epochs in tf.function."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, check_build, check_options
+from backends.base import Backend, BackendUnavailable
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,101 @@ def _import_tf():
     return tf, keras
 
 
+def _activation(keras, name: str):
+    fns = {"linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
+           "gelu": lambda v: keras.activations.gelu(v, approximate=False),
+           "gelu_tanh": lambda v: keras.activations.gelu(v, approximate=True)}
+    return fns[name]
+
+
+def _positional_embedding(keras):
+    """A learned table added per position; Keras has no built-in one (keras_hub's lives elsewhere)."""
+
+    class PositionalEmbedding(keras.layers.Layer):
+        def __init__(self, max_len, **kwargs):
+            super().__init__(**kwargs)
+            self.max_len = max_len
+
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=(self.max_len, input_shape[-1]), initializer="zeros", name="table")
+
+        def call(self, x):
+            return x + keras.ops.cast(self.table[: x.shape[1]], x.dtype)
+
+    return PositionalEmbedding
+
+
+def _keras_layer(factory):
+    """A table entry that applies one Keras layer made by factory(keras, spec layer, zero-init kwargs)."""
+    def apply(layer, h):
+        return factory(sys.modules["keras"], layer, {"kernel_initializer": "zeros", "bias_initializer": "zeros"})(h)
+    return apply
+
+
+def _residual(layer, h):
+    keras = sys.modules["keras"]
+    return keras.layers.Add(name=layer.name)([h, _apply(layer.body, h)])
+
+
+def _attention(layer, h):
+    keras = sys.modules["keras"]
+    d, heads, hd = layer.dims(tuple(h.shape[1:]))
+    mha = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=hd, value_dim=hd, name=layer.name,
+                                          kernel_initializer="zeros")
+    return mha(h, h, use_causal_mask=layer.causal)
+
+
+def _apply(layers, h):
+    for layer in layers:
+        h = LAYERS[layer.kind](layer, h)
+    return h
+
+
+# The one map from spec layer kinds to Keras 3 layers, applied on the functional graph.
+# Zero initialisers: Keras's own draws would be overwritten by the canonical weights, which
+# always decide. Each layer's `weights` come in the canonical parameter order, in the
+# canonical layouts (Dense (in, out), Conv2D HWIO, attention (dim, heads, head_dim)).
+LAYERS = {
+    "dense": _keras_layer(lambda k, s, init: k.layers.Dense(
+        s.units, activation=_activation(k, s.activation), name=s.name, **init)),
+    "activation": _keras_layer(lambda k, s, init: k.layers.Activation(
+        _activation(k, s.activation) or "linear", name=s.name)),
+    "conv2d": _keras_layer(lambda k, s, init: k.layers.Conv2D(
+        s.filters, s.kernel_size, strides=s.stride, padding=s.padding, activation=_activation(k, s.activation),
+        data_format="channels_last", name=s.name, **init)),
+    "maxpool2d": _keras_layer(lambda k, s, init: k.layers.MaxPooling2D(
+        s.pool_size, data_format="channels_last", name=s.name)),
+    "avgpool2d": _keras_layer(lambda k, s, init: k.layers.AveragePooling2D(
+        s.pool_size, data_format="channels_last", name=s.name)),
+    "globalavgpool2d": _keras_layer(lambda k, s, init: k.layers.GlobalAveragePooling2D(
+        data_format="channels_last", name=s.name)),
+    "flatten": _keras_layer(lambda k, s, init: k.layers.Flatten(data_format="channels_last", name=s.name)),
+    "reshape": _keras_layer(lambda k, s, init: k.layers.Reshape(s.target_shape, name=s.name)),
+    # Keras's momentum is the decay of the running statistics: 1 - the spec's (torch's).
+    "batchnorm": _keras_layer(lambda k, s, init: k.layers.BatchNormalization(
+        momentum=1 - s.momentum, epsilon=s.eps, name=s.name)),
+    "layernorm": _keras_layer(lambda k, s, init: k.layers.LayerNormalization(epsilon=s.eps, name=s.name)),
+    "dropout": _keras_layer(lambda k, s, init: k.layers.Dropout(s.rate, name=s.name)),
+    "embedding": _keras_layer(lambda k, s, init: k.layers.Embedding(
+        s.vocab_size, s.dim, embeddings_initializer="zeros", name=s.name)),
+    "positionalembedding": _keras_layer(lambda k, s, init: _positional_embedding(k)(s.max_len, name=s.name)),
+    "multiheadselfattention": _attention,
+    "residual": _residual,
+}
+
+
 @dataclass
 class _Model:
     """Everything one built model needs: the Keras model, optimizer state, traced functions."""
 
     spec: TaskSpec
+    trainable_layers: tuple[str, ...] | None
     keras_model: Any
-    param_layers: list  # Keras layers holding parameters, spec order
-    train_vars: list  # tf.Variables updated by Adam (the trainable layers' kernel, bias)
-    m: list
-    v: list
-    step: Any  # tf.Variable int64: Adam's t
+    variables: list  # one per canonical array, spec order
+    train_vars: list  # the variables the optimizer updates
+    slots: list  # per train var: [m, v] for Adam(W), [buf] for SGD
+    step: Any  # tf.Variable int64: steps taken
+    lr_table: Any  # tf.constant float32: lr per step, the last entry holding
     mode: str
     fns: dict = field(default_factory=dict)  # traced tf.functions keyed by (kind, batch_size)
 
@@ -63,8 +147,9 @@ class TensorFlowBackend(Backend):
 
     # -- set-up --------------------------------------------------------------------------
 
-    def configure(self, *, device: str, threads: int, precision: str) -> None:
-        check_options(device=device, precision=precision)
+    LAYERS = LAYERS
+
+    def _configure(self, *, device: str, threads: int, precision: str) -> None:
         tf, keras = _import_tf()
         self._tf, self._keras = tf, keras
         gpus = tf.config.list_physical_devices("GPU")
@@ -94,13 +179,8 @@ class TensorFlowBackend(Backend):
                             "cannot be applied in this process", current, threads)
         self._threads = tf.config.threading.get_intra_op_parallelism_threads() or int(threads)
 
-    def _require_configured(self):
-        if self._tf is None:
-            raise RuntimeError("TensorFlowBackend.configure() must be called first")
-        return self._tf
-
-    def environment(self) -> dict:
-        tf = self._require_configured()
+    def _environment(self) -> dict:
+        tf = self._tf
         device_name = "cpu"
         if self._device == "gpu":
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
@@ -115,86 +195,70 @@ class TensorFlowBackend(Backend):
         }
 
     def devices(self) -> list[str]:
-        tf = self._require_configured()
+        self._require_configured()
+        tf = self._tf
         return ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
 
-    def synchronize(self) -> None:
-        tf = self._require_configured()
+    def _synchronize(self) -> None:
+        tf = self._tf
         # Results are read with .numpy(), which already waits; this makes explicit timing
         # around un-fetched work honest too.
         if self._device == "gpu":
             tf.test.experimental.sync_devices()
 
-    def memory(self) -> dict:
-        tf = self._require_configured()
+    def _memory(self) -> dict:
+        tf = self._tf
         if self._device != "gpu":
             return {"device_peak_mb": None}
         return {"device_peak_mb": tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20}
 
     # -- model ---------------------------------------------------------------------------
 
-    def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
-        tf = self._require_configured()
+    def _put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
+        tf = self._tf
         with tf.device(self._device_name):
-            return (tf.constant(np.asarray(x, np.float32)), tf.constant(np.asarray(y, np.int32)))
+            return tf.constant(x), tf.constant(y)
 
-    def _layer(self, layer):
-        keras = self._keras
-        # Zero initialisers: Keras's own draws would be thrown away by the load below; the
-        # canonical weights always decide.
-        init = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
-        make = {
-            "dense": lambda s: keras.layers.Dense(s.units, activation=s.activation, name=s.name, **init),
-            "conv2d": lambda s: keras.layers.Conv2D(s.filters, s.kernel_size, padding=s.padding,
-                                                    activation=s.activation, data_format="channels_last",
-                                                    name=s.name, **init),
-            "maxpool2d": lambda s: keras.layers.MaxPooling2D(s.pool_size, data_format="channels_last",
-                                                             name=s.name),
-            "flatten": lambda s: keras.layers.Flatten(data_format="channels_last", name=s.name),
-        }
-        try:
-            return make[layer.kind](layer)
-        except KeyError:
-            raise ValueError(f"layer {layer.name!r}: kind {layer.kind!r} has no tensorflow mapping") from None
-
-    def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
-              trainable: tuple[str, ...] | None, mode: str) -> Any:
-        tf = self._require_configured()
-        keras = self._keras
-        param_names = check_build(spec, trainable=trainable, mode=mode)
+    def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
+               trainable: tuple[str, ...] | None, mode: str) -> Any:
+        tf, keras = self._tf, self._keras
         with tf.device(self._device_name):
-            layers = [self._layer(layer) for layer in spec.layers]
-            model = keras.Sequential([keras.Input(shape=tuple(spec.input_shape)), *layers], name=spec.name)
-            param_layers = [model.get_layer(n) for n in param_names]
-            for layer in param_layers:
-                layer.trainable = trainable is None or layer.name in trainable
-            train_vars = [v.value for layer in param_layers if layer.trainable
-                          for v in (layer.kernel, layer.bias)]
-            m = [tf.Variable(tf.zeros_like(p), trainable=False, name="adam_m") for p in train_vars]
-            v = [tf.Variable(tf.zeros_like(p), trainable=False, name="adam_v") for p in train_vars]
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_t")
-        handle = _Model(spec=spec, keras_model=model, param_layers=param_layers, train_vars=train_vars,
-                        m=m, v=v, step=step, mode=mode)
-        self.set_weights(handle, weights)
+            inputs = keras.Input(shape=tuple(spec.input_shape), dtype="int32" if spec.takes_tokens else "float32")
+            model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
+            by_layer = {}
+            for layer in spec.param_layer_names():
+                keras_layer = model.get_layer(layer)
+                # A frozen Keras BatchNorm runs in inference mode: the spec's rule.
+                keras_layer.trainable = trainable is None or layer in trainable
+                by_layer[layer] = list(keras_layer.weights)
+            variables = [by_layer[e.layer].pop(0) for e in spec.params()]
+            train_vars = [v.value for e, v in zip(spec.params(), variables)
+                          if e.param.trainable and (trainable is None or e.layer in trainable)]
+            slots = [[tf.Variable(tf.zeros_like(p), trainable=False) for _ in range(self._slot_count(spec))]
+                     for p in train_vars]
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            table = tf.constant(spec.optimizer.lr_table(), tf.float32)
+        handle = _Model(spec=spec, trainable_layers=trainable, keras_model=model, variables=variables,
+                        train_vars=train_vars, slots=slots, step=step, lr_table=table, mode=mode)
+        self._set_weights(handle, weights)
         return handle
 
-    def get_weights(self, model: _Model) -> list[np.ndarray]:
-        return [np.array(v.value.numpy(), dtype=np.float32, copy=True)
-                for layer in model.param_layers for v in (layer.kernel, layer.bias)]
+    @staticmethod
+    def _slot_count(spec: TaskSpec) -> int:
+        o = spec.optimizer
+        return (1 if o.momentum else 0) if o.kind == "sgd" else 2
 
-    def set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
-        shapes = [s for _, k, b in model.spec.param_shapes() for s in (k, b)]
-        if len(weights) != len(shapes):
-            raise ValueError(f"{len(weights)} arrays given, task {model.spec.name!r} needs {len(shapes)}")
-        variables = [v for layer in model.param_layers for v in (layer.kernel, layer.bias)]
-        for var, w, shape in zip(variables, weights, shapes):
-            w = np.asarray(w, np.float32)
-            if w.shape != tuple(shape):
-                raise ValueError(f"{var.path}: shape {w.shape}, expected {tuple(shape)}")
-            var.value.assign(w)  # canonical layout is Keras's own: Dense (in, out), Conv2D HWIO
+    def _get_weights(self, model: _Model) -> list[np.ndarray]:
+        return [np.array(v.value.numpy(), dtype=np.float32, copy=True) for v in model.variables]
+
+    def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
+        for var, w, entry in zip(model.variables, weights, model.spec.params()):
+            if tuple(var.shape) != entry.param.shape:  # a Keras layout change would land here, not silently
+                raise ValueError(f"{var.path}: Keras shape {tuple(var.shape)}, canonical {entry.param.shape}")
+            var.value.assign(w)  # every kind's Keras layout is the canonical one
         # Fresh optimizer state through assignments: the traced functions capture these
         # variables, so nothing retraces.
-        for slot in (*model.m, *model.v):
+        for slot in (s for slots in model.slots for s in slots):
             slot.assign(self._tf.zeros_like(slot))
         model.step.assign(0)
 
@@ -206,10 +270,38 @@ class TensorFlowBackend(Backend):
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
         return logits, losses
 
+    def _update(self, model: _Model, grads) -> None:
+        """One optimizer step on the trainable variables, in tasks/optim.py's pinned forms."""
+        tf = self._tf
+        o = model.spec.optimizer
+        # An Embedding's gradient arrives as IndexedSlices; the pinned optimizers update every
+        # row (Adam's moments decay everywhere), as torch's dense gradient and optax do.
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        if o.clip_norm is not None:
+            norm = tf.linalg.global_norm(grads)
+            grads = [g * tf.minimum(1.0, o.clip_norm / norm) for g in grads]
+        steps_before = model.step.assign_add(1) - 1
+        lr = tf.gather(model.lr_table, tf.minimum(steps_before, len(o.lr_table()) - 1))
+        if o.kind == "sgd":
+            for p, g, slots in zip(model.train_vars, grads, model.slots):
+                if slots:
+                    buf = slots[0].assign(o.momentum * slots[0] + g)
+                    g = g + o.momentum * buf if o.nesterov else buf
+                p.assign_sub(lr * g)
+            return
+        t = tf.cast(steps_before + 1, tf.float32)
+        bc1, bc2 = 1.0 - tf.pow(o.beta1, t), 1.0 - tf.pow(o.beta2, t)
+        for p, g, (m, v) in zip(model.train_vars, grads, model.slots):
+            if o.kind == "adamw":
+                p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
+            # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
+            # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
+            m_new = m.assign(o.beta1 * m + (1.0 - o.beta1) * g)
+            v_new = v.assign(o.beta2 * v + (1.0 - o.beta2) * tf.square(g))
+            p.assign_sub(lr * (m_new / bc1) / (tf.sqrt(v_new / bc2) + o.eps))
+
     def _step_fn(self, model: _Model):
         tf = self._tf
-        opt = model.spec.optimizer
-        lr, b1, b2, eps = (tf.constant(c, tf.float32) for c in (opt.lr, opt.beta1, opt.beta2, opt.eps))
 
         def step(xb, yb):
             # Only the trainable layers' variables are watched, so the backward pass stops
@@ -218,15 +310,7 @@ class TensorFlowBackend(Backend):
                 tape.watch(model.train_vars)
                 _, losses = self._loss_terms(model, xb, yb, training=True)
                 loss = tf.reduce_mean(losses)
-            grads = tape.gradient(loss, model.train_vars)
-            t = tf.cast(model.step.assign_add(1), tf.float32)
-            bc1, bc2 = 1.0 - tf.pow(b1, t), 1.0 - tf.pow(b2, t)
-            # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
-            # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
-            for p, g, m, v in zip(model.train_vars, grads, model.m, model.v):
-                m_new = m.assign(b1 * m + (1.0 - b1) * g)
-                v_new = v.assign(b2 * v + (1.0 - b2) * tf.square(g))
-                p.assign_sub(lr * (m_new / bc1) / (tf.sqrt(v_new / bc2) + eps))
+            self._update(model, tape.gradient(loss, model.train_vars))
             return loss
 
         # Compiled mode compiles the step, not the epoch loop: XLA needs static shapes, and
@@ -234,16 +318,22 @@ class TensorFlowBackend(Backend):
         # epoch length (warm-up's two steps included) and every dataset size.
         return tf.function(step, jit_compile=model.mode == "compiled")
 
+    def _signatures(self, model: _Model):
+        """TensorSpecs of x and y: float32 features or int32 ids; one label per sample or per position."""
+        tf = self._tf
+        spec = model.spec
+        x_dtype = tf.int32 if spec.takes_tokens else tf.float32
+        return (tf.TensorSpec((None, *spec.input_shape), x_dtype),
+                tf.TensorSpec((None, *spec.layer_shapes()[-1][:-1]), tf.int32))
+
     def _epoch_fn(self, model: _Model, batch_size: int):
         key = ("epoch", batch_size)
         if key in model.fns:
             return model.fns[key]
         tf = self._tf
         step = self._step_fn(model)
-        shape = (None, *model.spec.input_shape)
 
-        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([None], tf.int32),
-                                      tf.TensorSpec([None], tf.int32)])
+        @tf.function(input_signature=[*self._signatures(model), tf.TensorSpec([None], tf.int32)])
         def epoch(x, y, order):
             steps = tf.shape(order)[0] // batch_size
             losses = tf.TensorArray(tf.float32, size=steps)
@@ -263,14 +353,13 @@ class TensorFlowBackend(Backend):
 
         def batch_sums(xb, yb):
             logits, losses = self._loss_terms(model, xb, yb, training=False)
-            correct = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), yb), tf.float32)
+            correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb), tf.float32)
             return tf.reduce_sum(losses), tf.reduce_sum(correct)
 
         # XLA compiles once per batch shape: the full batch and the last partial one.
         batch_sums = tf.function(batch_sums, jit_compile=model.mode == "compiled")
-        shape = (None, *model.spec.input_shape)
 
-        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32), tf.TensorSpec([None], tf.int32)])
+        @tf.function(input_signature=list(self._signatures(model)))
         def evaluate(x, y):
             n = tf.shape(y)[0]
             loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
@@ -279,7 +368,7 @@ class TensorFlowBackend(Backend):
                 b_loss, b_correct = batch_sums(x[start:stop], y[start:stop])
                 loss_sum += b_loss
                 correct += b_correct
-            count = tf.cast(n, tf.float32)
+            count = tf.cast(tf.size(y), tf.float32)  # every position of every sample
             return tf.stack([loss_sum / count, correct / count])
 
         model.fns[key] = evaluate
@@ -290,34 +379,31 @@ class TensorFlowBackend(Backend):
             tf = self._tf
             model.fns["logits"] = tf.function(
                 lambda x: tf.cast(model.keras_model(x, training=False), tf.float32),
-                input_signature=[tf.TensorSpec((None, *model.spec.input_shape), tf.float32)],
+                input_signature=self._signatures(model)[:1],
                 jit_compile=model.mode == "compiled")
         return model.fns["logits"]
 
     # -- primitive steps the harness loop calls -----------------------------------------
 
-    def train_epoch(self, model: _Model, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
+    def _train_epoch(self, model: _Model, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
         tf = self._tf
-        order = np.asarray(order)
-        if len(order) % batch_size:
-            raise ValueError(f"len(order)={len(order)} is not a multiple of batch_size={batch_size}")
         x, y = data
         with tf.device(self._device_name):
             order_t = tf.constant(order.astype(np.int32, copy=False))  # one upload per epoch
             losses = self._epoch_fn(model, int(batch_size))(x, y, order_t)
         return losses.numpy().astype(np.float32, copy=False)  # the one host read
 
-    def evaluate(self, model: _Model, data: Any, batch_size: int) -> tuple[float, float]:
+    def _evaluate(self, model: _Model, data: Any, batch_size: int) -> tuple[float, float]:
         tf = self._tf
         x, y = data
         with tf.device(self._device_name):
             loss, acc = self._eval_fn(model, int(batch_size))(x, y).numpy()
         return float(loss), float(acc)
 
-    def logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
+    def _logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
         tf = self._tf
         with tf.device(self._device_name):
-            out = self._logits_fn(model)(tf.constant(np.asarray(x, np.float32)))
+            out = self._logits_fn(model)(tf.constant(x))
         return out.numpy().astype(np.float32, copy=False)
 
     def trace_counts(self, model: _Model) -> dict[str, int]:

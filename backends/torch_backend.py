@@ -1,13 +1,13 @@
-"""PyTorch adapter: builds a TaskSpec as an nn.Module and runs the harness's primitive steps."""
+"""PyTorch adapter: a TaskSpec as functional torch ops over parameters in torch layouts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, check_build, check_options
+from backends.base import Backend, BackendUnavailable
 from tasks.spec import TaskSpec
 
 # Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
@@ -19,14 +19,162 @@ from tasks.spec import TaskSpec
 CHANNELS_LAST = True
 
 
-def _flatten_permutation(hwc: tuple[int, int, int]) -> np.ndarray:
-    """perm[j] = the NHWC-flat index of the feature at NCHW-flat index j.
+class _Ctx:
+    """What a layer function may need beyond its input: parameters, mode, frozen layers."""
 
-    A canonical Dense kernel's rows follow NHWC flattening; torch flattens NCHW, so the
-    first Dense after a Flatten takes kernel[perm] to produce exactly the same logits.
+    def __init__(self, params: dict, *, train: bool, frozen: frozenset):
+        self.params, self.train, self.frozen = params, train, frozen
+
+    def p(self, layer, name: str):
+        return self.params[f"{layer.name}.{name}"]
+
+
+def _run(layers, h, ctx: _Ctx):
+    for layer in layers:
+        h = LAYERS[layer.kind].forward(layer, h, ctx)
+    return h
+
+
+def _activation(name: str, h):
+    import torch.nn.functional as F
+
+    fns = {"linear": lambda v: v, "relu": F.relu, "tanh": F.tanh, "silu": F.silu,
+           "gelu": lambda v: F.gelu(v, approximate="none"), "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+    return fns[name](h)
+
+
+def _dense(layer, h, ctx):
+    import torch.nn.functional as F
+
+    return _activation(layer.activation, F.linear(h, ctx.p(layer, "kernel"), ctx.p(layer, "bias")))
+
+
+def _same_padding(size: int, k: int, s: int) -> tuple[int, int]:
+    """TensorFlow's "same": total padding split with the odd row/column at the end."""
+    total = max((-(-size // s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv2d(layer, h, ctx):
+    import torch.nn.functional as F
+
+    k, s, padding = layer.kernel_size, layer.stride, 0
+    if layer.padding == "same":
+        (top, bottom), (left, right) = (_same_padding(n, k, s) for n in h.shape[2:])
+        if (top, left) == (bottom, right):
+            padding = (top, left)
+        else:  # torch pads symmetrically only
+            h = F.pad(h, (left, right, top, bottom))
+    y = F.conv2d(h, ctx.p(layer, "kernel"), ctx.p(layer, "bias"), stride=s, padding=padding)
+    return _activation(layer.activation, y)
+
+
+def _channel_view(h, v):
+    """A per-channel vector shaped to broadcast against h: channels are dim 1 of NCHW, else last."""
+    return v.view(1, -1, 1, 1) if h.dim() == 4 else v
+
+
+def _batchnorm(layer, h, ctx):
+    import torch
+
+    reduce = [d for d in range(h.dim()) if d != (1 if h.dim() == 4 else h.dim() - 1)]
+    mean, var = ctx.p(layer, "running_mean"), ctx.p(layer, "running_var")
+    if ctx.train and layer.name not in ctx.frozen:
+        # By hand, not F.batch_norm: torch updates running_var with the unbiased batch
+        # variance, the spec (as Keras and flax) with the biased one.
+        batch_var, batch_mean = torch.var_mean(h, dim=reduce, correction=0)
+        with torch.no_grad():
+            mean.mul_(1 - layer.momentum).add_(batch_mean.detach(), alpha=layer.momentum)
+            var.mul_(1 - layer.momentum).add_(batch_var.detach(), alpha=layer.momentum)
+        mean, var = batch_mean, batch_var
+    scale = ctx.p(layer, "scale") * torch.rsqrt(var + layer.eps)
+    return h * _channel_view(h, scale) + _channel_view(h, ctx.p(layer, "offset") - mean * scale)
+
+
+def _layernorm(layer, h, ctx):
+    import torch.nn.functional as F
+
+    nhwc = h.dim() == 4  # the canonical last axis is torch's channel axis: normalise in NHWC
+    x = h.permute(0, 2, 3, 1) if nhwc else h
+    y = F.layer_norm(x, x.shape[-1:], ctx.p(layer, "scale"), ctx.p(layer, "offset"), layer.eps)
+    return y.permute(0, 3, 1, 2) if nhwc else y
+
+
+def _flatten(layer, h, ctx):
+    # Canonical flattening is NHWC order. With channels_last storage the NHWC permute is
+    # a free view, and no Dense kernel needs its rows permuted.
+    return (h.permute(0, 2, 3, 1) if h.dim() == 4 else h).reshape(h.shape[0], -1)
+
+
+def _reshape(layer, h, ctx):
+    # Reshape the canonical (NHWC) layout, and hand images back in torch's logical NCHW.
+    y = (h.permute(0, 2, 3, 1) if h.dim() == 4 else h).reshape(h.shape[0], *layer.target_shape)
+    return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
+
+
+def _attention(layer, h, ctx):
+    import torch.nn.functional as F
+
+    b, t, d = h.shape
+    q, k, v = (F.linear(h, ctx.p(layer, f"{n}_kernel"), ctx.p(layer, f"{n}_bias")).view(b, t, layer.heads, -1)
+               .transpose(1, 2) for n in ("query", "key", "value"))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)  # scale 1/sqrt(head_dim)
+    return F.linear(o.transpose(1, 2).reshape(b, t, -1), ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias"))
+
+
+def _pool(fn_name):
+    def forward(layer, h, ctx):
+        import torch.nn.functional as F
+
+        return getattr(F, fn_name)(h, layer.pool_size)  # stride = window, floored: "valid"
+    return forward
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One layer kind in torch: its forward, and the parameters whose torch layout is not the canonical one.
+
+    layouts: param name -> (to_torch(canonical array), to_canonical(torch array, canonical shape));
+    any other parameter is stored as it is.
     """
-    h, w, c = hwc
-    return np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).ravel()
+
+    forward: Any
+    layouts: dict = field(default_factory=dict)
+
+
+# A kernel torch keeps as F.linear's (out, in) matrix: canonical (in, ...) flattened, transposed.
+_MATRIX = (lambda a: np.ascontiguousarray(a.reshape(a.shape[0], -1).T), lambda a, shape: a.T.reshape(shape))
+_OUT_MATRIX = (lambda a: np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T), lambda a, shape: a.T.reshape(shape))
+_FLAT = (lambda a: a.reshape(-1), lambda a, shape: a.reshape(shape))
+_OIHW = (lambda a: np.ascontiguousarray(a.transpose(3, 2, 0, 1)), lambda a, shape: a.transpose(2, 3, 1, 0))
+
+# The one map from spec layer kinds to torch: functional ops on parameters kept in
+# torch's layouts (Linear (out, in), Conv2d OIHW), converted only when weights cross.
+LAYERS = {
+    "dense": _Kind(_dense, {"kernel": _MATRIX}),
+    "activation": _Kind(lambda layer, h, ctx: _activation(layer.activation, h)),
+    "conv2d": _Kind(_conv2d, {"kernel": _OIHW}),
+    "maxpool2d": _Kind(_pool("max_pool2d")),
+    "avgpool2d": _Kind(_pool("avg_pool2d")),
+    "globalavgpool2d": _Kind(lambda layer, h, ctx: h.mean(dim=(2, 3))),
+    "flatten": _Kind(_flatten),
+    "reshape": _Kind(_reshape),
+    "batchnorm": _Kind(_batchnorm),
+    "layernorm": _Kind(_layernorm),
+    "dropout": _Kind(lambda layer, h, ctx: _functional().dropout(h, layer.rate, training=ctx.train)),
+    "embedding": _Kind(lambda layer, h, ctx: _functional().embedding(h, ctx.p(layer, "table"))),
+    "positionalembedding": _Kind(lambda layer, h, ctx: h + ctx.p(layer, "table")[: h.shape[1]]),
+    "multiheadselfattention": _Kind(_attention, {
+        **{f"{n}_kernel": _MATRIX for n in ("query", "key", "value")},
+        **{f"{n}_bias": _FLAT for n in ("query", "key", "value")}, "out_kernel": _OUT_MATRIX}),
+    "residual": _Kind(lambda layer, h, ctx: h + _run(layer.body, h, ctx)),
+}
+
+
+def _functional():
+    import torch.nn.functional as F
+
+    return F
 
 
 @dataclass
@@ -39,14 +187,16 @@ class _Data:
 @dataclass
 class _Model:
     spec: TaskSpec
-    module: Any  # torch.nn.Sequential in spec order
-    param_layers: list  # (layer name, torch layer, kind, row permutation or None), spec order
-    params: list  # every parameter, spec order
+    trainable_layers: tuple[str, ...] | None
+    params: dict  # canonical name -> tensor in torch layout (nn.Parameter where it trains)
     trainable: list  # parameters that train (requires_grad True)
+    frozen: frozenset  # names of frozen layers
     optimizer: Any
     mode: str
+    scheduler: Any = None
     train_step: Any = None
     eval_step: Any = None
+    forward: Any = None
 
 
 class TorchBackend(Backend):
@@ -59,12 +209,13 @@ class TorchBackend(Backend):
 
     # -- set-up --------------------------------------------------------------------------
 
-    def configure(self, *, device: str, threads: int, precision: str) -> None:
+    LAYERS = LAYERS
+
+    def _configure(self, *, device: str, threads: int, precision: str) -> None:
         try:
             import torch
         except ImportError as exc:  # pragma: no cover - the registry checks first
             raise BackendUnavailable(f"torch is not installed ({exc})") from None
-        check_options(device=device, precision=precision)
         if device == "gpu":
             if not torch.cuda.is_available():
                 raise BackendUnavailable("torch: device 'gpu' asked for but there is no CUDA device")
@@ -86,14 +237,13 @@ class TorchBackend(Backend):
         self._threads = torch.get_num_threads()
         self._precision = precision
 
-    def _torch(self):
-        if self._device is None:
-            raise RuntimeError("TorchBackend.configure() must be called first")
+    @staticmethod
+    def _torch():
         import torch
 
         return torch
 
-    def environment(self) -> dict:
+    def _environment(self) -> dict:
         torch = self._torch()
         on_cuda = self._device.type == "cuda"
         return {
@@ -109,12 +259,12 @@ class TorchBackend(Backend):
             "cudnn": torch.backends.cudnn.version() if on_cuda else None,
         }
 
-    def synchronize(self) -> None:
+    def _synchronize(self) -> None:
         torch = self._torch()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
-    def memory(self) -> dict:
+    def _memory(self) -> dict:
         torch = self._torch()
         if self._device.type == "cuda":
             return {"device_peak_mb": torch.cuda.max_memory_allocated(self._device) / 2**20}
@@ -139,75 +289,55 @@ class TorchBackend(Backend):
         """
         return t.permute(0, 3, 1, 2) if (CHANNELS_LAST and t.dim() == 4) else t
 
-    def put_data(self, x: np.ndarray, y: np.ndarray) -> _Data:
+    def _put_data(self, x: np.ndarray, y: np.ndarray) -> _Data:
         torch = self._torch()
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self._device)
+        yt = torch.from_numpy(y.astype(np.int64)).to(self._device)
+        if np.issubdtype(x.dtype, np.integer):  # token ids: int64, as F.embedding and indexing like them
+            return _Data(torch.from_numpy(x.astype(np.int64)).to(self._device), yt, len(y))
         return _Data(self._to_storage(x), yt, len(y))
 
     # -- model ---------------------------------------------------------------------------
 
-    def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
-              trainable: tuple[str, ...] | None, mode: str) -> _Model:
+    def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
+               trainable: tuple[str, ...] | None, mode: str) -> _Model:
         torch = self._torch()
-        from torch import nn
-
-        check_build(spec, trainable=trainable, mode=mode)
-
-        def conv(layer, in_shape):
-            return nn.Conv2d(in_shape[2], layer.filters, layer.kernel_size, padding=layer.padding)
-
-        def dense(layer, in_shape):
-            return nn.Linear(in_shape[0], layer.units)
-
-        factories = {
-            "conv2d": conv,
-            "dense": dense,
-            "maxpool2d": lambda layer, in_shape: nn.MaxPool2d(layer.pool_size),
-            "flatten": lambda layer, in_shape: nn.Flatten(),
-        }
-        modules, param_layers = [], []
-        in_shape, pending_perm = tuple(spec.input_shape), None
-        for layer, out_shape in zip(spec.layers, spec.layer_shapes()):
-            mod = factories[layer.kind](layer, in_shape)
-            modules.append(mod)
-            if layer.kind == "flatten" and len(in_shape) == 3:
-                pending_perm = _flatten_permutation(in_shape)
-            if layer.kind in ("dense", "conv2d"):
-                perm = pending_perm if layer.kind == "dense" else None
-                pending_perm = None if layer.kind == "dense" else pending_perm
-                param_layers.append((layer.name, mod, layer.kind, perm))
-            if getattr(layer, "activation", "linear") == "relu":
-                modules.append(nn.ReLU())
-            in_shape = out_shape
-        module = nn.Sequential(*modules).to(self._device)
-        if CHANNELS_LAST:
-            module = module.to(memory_format=torch.channels_last)
-        params = [p for _, mod, _, _ in param_layers for p in (mod.weight, mod.bias)]
-        train_params = []
-        for name, mod, _, _ in param_layers:
-            train = trainable is None or name in trainable
-            for p in (mod.weight, mod.bias):
-                p.requires_grad_(train)
-                if train:
-                    train_params.append(p)
-        model = _Model(spec=spec, module=module, param_layers=param_layers, params=params,
-                       trainable=train_params, optimizer=None, mode=mode)
-        self.set_weights(model, weights)
+        params, train_params = {}, []
+        kinds = {layer.name: layer.kind for layer, _, _ in spec.walk()}
+        for entry, w in zip(spec.params(), weights):
+            to_torch = LAYERS[kinds[entry.layer]].layouts.get(entry.param.name, (lambda a: a, None))[0]
+            t = torch.from_numpy(np.array(to_torch(w), np.float32)).to(self._device)
+            if CHANNELS_LAST and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            if entry.param.trainable and (trainable is None or entry.layer in trainable):
+                t.requires_grad_(True)
+                train_params.append(t)
+            params[entry.name] = t
+        frozen = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
+        model = _Model(spec=spec, trainable_layers=trainable, params=params, trainable=train_params, frozen=frozen,
+                       optimizer=None, mode=mode)
+        self._set_weights(model, weights)
         self._make_steps(model)
         return model
 
     def _new_optimizer(self, model: _Model):
         torch = self._torch()
-        opt = model.spec.optimizer
+        o = model.spec.optimizer
         if not model.trainable:
-            return None
-        # fused=True: one kernel over all parameters (CPU and CUDA). MNIST-MLP step,
-        # 40 interleaved chunks of 20 steps on the loaded 2-core CPU, samples/s best /
-        # median: fused 51.8k / 15.6k, foreach 41.5k / 13.4k, default 37.6k / 14.2k.
-        return torch.optim.Adam(model.trainable, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                fused=True)
+            return None, None
+        if o.kind == "sgd":
+            # torch's SGD is the spec's form (dampening 0): buf = momentum buf + g.
+            opt = torch.optim.SGD(model.trainable, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        else:
+            # fused=True: one kernel over all parameters (CPU and CUDA). MNIST-MLP step,
+            # 40 interleaved chunks of 20 steps on the loaded 2-core CPU, samples/s best /
+            # median: fused 51.8k / 15.6k, foreach 41.5k / 13.4k, default 37.6k / 14.2k.
+            cls, extra = ((torch.optim.AdamW, {"weight_decay": o.weight_decay}) if o.kind == "adamw"
+                          else (torch.optim.Adam, {}))
+            opt = cls(model.trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True, **extra)
+        table = o.lr_table()
+        if len(table) == 1:
+            return opt, None
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: table[min(s, len(table) - 1)] / o.lr)
 
     def _autocast(self):
         torch = self._torch()
@@ -221,19 +351,22 @@ class TorchBackend(Backend):
         torch = self._torch()
         import torch.nn.functional as F
 
-        module = model.module
         autocast = self._autocast
+        layers, params, frozen = model.spec.layers, model.params, model.frozen
+        clip = model.spec.optimizer.clip_norm
+
+        def forward(x, train):
+            with autocast():
+                return _run(layers, x, _Ctx(params, train=train, frozen=frozen)).float()
 
         def loss_fn(xb, yb):
-            with autocast():
-                logits = module(xb)
-            return F.cross_entropy(logits.float(), yb)
+            logits = forward(xb, True)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
 
         def eval_fn(xb, yb):
-            with autocast():
-                logits = module(xb).float()
-            losses = F.cross_entropy(logits, yb, reduction="sum")
-            correct = (logits.argmax(dim=1) == yb).sum()
+            logits = forward(xb, False)
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum")
+            correct = (logits.argmax(dim=-1) == yb).sum()
             return losses, correct
 
         if model.mode == "compiled":
@@ -251,80 +384,73 @@ class TorchBackend(Backend):
             loss_fn = torch.compile(loss_fn, dynamic=False)
             eval_fn = torch.compile(eval_fn, dynamic=False)
 
+        def clip_gradients():
+            # The spec's form, g *= min(1, clip / ||g||); clip_grad_norm_ would add 1e-6 to the norm.
+            grads = [p.grad for p in model.trainable]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            torch._foreach_mul_(grads, torch.clamp(clip / norm, max=1.0))
+
         def train_step(xb, yb):
             loss = loss_fn(xb, yb)
             loss.backward()
+            if clip is not None:
+                clip_gradients()
             model.optimizer.step()
             model.optimizer.zero_grad(set_to_none=True)
+            if model.scheduler is not None:
+                model.scheduler.step()
             return loss.detach()
 
         model.train_step = train_step
         model.eval_step = eval_fn
+        model.forward = forward
 
-    def get_weights(self, model: _Model) -> list[np.ndarray]:
+    def _layouts(self, model: _Model):
+        """(canonical name, tensor, layout pair or None) in spec order."""
+        kinds = {layer.name: layer.kind for layer, _, _ in model.spec.walk()}
+        return [(e, model.params[e.name], LAYERS[kinds[e.layer]].layouts.get(e.param.name))
+                for e in model.spec.params()]
+
+    def _get_weights(self, model: _Model) -> list[np.ndarray]:
         out = []
         with self._torch().no_grad():
-            for _, mod, kind, perm in model.param_layers:
-                w = mod.weight.detach().to("cpu").numpy()
-                if kind == "conv2d":
-                    kernel = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-                else:
-                    kernel = w.T  # (out, in) -> (in, out)
-                    if perm is not None:
-                        kernel = kernel[np.argsort(perm)]
-                out.append(np.array(kernel, dtype=np.float32, order="C"))
-                out.append(np.array(mod.bias.detach().to("cpu").numpy(), dtype=np.float32))
+            for entry, t, layout in self._layouts(model):
+                a = t.detach().to("cpu").numpy()
+                a = layout[1](a, entry.param.shape) if layout else a
+                out.append(np.array(a, dtype=np.float32, order="C"))
         return out
 
-    def set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
+    def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
         torch = self._torch()
-        if len(weights) != 2 * len(model.param_layers):
-            raise ValueError(f"{len(weights)} arrays given, the model has {2 * len(model.param_layers)}")
         with torch.no_grad():
-            for i, (name, mod, kind, perm) in enumerate(model.param_layers):
-                kernel = np.asarray(weights[2 * i], dtype=np.float32)
-                bias = np.asarray(weights[2 * i + 1], dtype=np.float32)
-                if kind == "conv2d":
-                    kernel = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-                else:
-                    if perm is not None:
-                        kernel = kernel[perm]
-                    kernel = kernel.T
-                if tuple(kernel.shape) != tuple(mod.weight.shape) or tuple(bias.shape) != tuple(mod.bias.shape):
-                    raise ValueError(f"layer {name!r}: weights of shape {weights[2 * i].shape}/{bias.shape} "
-                                     f"do not fit")
-                # copy_ keeps the parameter objects (and their memory format), so the
+            for (_, t, layout), w in zip(self._layouts(model), weights):
+                a = layout[0](w) if layout else w
+                # copy_ keeps the tensor objects (and their memory format), so the
                 # optimizer and any compiled graph keep pointing at the same tensors.
-                mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
-                mod.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
-                mod.weight.grad = None
-                mod.bias.grad = None
-        # A fresh optimizer: zero moments, step count 0.
-        model.optimizer = self._new_optimizer(model)
+                t.copy_(torch.from_numpy(np.ascontiguousarray(a, np.float32)))
+                t.grad = None
+        # A fresh optimizer: zero moments, step count 0, the schedule at its start.
+        model.optimizer, model.scheduler = self._new_optimizer(model)
 
     # -- primitive steps -----------------------------------------------------------------
 
     def _batch(self, data: _Data, idx):
         return self._compute_view(data.x.index_select(0, idx)), data.y.index_select(0, idx)
 
-    def train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
+    def _train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
         torch = self._torch()
         steps = len(order) // batch_size
         if steps == 0:
             return np.zeros(0, np.float32)
-        if model.optimizer is None:
-            raise RuntimeError("no trainable parameter layers: nothing to train")
-        order_t = torch.from_numpy(np.asarray(order[: steps * batch_size], dtype=np.int64)).to(self._device)
-        model.module.train()
+        order_t = torch.from_numpy(order.astype(np.int64)).to(self._device)
         losses = []
         for i in range(steps):
             xb, yb = self._batch(data, order_t[i * batch_size:(i + 1) * batch_size])
             losses.append(model.train_step(xb, yb))
         return torch.stack(losses).to("cpu").numpy().astype(np.float32)
 
-    def evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
+    def _evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
         torch = self._torch()
-        model.module.eval()
         total = torch.zeros((), dtype=torch.float64, device=self._device)
         correct = torch.zeros((), dtype=torch.int64, device=self._device)
         with torch.no_grad():
@@ -334,12 +460,12 @@ class TorchBackend(Backend):
                 total += loss_sum
                 correct += hits
         result = torch.stack([total, correct.double()]).to("cpu").numpy()
-        return float(result[0] / data.n), float(result[1] / data.n)
+        count = data.y.numel()  # every position of every sample
+        return float(result[0] / count), float(result[1] / count)
 
-    def logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
+    def _logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
         torch = self._torch()
-        model.module.eval()
-        with torch.no_grad(), self._autocast():
-            out = model.module(self._compute_view(self._to_storage(x)))
+        data = self._put_data(x, np.zeros(len(x), np.int32))
+        with torch.no_grad():
+            out = model.forward(self._compute_view(data.x), False)
         return out.float().to("cpu").numpy()
-

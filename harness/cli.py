@@ -22,7 +22,7 @@ from harness.runner import (
     run_matrix,
 )
 from harness.shard import parse_shard
-from tasks import TASKS
+from tasks import TASKS, get_task, is_task_file, load_task
 
 DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
 EXECUTORS = ("local", "ray")
@@ -59,7 +59,7 @@ def positive(kind, *, zero_ok: bool = False):
 
 
 def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    p.add_argument("--task", help=f"comma-separated; default all: {','.join(TASKS)}")
+    p.add_argument("--task", help=f"comma-separated names or task files (.toml); default all: {','.join(TASKS)}")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
     p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
                    "where found, else synthetic, said loudly); comma-separated, each task takes the first that "
@@ -102,6 +102,8 @@ def build_parser() -> Parser:
     add_run_options(sub.add_parser("sweep", help="throughput and memory against batch size, with a plot"),
                     sweep=True)
     sub.add_parser("list", help="tasks, backends and data sources found")
+    show = sub.add_parser("show", help="a task's layer table: output shapes, parameters, FLOPs")
+    show.add_argument("task", help="a task name or a task file (.toml)")
     report = sub.add_parser("report", help="write report.md/.html and plots for a results folder")
     report.add_argument("dir", type=Path)
     compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
@@ -120,8 +122,30 @@ def one_of(value: str, valid, flag: str) -> str:
     return value
 
 
+def task_names(value: str) -> list[str]:
+    """Task names from --task: built-in names, or .toml files loaded and registered under their spec name."""
+    from tasks.taskfile import TaskFileError
+
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    loaded = []
+    for item in items:
+        if not is_task_file(item):
+            loaded.append(item)
+            continue
+        try:
+            spec = load_task(item)
+        except TaskFileError as exc:
+            raise UsageError(str(exc)) from None
+        shape = data_mod.SHAPES.get(spec.dataset)
+        if shape is None or tuple(spec.input_shape) != tuple(shape):
+            raise UsageError(f"{item}: field 'dataset': {spec.dataset!r} with input_shape {tuple(spec.input_shape)} "
+                             f"is no dataset here; valid: " + ", ".join(f"{k} {v}" for k, v in data_mod.SHAPES.items()))
+        loaded.append(spec.name)
+    return names(",".join(loaded), TASKS, "task")
+
+
 def run_config(args, *, batch_size: int | None = None) -> RunConfig:
-    tasks = names(args.task, TASKS, "task") if args.task is not None else list(TASKS)
+    tasks = task_names(args.task) if args.task is not None else list(TASKS)
     if args.backend is not None:
         backends = names(args.backend, BACKENDS, "backend")
     else:
@@ -213,6 +237,13 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from tasks.summary import layer_table
+
+    print(layer_table(get_task(task_names(args.task)[0])))
+    return 0
+
+
 def cmd_report(args) -> int:
     from harness import report
     from harness.results import RECORDS_FILE
@@ -253,8 +284,8 @@ def cmd_merge(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare,
-            "merge": cmd_merge}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "report": cmd_report,
+            "compare": cmd_compare, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,7 +271,7 @@ def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str]]:
 def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
     kind = get_task(cell.task).dataset
     return {
-        "task": cell.task, "backend": cell.backend, "repeat": cell.repeat,
+        "task": cell.task, "task_spec": get_task(cell.task).to_dict(), "backend": cell.backend, "repeat": cell.repeat,
         # Repeat r of every backend uses seed + r: identical weights and batch order across
         # backends within a repeat, a fresh draw between repeats (so the spread is real).
         "seed": cfg.seed + cell.repeat, "data_seed": cfg.seed,

@@ -12,56 +12,64 @@ from pathlib import Path
 import numpy as np
 
 from harness.storage import write_atomic
-from tasks.spec import TaskSpec
+from tasks.layers import EMBEDDING_STD, Param
+from tasks.spec import TaskSpec, WeightsError
 
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """A checkpoint that does not fit the task it is loaded into."""
 
 
-def draw_layer(seed: int, stream: tuple[int, ...], kernel_shape, bias_shape) -> list[np.ndarray]:
-    """Glorot-uniform kernel and zero bias, from their own random stream.
+def draw(param: Param, rng: np.random.Generator) -> np.ndarray:
+    """One canonical array: Glorot-uniform kernels, N(0, 0.02) embeddings, zeros or ones otherwise.
 
-    Every layer draws from np.random.default_rng([seed, *stream]) so redrawing one layer
-    (a fresh head) never shifts the numbers any other layer gets.
+    Only the random inits consume the layer's stream, in parameter order, so a Dense or
+    Conv2D layer's kernel is the first draw of its stream, as it always was.
     """
-    receptive = math.prod(kernel_shape[:-2])  # 1 for Dense, kh*kw for HWIO convs
-    fan_in, fan_out = kernel_shape[-2] * receptive, kernel_shape[-1] * receptive
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
-    rng = np.random.default_rng([seed, *stream])
-    kernel = rng.uniform(-limit, limit, size=kernel_shape).astype(np.float32)
-    return [kernel, np.zeros(bias_shape, np.float32)]
+    if param.init == "glorot_uniform":
+        limit = math.sqrt(6.0 / sum(param.fans))
+        return rng.uniform(-limit, limit, size=param.shape).astype(np.float32)
+    if param.init == "normal":
+        return (rng.standard_normal(param.shape) * EMBEDDING_STD).astype(np.float32)
+    return np.full(param.shape, 1.0 if param.init == "ones" else 0.0, np.float32)
+
+
+def _draw_layers(spec: TaskSpec, seed: int, stream: int, keep) -> list[np.ndarray | None]:
+    """Fresh arrays for the parameters whose layer passes `keep`, None for the others.
+
+    Every layer draws from np.random.default_rng([seed, stream, index]), index counting
+    the layers that have parameters, so redrawing one layer (a fresh head) never shifts
+    the numbers any other layer gets.
+    """
+    out, rngs = [], {}
+    for entry in spec.params():
+        if not keep(entry.layer):
+            out.append(None)
+            continue
+        rng = rngs.setdefault(entry.layer_index, np.random.default_rng([seed, stream, entry.layer_index]))
+        out.append(draw(entry.param, rng))
+    return out
 
 
 def initial_weights(spec: TaskSpec, seed: int, *, stream: int = 0) -> list[np.ndarray]:
-    """Canonical weights for every parameter layer: [kernel0, bias0, kernel1, bias1, ...]."""
-    weights: list[np.ndarray] = []
-    for index, (_, kernel_shape, bias_shape) in enumerate(spec.param_shapes()):
-        weights += draw_layer(seed, (stream, index), kernel_shape, bias_shape)
-    return weights
+    """Canonical weights, flat in spec order (`spec.params()`): e.g. [fc1.kernel, fc1.bias, head.kernel, ...]."""
+    return _draw_layers(spec, seed, stream, lambda layer: True)
 
 
 def reinitialise(spec: TaskSpec, weights: list[np.ndarray], names, seed: int, *, stream: int) -> list[np.ndarray]:
     """A copy of `weights` with the named layers redrawn from (seed, stream)."""
-    out = [w.copy() for w in weights]
-    for index, (name, kernel_shape, bias_shape) in enumerate(spec.param_shapes()):
-        if name in names:
-            out[2 * index: 2 * index + 2] = draw_layer(seed, (stream, index), kernel_shape, bias_shape)
-    return out
+    fresh = _draw_layers(spec, seed, stream, lambda layer: layer in names)
+    return [w.copy() if f is None else f for w, f in zip(weights, fresh)]
 
 
 def check_weights(spec: TaskSpec, weights: list[np.ndarray], *, source: str = "weights") -> None:
-    """Raise CheckpointError naming the first array whose shape does not fit the spec."""
-    expected = [s for _, k, b in spec.param_shapes() for s in (k, b)]
-    names = [f"{n}.{part}" for n, _, _ in spec.param_shapes() for part in ("kernel", "bias")]
-    if len(weights) != len(expected):
-        raise CheckpointError(f"{source}: {len(weights)} arrays, task {spec.name!r} needs {len(expected)}")
-    for name, array, shape in zip(names, weights, expected):
-        if tuple(array.shape) != tuple(shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(array.shape)}, "
-                                  f"task {spec.name!r} needs {tuple(shape)}")
+    """spec.check_weights, raising CheckpointError: the one validator, with the one message."""
+    try:
+        spec.check_weights(weights, source=source)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def save_checkpoint(path: Path, spec: TaskSpec, weights: list[np.ndarray], *, meta: dict | None = None) -> None:
@@ -107,18 +115,28 @@ def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
 
 
 def load_checkpoint_for(path: Path, spec: TaskSpec) -> list[np.ndarray]:
-    """Weights from `path`, refused with the first mismatch when they do not fit `spec`."""
+    """Weights from `path`, refused with the first mismatch when they do not fit `spec`.
+
+    Saved layers are read back as spec layers, so a checkpoint written before a layer
+    gained a field (Conv2D's stride) compares equal with that field at its default.
+    """
+    from tasks.taskfile import TaskFileError, layer_from_dict
+
     header, weights = load_checkpoint(path)
-    saved = header.get("spec")
-    saved_layers = saved.get("layers") if isinstance(saved, dict) else None
+    saved_spec = header.get("spec")
+    saved_layers = saved_spec.get("layers") if isinstance(saved_spec, dict) else None
     if not isinstance(saved_layers, list):
         raise CheckpointError(f"{path}: the checkpoint header has no spec with a list of layers")
-    layers = spec.to_dict()["layers"]
-    for i, (a, b) in enumerate(zip(saved_layers, layers)):
-        if a != b:
-            raise CheckpointError(f"{path}: layer {i} is {a} in the checkpoint but {b} in task {spec.name!r}")
-    if len(saved_layers) != len(layers):
+    for i, (table, layer) in enumerate(zip(saved_layers, spec.layers)):
+        try:
+            saved = layer_from_dict(table, f"layers[{i}]")
+        except TaskFileError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if saved != layer:
+            raise CheckpointError(f"{path}: layer {i} is {table} in the checkpoint but "
+                                  f"{spec.to_dict()['layers'][i]} in task {spec.name!r}")
+    if len(saved_layers) != len(spec.layers):
         raise CheckpointError(f"{path}: {len(saved_layers)} layers in the checkpoint, "
-                              f"{len(layers)} in task {spec.name!r}")
+                              f"{len(spec.layers)} in task {spec.name!r}")
     check_weights(spec, weights, source=str(path))
     return weights

@@ -64,8 +64,11 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from harness.results import host_environment
     from harness.weights import load_checkpoint_for
     from tasks import get_task
+    from tasks.taskfile import spec_from_dict
 
-    spec = get_task(cfg["task"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
+    # The runner sends the whole spec, so a task from a file needs no file here.
+    spec = spec_from_dict(cfg["task_spec"]) if "task_spec" in cfg else get_task(cfg["task"])
+    spec = spec.with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
     record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
                      "device_requested": cfg["device"], "threads": cfg["threads"]}

@@ -1,4 +1,6 @@
-"""The task registry: every benchmark task by name, framework-free."""
+"""The task registry: every benchmark task by name, and task files registered at run time; framework-free."""
+
+from pathlib import Path
 
 from tasks.cifar_cnn import CIFAR_CNN
 from tasks.finetune import FINETUNE
@@ -6,6 +8,26 @@ from tasks.mnist_mlp import MNIST_MLP
 from tasks.spec import TaskSpec
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE)}
+TASK_FILE_SUFFIX = ".toml"
+
+
+def is_task_file(name: str) -> bool:
+    return name.endswith(TASK_FILE_SUFFIX)
+
+
+def load_task(name: str) -> TaskSpec:
+    """A built-in task by name, or the task a .toml file describes (registered under its spec name)."""
+    if not is_task_file(name):
+        return get_task(name)
+    from tasks.taskfile import load_task_file
+
+    spec = load_task_file(Path(name))
+    if spec.name in TASKS and TASKS[spec.name] != spec:
+        from tasks.taskfile import TaskFileError
+
+        raise TaskFileError(f"{name}: task name {spec.name!r} is already taken by another task")
+    TASKS[spec.name] = spec
+    return spec
 
 
 def get_task(name: str) -> TaskSpec:

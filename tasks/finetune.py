@@ -7,7 +7,6 @@ from tasks.spec import Adam, Dense, Stage, TaskSpec
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
-FROZEN = ("conv1", "conv2", "conv3")
 
 # Both stages classify five classes, so the head has five units; stage 2 redraws it.
 _LAYERS = tuple(dataclasses.replace(layer, units=5) if isinstance(layer, Dense) and layer.name == "head"

@@ -1,4 +1,4 @@
-"""Backend-neutral task specification: frozen dataclasses validated when built."""
+"""TaskSpec: a model (layers), an optimizer and a training budget; it walks its layers for every derived fact."""
 
 from __future__ import annotations
 
@@ -6,94 +6,43 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("relu", "linear")
-PADDINGS = ("valid", "same")
-# Where Adam's epsilon sits. "sqrt_v_hat" is the paper's Algorithm 1 and what torch
-# and optax do: p -= lr * m_hat / (sqrt(v_hat) + eps). Keras adds eps to sqrt(v)
-# before bias correction ("epsilon hat"); its adapter converts. One formulation is
-# allowed so that no backend can silently run another.
-EPSILON_PLACEMENTS = ("sqrt_v_hat",)
+from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task modules import from
+    KINDS,
+    Activation,
+    AvgPool2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Embedding,
+    Flatten,
+    GlobalAvgPool2D,
+    Layer,
+    LayerNorm,
+    MaxPool2D,
+    MultiHeadSelfAttention,
+    Param,
+    PositionalEmbedding,
+    Reshape,
+    Residual,
+    SpecError,
+    require,
+)
+from tasks.optim import SGD, Adam, AdamW, Constant, Optimizer, WarmupCosine  # noqa: F401 - re-exported
 
 
-class SpecError(ValueError):
-    """A task specification that cannot describe a valid model or run."""
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SpecError(message)
+class WeightsError(ValueError):
+    """Canonical weights that do not fit the task: wrong count or a wrong shape."""
 
 
 @dataclass(frozen=True)
-class Dense:
-    units: int
+class ParamEntry:
+    """One canonical array in spec order: `<layer>.<param>`, its layer and its Param."""
+
     name: str
-    activation: str = "linear"
-    kind: str = field(default="dense", init=False)
-
-    def __post_init__(self):
-        _require(isinstance(self.units, int) and self.units > 0,
-                 f"layer {self.name!r}: units must be a positive int, got {self.units!r}")
-        _require(self.activation in ACTIVATIONS,
-                 f"layer {self.name!r}: unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-@dataclass(frozen=True)
-class Conv2D:
-    filters: int
-    kernel_size: int
-    name: str
-    padding: str = "valid"
-    activation: str = "linear"
-    kind: str = field(default="conv2d", init=False)
-
-    def __post_init__(self):
-        _require(isinstance(self.filters, int) and self.filters > 0,
-                 f"layer {self.name!r}: filters must be a positive int, got {self.filters!r}")
-        _require(isinstance(self.kernel_size, int) and self.kernel_size > 0,
-                 f"layer {self.name!r}: kernel_size must be a positive int, got {self.kernel_size!r}")
-        _require(self.padding in PADDINGS,
-                 f"layer {self.name!r}: unknown padding {self.padding!r}; valid: {', '.join(PADDINGS)}")
-        _require(self.activation in ACTIVATIONS,
-                 f"layer {self.name!r}: unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-@dataclass(frozen=True)
-class MaxPool2D:
-    pool_size: int
-    name: str
-    kind: str = field(default="maxpool2d", init=False)
-
-    def __post_init__(self):
-        _require(isinstance(self.pool_size, int) and self.pool_size > 0,
-                 f"layer {self.name!r}: pool_size must be a positive int, got {self.pool_size!r}")
-
-
-@dataclass(frozen=True)
-class Flatten:
-    name: str
-    kind: str = field(default="flatten", init=False)
-
-
-Layer = Dense | Conv2D | MaxPool2D | Flatten
-PARAM_KINDS = ("dense", "conv2d")
-
-
-@dataclass(frozen=True)
-class Adam:
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-7
-    epsilon_placement: str = "sqrt_v_hat"
-    name: str = field(default="adam", init=False)
-
-    def __post_init__(self):
-        _require(self.lr > 0, f"Adam lr must be positive, got {self.lr}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must lie in [0, 1)")
-        _require(self.eps > 0, f"Adam eps must be positive, got {self.eps}")
-        _require(self.epsilon_placement in EPSILON_PLACEMENTS,
-                 f"unknown epsilon_placement {self.epsilon_placement!r}; valid: {', '.join(EPSILON_PLACEMENTS)}")
+    layer: str
+    param: Param
+    layer_index: int  # index among the layers that have parameters: the weights' random stream
 
 
 @dataclass(frozen=True)
@@ -107,20 +56,29 @@ class Stage:
     reinit: tuple[str, ...] = ()  # layers redrawn from the seed before training
 
 
+def walk(layers, shape):
+    """Yield (layer, input shape, output shape) depth first: a composite, then its body, in spec order."""
+    for layer in layers:
+        yield layer, tuple(shape), layer.out_shape(shape)
+        yield from walk(layer.children(), shape)
+        shape = layer.out_shape(shape)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     dataset: str
-    input_shape: tuple[int, ...]  # NHWC without the batch axis
+    input_shape: tuple[int, ...]  # without the batch axis: HWC images, or (seq,) token ids
     layers: tuple[Layer, ...]
-    optimizer: Adam
+    optimizer: Optimizer
     batch_size: int
     epochs: int
     target_accuracy: float
     seed: int = 0
     # The loss is fixed, not configurable: softmax cross-entropy on the logits of the
-    # last Dense layer with integer labels. Tutorials that put softmax before
-    # CrossEntropyLoss, or a single sigmoid unit under ten classes, cannot be written.
+    # last Dense layer with integer labels (one per sample, or one per position when the
+    # logits are (seq, classes)). Tutorials that put softmax before CrossEntropyLoss, or
+    # a single sigmoid unit under ten classes, cannot be written.
     loss: str = field(default="softmax_cross_entropy_integer_labels", init=False)
     stages: tuple[Stage, ...] = (Stage(name="train"),)
     primary_stage: str = "train"  # the stage whose metrics head the record
@@ -128,106 +86,101 @@ class TaskSpec:
     num_classes: int = 10
 
     def __post_init__(self):
-        _require(bool(self.layers), f"task {self.name!r}: no layers")
-        names = [layer.name for layer in self.layers]
+        require(bool(self.layers), f"task {self.name!r}: no layers")
+        names = [layer.name for layer, _, _ in self.walk()]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        _require(not dupes, f"task {self.name!r}: layer name used twice: {', '.join(dupes)}")
-        _require(self.batch_size > 0, f"task {self.name!r}: batch_size must be positive")
-        _require(self.eval_batch_size > 0, f"task {self.name!r}: eval_batch_size must be positive")
-        _require(self.epochs > 0, f"task {self.name!r}: epochs must be positive")
-        _require(0 < self.target_accuracy <= 1, f"task {self.name!r}: target_accuracy must lie in (0, 1]")
+        require(not dupes, f"task {self.name!r}: layer name used twice: {', '.join(dupes)}")
+        require(self.batch_size > 0, f"task {self.name!r}: batch_size must be positive")
+        require(self.eval_batch_size > 0, f"task {self.name!r}: eval_batch_size must be positive")
+        require(self.epochs > 0, f"task {self.name!r}: epochs must be positive")
+        require(0 < self.target_accuracy <= 1, f"task {self.name!r}: target_accuracy must lie in (0, 1]")
         last = self.layers[-1]
-        _require(isinstance(last, Dense) and last.activation == "linear",
+        require(isinstance(last, Dense) and last.activation == "linear",
                  f"task {self.name!r}: the last layer must be a linear Dense (logits); "
                  "the loss applies softmax itself")
         stage_names = [s.name for s in self.stages]
-        _require(len(set(stage_names)) == len(stage_names), f"task {self.name!r}: stage name used twice")
-        _require(self.primary_stage in stage_names,
+        require(len(set(stage_names)) == len(stage_names), f"task {self.name!r}: stage name used twice")
+        require(self.primary_stage in stage_names,
                  f"task {self.name!r}: primary_stage {self.primary_stage!r} is not a stage")
         param_names = set(self.param_layer_names())
         for i, stage in enumerate(self.stages):
             n_out = len(stage.classes) if stage.classes is not None else self.num_classes
-            _require(last.units == n_out,
+            require(last.units == n_out,
                      f"task {self.name!r} stage {stage.name!r}: the head has {last.units} units "
                      f"but the stage trains {n_out} classes")
             if stage.classes is not None:
-                _require(all(0 <= c < self.num_classes for c in stage.classes)
+                require(all(0 <= c < self.num_classes for c in stage.classes)
                          and len(set(stage.classes)) == len(stage.classes),
                          f"stage {stage.name!r}: classes must be distinct and in [0, {self.num_classes})")
-            _require(stage.init in ("seed", "previous"),
+            require(stage.init in ("seed", "previous"),
                      f"stage {stage.name!r}: init must be 'seed' or 'previous', got {stage.init!r}")
-            _require(i > 0 or stage.init == "seed", f"stage {stage.name!r}: the first stage has no previous")
+            require(i > 0 or stage.init == "seed", f"stage {stage.name!r}: the first stage has no previous")
             for group in ("trainable", "reinit"):
                 unknown = set(getattr(stage, group) or ()) - param_names
-                _require(not unknown,
+                require(not unknown,
                          f"stage {stage.name!r}: {group} names unknown parameter layers {sorted(unknown)}; "
                          f"valid: {sorted(param_names)}")
-        self.layer_shapes()  # raises when the layers do not fit the input
+        for layer, _, out in self.walk():
+            require(all(d > 0 for d in out), f"layer {layer.name!r}: output shape {out} is empty")
 
-    # -- derived facts, computed from the spec alone -----------------------------------
+    # -- derived facts, computed by walking the layers ------------------------------------
 
-    def param_layer_names(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.kind in PARAM_KINDS]
+    def walk(self):
+        """(layer, input shape, output shape) for every layer, composites before their bodies."""
+        return walk(self.layers, self.input_shape)
+
+    @property
+    def takes_tokens(self) -> bool:
+        """Whether the input is int32 token ids (an Embedding first) rather than float32 features."""
+        return isinstance(self.layers[0], Embedding)
 
     def layer_shapes(self) -> list[tuple[int, ...]]:
-        """Output shape (without batch) of every layer, in NHWC."""
-        shape = tuple(self.input_shape)
-        shapes = []
+        """Output shape (without batch) of every top-level layer."""
+        shape, shapes = tuple(self.input_shape), []
         for layer in self.layers:
-            if layer.kind == "conv2d":
-                _require(len(shape) == 3, f"layer {layer.name!r}: Conv2D needs an HWC input, got {shape}")
-                h, w, _ = shape
-                if layer.padding == "valid":
-                    h, w = h - layer.kernel_size + 1, w - layer.kernel_size + 1
-                shape = (h, w, layer.filters)
-            elif layer.kind == "maxpool2d":
-                _require(len(shape) == 3, f"layer {layer.name!r}: MaxPool2D needs an HWC input, got {shape}")
-                shape = (shape[0] // layer.pool_size, shape[1] // layer.pool_size, shape[2])
-            elif layer.kind == "flatten":
-                shape = (math.prod(shape),)
-            elif layer.kind == "dense":
-                _require(len(shape) == 1, f"layer {layer.name!r}: Dense needs a flat input, got {shape}; "
-                         "add a Flatten")
-                shape = (layer.units,)
-            _require(all(d > 0 for d in shape), f"layer {layer.name!r}: output shape {shape} is empty")
+            shape = layer.out_shape(shape)
             shapes.append(shape)
         return shapes
 
-    def param_shapes(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        """(layer name, kernel shape, bias shape) per parameter layer, canonical layout."""
-        out = []
-        in_shape = tuple(self.input_shape)
-        for layer, shape in zip(self.layers, self.layer_shapes()):
-            if layer.kind == "dense":
-                out.append((layer.name, (in_shape[0], layer.units), (layer.units,)))
-            elif layer.kind == "conv2d":
-                k = layer.kernel_size
-                out.append((layer.name, (k, k, in_shape[2], layer.filters), (layer.filters,)))
-            in_shape = shape
-        return out
+    def params(self) -> list[ParamEntry]:
+        """Every canonical array, flat in spec order: the order of the weights list."""
+        entries, index = [], 0
+        for layer, shape, _ in self.walk():
+            params = layer.params(shape)
+            entries += [ParamEntry(f"{layer.name}.{p.name}", layer.name, p, index) for p in params]
+            index += bool(params)
+        return entries
+
+    def param_layer_names(self) -> list[str]:
+        return list(dict.fromkeys(e.layer for e in self.params()))
 
     def param_count(self, trainable: tuple[str, ...] | None = None) -> int:
-        return sum(math.prod(k) + math.prod(b) for name, k, b in self.param_shapes()
-                   if trainable is None or name in trainable)
+        """Learned parameters (running statistics excluded) of the named layers (None: all)."""
+        return sum(math.prod(e.param.shape) for e in self.params()
+                   if e.param.trainable and (trainable is None or e.layer in trainable))
+
+    def check_weights(self, weights, *, source: str = "weights") -> None:
+        """The one weights validator: raise WeightsError naming the first array that does not fit."""
+        entries = self.params()
+        if len(weights) != len(entries):
+            raise WeightsError(f"{source}: {len(weights)} arrays, task {self.name!r} needs {len(entries)}")
+        for entry, array in zip(entries, weights):
+            if tuple(array.shape) != entry.param.shape:
+                raise WeightsError(f"{source}: {entry.name} has shape {tuple(array.shape)}, "
+                                   f"task {self.name!r} needs {entry.param.shape}")
 
     def train_flops_per_sample(self, trainable: tuple[str, ...] | None = None) -> int:
-        """Training FLOPs per sample of the Dense and Conv2D layers (pooling is negligible).
+        """Training FLOPs per sample of the matmul-like layers (see LayerBase.flops).
 
         Forward: 2 x multiply-adds per layer. Backward: 2 x forward for every layer from
         the lowest trainable one up (its weight gradient and its input gradient), the
         usual 1:2 rule; with nothing frozen that is 3 x forward. Frozen layers below
         the lowest trainable one cost their forward pass only.
         """
-        per_layer = []
-        in_shape = tuple(self.input_shape)
-        for layer, shape in zip(self.layers, self.layer_shapes()):
-            if layer.kind == "dense":
-                per_layer.append((layer.name, 2 * in_shape[0] * layer.units))
-            elif layer.kind == "conv2d":
-                macs = shape[0] * shape[1] * layer.filters * layer.kernel_size ** 2 * in_shape[2]
-                per_layer.append((layer.name, 2 * macs))
-            in_shape = shape
-        lowest = next(i for i, (name, _) in enumerate(per_layer) if trainable is None or name in trainable)
+        trains = {e.layer for e in self.params() if e.param.trainable and (trainable is None or e.layer in trainable)}
+        per_layer = [(layer.name, layer.flops(shape)) for layer, shape, _ in self.walk()
+                     if not layer.children()]  # a composite's cost is its body's
+        lowest = next((i for i, (name, _) in enumerate(per_layer) if name in trains), len(per_layer))
         return sum(f for _, f in per_layer) + sum(2 * f for _, f in per_layer[lowest:])
 
     def stage(self, name: str) -> Stage:

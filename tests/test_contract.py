@@ -99,7 +99,7 @@ def test_frozen_layers_stay_bit_identical(backend_name):
     order = epoch_order(0, 1, 0, len(d.y_train), 32)
     backend.train_epoch(model, backend.put_data(d.x_train, d.y_train), order, 32)
     after = backend.get_weights(model)
-    names = [f"{n}.{p}" for n, _, _ in spec.param_shapes() for p in ("kernel", "bias")]
+    names = [e.name for e in spec.params()]
     for name, before, now in zip(names, w, after):
         if name.split(".")[0] in ("conv1", "conv2", "conv3"):
             assert np.array_equal(before, now), f"{name} changed although frozen"
@@ -135,8 +135,8 @@ def test_one_adam_step_follows_the_paper(backend_name):
     d = small_data("mnist", 64)
     model = backend.build(spec, w, trainable=None, mode="compiled")
     losses = backend.train_epoch(model, backend.put_data(d.x_train, d.y_train), np.arange(64, dtype=np.int32), 64)
-    loss, grads = numpy_reference.mlp_loss_and_grads(w, d.x_train, d.y_train)
-    want = numpy_reference.paper_adam_first_step(w, grads, spec.optimizer)
+    loss, grads, _, _ = numpy_reference.loss_and_grads(spec, w, d.x_train, d.y_train)
+    want, _ = numpy_reference.train(spec, w, [(d.x_train, d.y_train)])
     np.testing.assert_allclose(losses, [loss], rtol=1e-5)
     # The first step moves a weight by lr * g / (|g| + eps). Where |g| is within a few eps
     # of zero that is ill-conditioned (d update / d g ~ lr / eps = 1e4), so float32
@@ -163,19 +163,26 @@ def test_eager_and_compiled_modes_agree(backend_name, task):
         data = backend.put_data(d.x_train, d.y_train)
         out[mode] = (backend.train_epoch(model, data, order, 64), backend.get_weights(model),
                      backend.evaluate(model, data, 100))
-    np.testing.assert_allclose(out["eager"][0], out["compiled"][0], atol=1e-5, rtol=0)
+    # Losses: 3e-5. Measured: torch cifar-cnn (functional ops since spec v2) differs by
+    # 1.05e-5 at step 4 while its step-1 gradients agree to 9e-7 relative: Adam turns that
+    # round-off on near-zero gradients into lr-sized steps; a wrong step is off by ~1e-2.
+    np.testing.assert_allclose(out["eager"][0], out["compiled"][0], atol=3e-5, rtol=0)
     (loss_e, acc_e), (loss_c, acc_c) = out["eager"][2], out["compiled"][2]
     assert loss_e == pytest.approx(loss_c, rel=1e-4) and abs(acc_e - acc_c) <= 1 / 256  # one prediction
     # Weights: where an implementation choice routes a gradient differently (max-pool
     # ties, ReLU at exactly 0: XLA and oneDNN differ) a weight's Adam step flips by up to
     # lr, and Adam's m/sqrt(v) amplifies round-off where gradients cancel across steps
-    # (measured: TF conv3, max 1.2e-3, mean 1.8e-6, over a movement of 4e-3). So each
-    # array agrees on average to 1% of how far it moved, and no weight by more than the
-    # 4 steps' bound of 4 lr; a mode that skipped or mis-scaled updates is off by ~100%.
+    # (measured: TF conv3, max 1.2e-3, mean 1.8e-6, over a movement of 4e-3; torch cifar-cnn
+    # since spec v2: one of fc1's 64 biases ends at -5.8e-4 in one mode and +5.8e-4 in the
+    # other, which alone is 1.4% of that array's mean movement). So each array, leaving
+    # out its max(1, 1%) largest differences, agrees on average to 1% of how far it moved,
+    # and no weight by more than the 4 steps' bound of 4 lr; a mode that skipped or
+    # mis-scaled updates is off by ~100%.
     for start, a, b in zip(w, out["eager"][1], out["compiled"][1]):
         moved = np.abs(a - start).mean()
-        assert moved > 0 and np.abs(a - b).mean() <= 0.01 * moved
-        assert np.abs(a - b).max() <= 4 * spec.optimizer.lr
+        diff = np.sort(np.abs(a - b).ravel())
+        assert moved > 0 and diff[: -max(1, a.size // 100)].mean() <= 0.01 * moved
+        assert diff[-1] <= 4 * spec.optimizer.lr
 
 
 def test_a_missing_gpu_is_unavailable_not_a_crash(backend_name):
@@ -186,3 +193,52 @@ def test_a_missing_gpu_is_unavailable_not_a_crash(backend_name):
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="(?i)gpu|cuda"):
         get_backend(backend_name).configure(device="gpu", threads=2, precision="fp32")
+
+
+# -- rules the Backend base class enforces, the same way on every backend ----------------------------------
+
+
+def test_bad_weights_get_the_one_message_everywhere(backend_name):
+    from tasks.spec import WeightsError
+
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    w = initial_weights(spec, 0)
+    bad = [*w[:2], np.zeros((128, 11), np.float32), w[3]]
+    with pytest.raises(WeightsError) as build_error:
+        backend.build(spec, bad, trainable=None, mode="eager")
+    model = backend.build(spec, w, trainable=None, mode="eager")
+    with pytest.raises(WeightsError) as set_error:
+        backend.set_weights(model, w[:3])
+    assert str(build_error.value) == "weights: head.kernel has shape (128, 11), task 'mnist-mlp' needs (128, 10)"
+    assert str(set_error.value) == "weights: 3 arrays, task 'mnist-mlp' needs 4"
+
+
+def test_ragged_orders_and_mismatched_data_are_refused(backend_name):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    d = small_data("mnist", 256)
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
+    data = backend.put_data(d.x_train, d.y_train)
+    with pytest.raises(ValueError, match="not a multiple of batch_size"):
+        backend.train_epoch(model, data, np.arange(200, dtype=np.int32), 128)  # torch once truncated this
+    with pytest.raises(ValueError, match="x has 256 samples but y has 255"):
+        backend.put_data(d.x_train, d.y_train[:255])
+
+
+def test_unknown_layer_kinds_and_unconfigured_backends_are_refused(backend_name, monkeypatch):
+    from backends import get_backend
+
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    monkeypatch.setattr(type(backend), "LAYERS", {k: v for k, v in backend.LAYERS.items() if k != "dense"})
+    with pytest.raises(ValueError, match=f"{backend_name}: no implementation of layer kind"):
+        backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
+    with pytest.raises(RuntimeError, match="configure\\(\\) must be called first"):
+        get_backend(backend_name).put_data(np.zeros((1, 2)), np.zeros(1))
+
+
+def test_every_adapter_table_covers_the_vocabulary(backend_name):
+    from tasks.layers import KINDS
+
+    assert set(configured(backend_name).LAYERS) == set(KINDS)

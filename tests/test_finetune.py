@@ -19,7 +19,7 @@ def small_finetune():
 
 
 def by_layer(spec, weights):
-    names = [f"{n}.{p}" for n, _, _ in spec.param_shapes() for p in ("kernel", "bias")]
+    names = [e.name for e in spec.params()]
     return dict(zip(names, weights))
 
 

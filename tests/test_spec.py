@@ -19,7 +19,8 @@ def mlp(**changes):
 
 def test_mnist_mlp_is_the_tutorial_model():
     spec = get_task("mnist-mlp")
-    assert [s for _, k, b in spec.param_shapes() for s in (k, b)] == [(784, 128), (128,), (128, 10), (10,)]
+    assert [(e.name, e.param.shape) for e in spec.params()] == [
+        ("fc1.kernel", (784, 128)), ("fc1.bias", (128,)), ("head.kernel", (128, 10)), ("head.bias", (10,))]
     assert spec.param_count() == 784 * 128 + 128 + 128 * 10 + 10
     assert (spec.optimizer.lr, spec.batch_size, spec.epochs, spec.target_accuracy) == (1e-3, 128, 5, 0.97)
 
@@ -73,7 +74,7 @@ def test_specs_are_frozen_and_serialisable():
         spec.epochs = 3
     d = spec.to_dict()
     assert d["layers"][0] == {"filters": 32, "kernel_size": 3, "name": "conv1", "padding": "valid",
-                              "activation": "relu", "kind": "conv2d"}
+                              "activation": "relu", "stride": 1, "kind": "conv2d"}
     assert d["optimizer"]["epsilon_placement"] == "sqrt_v_hat"
 
 
@@ -88,3 +89,34 @@ def test_frozen_layers_cost_only_their_forward_pass():
     frozen = spec.train_flops_per_sample(spec.stage("finetune").trainable)
     dense_forward = 2 * (1024 * 64 + 64 * 5)
     assert full - frozen == 2 * (full // 3 - dense_forward)  # the convs' backward is gone
+
+
+def test_layers_answer_their_own_geometry():
+    from tasks.spec import BatchNorm, MultiHeadSelfAttention, Residual
+
+    conv = Conv2D(filters=8, kernel_size=3, padding="same", stride=2, name="c")
+    assert conv.out_shape((7, 7, 3)) == (4, 4, 8) and conv.flops((7, 7, 3)) == 2 * 4 * 4 * 8 * 9 * 3
+    assert Conv2D(filters=8, kernel_size=3, stride=2, name="c").out_shape((7, 7, 3)) == (3, 3, 8)
+    attn = MultiHeadSelfAttention(heads=2, head_dim=4, name="a")
+    assert [(p.name, p.shape) for p in attn.params((5, 6))] == [
+        ("query_kernel", (6, 2, 4)), ("query_bias", (2, 4)), ("key_kernel", (6, 2, 4)), ("key_bias", (2, 4)),
+        ("value_kernel", (6, 2, 4)), ("value_bias", (2, 4)), ("out_kernel", (2, 4, 6)), ("out_bias", (6,))]
+    assert attn.flops((5, 6)) == 2 * 5 * 6 * 8 * 4 + 4 * 25 * 8
+    bn = BatchNorm(name="bn")
+    assert [(p.name, p.trainable) for p in bn.params((4, 4, 3))] == [
+        ("scale", True), ("offset", True), ("running_mean", False), ("running_var", False)]
+    with pytest.raises(SpecError, match="the body maps"):
+        Residual(name="r", body=(Dense(units=3, name="d"),)).out_shape((5,))
+
+
+def test_nested_layers_are_walked_and_named_flat_in_spec_order():
+    from tasks.spec import BatchNorm, Residual
+
+    spec = mlp(layers=(Flatten(name="f"), Residual(name="r", body=(
+        Dense(units=784, name="d1"), Residual(name="r2", body=(BatchNorm(name="bn"),)))), Dense(units=10, name="head")))
+    assert [layer.name for layer, _, _ in spec.walk()] == ["f", "r", "d1", "r2", "bn", "head"]
+    assert [e.name for e in spec.params()][:4] == ["d1.kernel", "d1.bias", "bn.scale", "bn.offset"]
+    assert spec.param_count() == 784 * 784 + 784 + 2 * 784 + 784 * 10 + 10  # running statistics excluded
+    with pytest.raises(SpecError, match="layer name used twice: d1"):
+        mlp(layers=(Flatten(name="f"), Residual(name="r", body=(Dense(units=784, name="d1"),)),
+                    Dense(units=784, name="d1"), Dense(units=10, name="head")))

@@ -1,20 +1,28 @@
-"""PyTorch-specific: the Flatten permutation that makes NCHW flattening match the canonical NHWC."""
+"""PyTorch-specific: canonical <-> torch layouts, NHWC flattening from channels_last, TensorFlow's "same" padding."""
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from backends.torch_backend import _flatten_permutation  # noqa: E402
+from backends.torch_backend import LAYERS, _same_padding  # noqa: E402
 
 
-@pytest.mark.parametrize("hwc", [(4, 4, 64), (3, 5, 2), (28, 28, 1)])
-def test_flatten_permutation_maps_nchw_features_to_nhwc_rows(hwc):
-    x = np.random.default_rng(0).random(hwc)
-    perm = _flatten_permutation(hwc)
-    assert sorted(perm) == list(range(x.size))  # a permutation
-    # torch's Flatten on NCHW gives feature j = x.transpose(2, 0, 1).ravel()[j]; the
-    # canonical Dense row for it is perm[j] in the NHWC flattening.
-    np.testing.assert_array_equal(x.transpose(2, 0, 1).ravel(), x.ravel()[perm])
-    if hwc[2] > 1:
-        assert not np.array_equal(perm, np.arange(x.size))  # it matters (logits parity checks the rest)
+@pytest.mark.parametrize("kind, param, shape", [
+    ("dense", "kernel", (7, 5)), ("conv2d", "kernel", (3, 3, 4, 8)),
+    ("multiheadselfattention", "query_kernel", (8, 2, 3)), ("multiheadselfattention", "query_bias", (2, 3)),
+    ("multiheadselfattention", "out_kernel", (2, 3, 8))])
+def test_layouts_round_trip_and_are_not_the_identity(kind, param, shape):
+    to_torch, to_canonical = LAYERS[kind].layouts[param]
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    t = to_torch(a)
+    np.testing.assert_array_equal(to_canonical(t, shape), a)
+    assert t.shape != a.shape or not np.array_equal(t, a)
+
+
+@pytest.mark.parametrize("size, k, s, want", [(32, 3, 1, (1, 1)), (32, 3, 2, (0, 1)), (7, 4, 1, (1, 2)),
+                                               (5, 1, 2, (0, 0))])
+def test_same_padding_puts_the_odd_row_last_as_tensorflow_does(size, k, s, want):
+    assert _same_padding(size, k, s) == want
+    top, bottom = want
+    assert (size + top + bottom - k) // s + 1 == -(-size // s)  # the output size "same" promises

@@ -17,7 +17,7 @@ from tasks import get_task
 def test_initial_weights_are_glorot_uniform_zero_bias_and_seeded():
     spec = get_task("cifar-cnn")
     w = initial_weights(spec, 0)
-    assert [a.shape for a in w] == [s for _, k, b in spec.param_shapes() for s in (k, b)]
+    assert [a.shape for a in w] == [e.param.shape for e in spec.params()]
     assert all(a.dtype == np.float32 for a in w)
     conv1 = w[0]  # HWIO (3, 3, 3, 32): fan_in 27, fan_out 288
     limit = np.sqrt(6 / (27 + 288))
@@ -66,3 +66,36 @@ def test_checkpoint_of_another_architecture_names_the_first_mismatch(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a tribench checkpoint"):
         load_checkpoint(tmp_path / "junk.npz")
+
+
+def test_a_checkpoint_from_before_spec_v2_still_loads(tmp_path):
+    # Written before Conv2D had a stride field: the saved layer dicts lack it.
+    spec = get_task("cifar-cnn")
+    w = initial_weights(spec, 0)
+    save_checkpoint(tmp_path / "new.npz", spec, w)
+    with np.load(tmp_path / "new.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    import json
+
+    header = json.loads(str(arrays["header"]))
+    for layer in header["spec"]["layers"]:
+        layer.pop("stride", None)
+    header["spec"]["optimizer"] = {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-7,
+                                   "epsilon_placement": "sqrt_v_hat", "name": "adam"}
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert all(np.array_equal(a, b) for a, b in zip(load_checkpoint_for(tmp_path / "old.npz", spec), w))
+
+
+def test_batchnorm_statistics_are_state_in_the_weights():
+    from pathlib import Path
+
+    from tasks.taskfile import load_task_file
+
+    spec = load_task_file(Path(__file__).parent.parent / "examples" / "tasks" / "cifar-resnet-bn.toml")
+    w = dict(zip((e.name for e in spec.params()), initial_weights(spec, 0)))
+    assert [n for n in w if n.startswith("stem_bn.")] == [
+        "stem_bn.scale", "stem_bn.offset", "stem_bn.running_mean", "stem_bn.running_var"]
+    assert not np.any(w["stem_bn.running_mean"]) and np.all(w["stem_bn.running_var"] == 1)
+    state = [e.name for e in spec.params() if not e.param.trainable]
+    assert state and all(n.endswith(("running_mean", "running_var")) for n in state)

@@ -1,0 +1,132 @@
+"""Optimizers, learning-rate schedules and gradient clipping, each in one pinned formulation.
+
+Every update below is what each adapter must compute, step s = 0, 1, 2, ... with
+lr_s = optimizer.lr * schedule.factor(s) and g the (clipped) gradient:
+
+- Clipping by global norm: g *= min(1, clip_norm / ||g||), ||g|| over every trainable
+  array (optax's form; torch's clip_grad_norm_ adds 1e-6 to the norm, its adapter does not).
+- Adam: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= lr_s m_hat / (sqrt(v_hat) + eps)
+  (Kingma & Ba's Algorithm 1, as torch and optax; Keras puts eps before bias correction).
+- AdamW: p -= lr_s * weight_decay * p, then the Adam step (decay decoupled from the
+  gradient and multiplied by the learning rate, as torch and optax; every trainable
+  array decays, biases and norms included). Defaults differ (torch 0.01, Keras 0.004,
+  optax 1e-4); the spec's default is 0, so a task states its decay.
+- SGD: buf = momentum buf + g (buf starts at 0); p -= lr_s (g + momentum buf) with
+  nesterov, else p -= lr_s buf (torch's and optax's form; Keras keeps lr inside the
+  velocity, v = momentum v - lr g, which differs once the learning rate changes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tasks.layers import require
+
+# Where Adam's epsilon sits: one formulation is allowed so that no backend can silently run another.
+EPSILON_PLACEMENTS = ("sqrt_v_hat",)
+
+
+@dataclass(frozen=True)
+class Constant:
+    kind: str = field(default="constant", init=False)
+
+    def factor(self, step: int) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up to the full rate over warmup_steps, then cosine decay to 0 at total_steps.
+
+    factor(s) = (s + 1) / warmup_steps for s < warmup_steps, else
+    0.5 (1 + cos(pi min(s - warmup_steps, decay) / decay)), decay = total_steps - warmup_steps.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    kind: str = field(default="warmup_cosine", init=False)
+
+    def __post_init__(self):
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+                f"schedule: warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
+        require(isinstance(self.total_steps, int) and self.total_steps > self.warmup_steps,
+                f"schedule: total_steps must be an int above warmup_steps, got {self.total_steps!r}")
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay = self.total_steps - self.warmup_steps
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - self.warmup_steps, decay) / decay))
+
+
+Schedule = Constant | WarmupCosine
+SCHEDULES = {"constant": Constant, "warmup_cosine": WarmupCosine}
+
+
+class _Common:
+    def _check_common(self):
+        name = type(self).__name__
+        require(isinstance(self.lr, (int, float)) and self.lr > 0, f"{name} lr must be positive, got {self.lr}")
+        require(self.clip_norm is None or self.clip_norm > 0, f"{name} clip_norm must be positive or absent")
+        require(isinstance(self.schedule, tuple(SCHEDULES.values())), f"{name} schedule must be one of "
+                f"{', '.join(SCHEDULES)}")
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.schedule.factor(step)
+
+    def lr_table(self) -> list[float]:
+        """lr_at(s) for s = 0 .. len - 1; the last entry holds for every later step.
+
+        Adapters index this table (clamped) instead of re-writing the schedule's formula.
+        """
+        steps = self.schedule.total_steps + 1 if isinstance(self.schedule, WarmupCosine) else 1
+        return [self.lr_at(s) for s in range(steps)]
+
+
+@dataclass(frozen=True)
+class Adam(_Common):
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-7
+    epsilon_placement: str = "sqrt_v_hat"
+    schedule: Schedule = Constant()
+    clip_norm: float | None = None
+    kind: str = field(default="adam", init=False)
+
+    def __post_init__(self):
+        self._check_common()
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must lie in [0, 1)")
+        require(self.eps > 0, f"Adam eps must be positive, got {self.eps}")
+        require(self.epsilon_placement in EPSILON_PLACEMENTS,
+                f"unknown epsilon_placement {self.epsilon_placement!r}; valid: {', '.join(EPSILON_PLACEMENTS)}")
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    weight_decay: float = 0.0
+    kind: str = field(default="adamw", init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.weight_decay >= 0, f"AdamW weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class SGD(_Common):
+    lr: float = 1e-2
+    momentum: float = 0.0
+    nesterov: bool = False
+    schedule: Schedule = Constant()
+    clip_norm: float | None = None
+    kind: str = field(default="sgd", init=False)
+
+    def __post_init__(self):
+        self._check_common()
+        require(0 <= self.momentum < 1, f"SGD momentum must lie in [0, 1), got {self.momentum}")
+        require(not self.nesterov or self.momentum > 0, "SGD nesterov needs a momentum above 0")
+
+
+Optimizer = Adam | AdamW | SGD
+OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "sgd": SGD}

@@ -1,0 +1,123 @@
+"""Task files: the examples load, specs round-trip through dicts, and every malformed file is one clear line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from tasks import TASKS
+from tasks.taskfile import TaskFileError, load_task_file, spec_from_dict
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "tasks").glob("*.toml"))
+
+GOOD = """
+name = "tiny"
+dataset = "mnist"
+input_shape = [28, 28, 1]
+batch_size = 32
+epochs = 1
+target_accuracy = 0.5
+
+[optimizer]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+
+[[layers]]
+kind = "flatten"
+name = "flatten"
+
+[[layers]]
+kind = "residual"
+name = "block"
+
+  [[layers.body]]
+  kind = "dense"
+  name = "inner"
+  units = 784
+
+[[layers]]
+kind = "dense"
+name = "head"
+units = 10
+"""
+
+
+def write(tmp_path, text, name="task.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_examples_load_and_cover_the_kinds_they_promise():
+    assert len(EXAMPLES) == 2
+    kinds = {p.stem: {layer.kind for layer, _, _ in load_task_file(p).walk()} for p in EXAMPLES}
+    assert {"residual", "batchnorm", "conv2d"} <= kinds["cifar-resnet-bn"]
+    assert {"layernorm", "dropout"} <= kinds["mnist-mlp-ln"]
+    assert any(layer.activation == "gelu" for layer, _, _ in load_task_file(EXAMPLES[1]).walk()
+               if hasattr(layer, "activation"))
+
+
+@pytest.mark.parametrize("spec", [*TASKS.values(), *map(load_task_file, EXAMPLES)], ids=lambda s: s.name)
+def test_specs_round_trip_through_json(spec):
+    # What a record or a checkpoint stores reads back as the same spec: report, compare and
+    # workers rely on it.
+    assert spec_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_a_small_file_builds_with_a_nested_residual_body(tmp_path):
+    spec = load_task_file(write(tmp_path, GOOD))
+    assert [layer.name for layer, _, _ in spec.walk()] == ["flatten", "block", "inner", "head"]
+    assert spec.optimizer.kind == "sgd" and spec.optimizer.momentum == 0.9
+    assert [e.name for e in spec.params()] == ["inner.kernel", "inner.bias", "head.kernel", "head.bias"]
+
+
+@pytest.mark.parametrize("change, words", [
+    (("units = 784", "unitz = 784"), ["layer layers[1].body[0] ('inner')", "unknown field 'unitz'"]),
+    (('kind = "dense"\n  name = "inner"', 'kind = "densse"\n  name = "inner"'), ["body[0]", "unknown kind 'densse'"]),
+    (("units = 784", 'units = "784"'), ["'inner'", "field 'units' must be int"]),
+    (("units = 784", "units = 100"), ["'block'", "the body maps (784,) to (100,)"]),
+    (("momentum = 0.9", "momentun = 0.9"), ["optimizer", "unknown field 'momentun'"]),
+    (("epochs = 1", "epochs = 1\nepoch = 2"), ["unknown field 'epoch'"]),
+    (("epochs = 1", ""), ["missing field 'epochs'"]),
+    (("[optimizer]", "[optimizer"), ["TOML syntax"]),
+    (('name = "head"\nunits = 10', 'name = "head"\nunits = 10\nactivation = "softmax"'),
+     ["'head'", "unknown activation 'softmax'"]),
+])
+def test_malformed_files_exit_2_with_one_line_naming_file_layer_and_field(tmp_path, capsys, change, words):
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(TaskFileError):
+        load_task_file(path)
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_show_prints_the_layer_table_with_totals(capsys):
+    assert main(["show", str(EXAMPLES[0])]) == 0
+    out = capsys.readouterr().out
+    assert "block1_conv1" in out and "globalavgpool2d" in out and "(16, 16, 32)" in out
+    assert "total: 28,842 trainable parameters, 288 state" in out
+    assert main(["show", "cifar-cnn"]) == 0 and "122,570 trainable parameters" in capsys.readouterr().out
+    assert main(["show", "no-such-task"]) == 2
+
+
+def test_run_refuses_a_dataset_the_input_shape_does_not_fit(tmp_path, capsys):
+    path = write(tmp_path, GOOD.replace('dataset = "mnist"', 'dataset = "cifar10"'))
+    assert main(["run", "--task", str(path), "--data", "synthetic", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "field 'dataset'" in err and str(path) in err
+
+
+def test_records_written_before_spec_v2_read_back_as_the_same_tasks():
+    from tasks import get_task
+
+    path = Path(__file__).parent.parent / "results" / "reference-cpu" / "records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert records
+    for record in records:
+        spec = spec_from_dict(record["spec"])
+        assert spec.layers == get_task(record["task"]).layers and spec.optimizer == get_task(record["task"]).optimizer
