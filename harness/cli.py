@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backends import BACKENDS
 from backends.base import DEVICES, MODES, PRECISIONS
+from harness import __version__
 from harness import data as data_mod
 from harness.runner import (
     EXIT_CELL_FAILED,
@@ -22,6 +23,7 @@ from harness.runner import (
     run_matrix,
 )
 from tasks import TASKS
+from tasks.targets import TARGETS, accepted
 
 DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
 
@@ -30,7 +32,9 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line, with exit code 2."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+        # main() adds "tribench: error: "; a subcommand's parser names itself after it once.
+        sub = self.prog.removeprefix("tribench").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
 
 
 def names(value: str, valid, what: str) -> list[str]:
@@ -59,9 +63,10 @@ def positive(kind, *, zero_ok: bool = False):
 def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--task", help=f"comma-separated; default all: {','.join(TASKS)}")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
-    p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
-                   "where found, else synthetic, said loudly); comma-separated, each task takes the first that "
-                   "fits it, e.g. fashion-mnist,synthetic")
+    p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: per task "
+                   "the first real dataset found that fits it, its own first (MNIST, then Fashion-MNIST for the MLP; "
+                   "CIFAR-10, then MNIST, then Fashion-MNIST for the CNN tasks), else synthetic, said loudly); "
+                   "comma-separated, each task takes the first that fits it, e.g. cifar10,synthetic")
     p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
                    "/usr/share/datasets)")
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
@@ -78,7 +83,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--mode", default="compiled", help=f"one of {', '.join(MODES)} (default compiled)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
-                   help="1 epoch on 12000/2000 MNIST-format or 4000/1000 CIFAR-format samples: a smoke run")
+                   help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
@@ -89,6 +94,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="tribench", description="Compare PyTorch, TensorFlow/Keras and JAX on one task spec.")
+    parser.add_argument("--version", action="version", version=f"tribench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run_options(sub.add_parser("run", help="run the benchmark matrix"))
     add_run_options(sub.add_parser("sweep", help="throughput and memory against batch size, with a plot"),
@@ -165,9 +171,10 @@ def cmd_sweep(args) -> int:
 def cmd_list(args) -> int:
     print("Tasks:")
     for spec in TASKS.values():
-        print(f"  {spec.name:10s} {spec.dataset:8s} {len(spec.param_layer_names())} parameter layers, "
+        targets = ", ".join(f"{d} {TARGETS.get((spec.name, d), spec.target_accuracy):g}" for d in accepted(spec))
+        print(f"  {spec.name:10s} {len(spec.param_layer_names())} parameter layers, "
               f"{spec.param_count():,} parameters, {spec.epochs} epochs, batch {spec.batch_size}, "
-              f"target accuracy {spec.target_accuracy}, stages: {', '.join(s.name for s in spec.stages)}")
+              f"stages: {', '.join(s.name for s in spec.stages)}; data in order, with accuracy target: {targets}")
     print("Backends:")
     for name, info in BACKENDS.items():
         state = "installed" if info.available() else f"not installed ({info.install_hint})"

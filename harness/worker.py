@@ -64,10 +64,14 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from harness.results import host_environment
     from harness.weights import load_checkpoint_for
     from tasks import get_task
+    from tasks.targets import for_dataset
 
-    spec = get_task(cfg["task"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
+    # Built for the dataset the runner resolved: its input shape and its (task, dataset) target.
+    spec = for_dataset(get_task(cfg["task"]), cfg["data"]).with_overrides(**cfg.get("overrides", {}),
+                                                                         seed=cfg["seed"])
     record["spec"] = spec.to_dict()
-    record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
+    out = cfg.get("out")
+    record["env"] = {**host_environment(Path(out) if out else None), "mode": cfg["mode"], "precision": cfg["precision"],
                      "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"))
