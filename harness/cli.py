@@ -105,7 +105,13 @@ def build_parser() -> Parser:
     compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
-    compare.add_argument("--threshold", default="5%", help="smallest change called a regression (default 5%%)")
+    compare.add_argument("--threshold", default="5%",
+                         help="smallest change called a regression: one for every figure (default 5%%; accuracy in "
+                         "points), or per figure, e.g. train_samples_per_s=5%%,test_accuracy=0.5pt")
+    compare.add_argument("--format", default="text", help="text, markdown or json (default text)")
+    compare.add_argument("--force", action="store_true",
+                         help="compare runs that differ in data, sizes, spec, device, versions... under a banner "
+                         "naming the differences (without it they exit 2)")
     return parser
 
 
@@ -203,14 +209,20 @@ def cmd_compare(args) -> int:
     from harness import compare
 
     try:
-        threshold = compare.parse_threshold(args.threshold)
+        thresholds = compare.parse_thresholds(args.threshold)
     except ValueError as exc:
         raise UsageError(f"--threshold: {exc}") from None
+    fmt = one_of(args.format, compare.FORMATS, "--format")
     try:
-        text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
+        text, code = compare.compare_runs(args.base, args.new, threshold=thresholds, force=args.force, fmt=fmt)
     except (FileNotFoundError, compare.EmptyRun) as exc:
         raise UsageError(str(exc)) from None
-    print(text)
+    except compare.Incomparable as exc:
+        print(f"tribench: error: {exc}:", file=sys.stderr)
+        for line in exc.lines:
+            print(f"  - {line}", file=sys.stderr)
+        return EXIT_USAGE
+    print(text, end="")
     return code
 
 
