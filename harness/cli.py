@@ -102,6 +102,10 @@ def build_parser() -> Parser:
     sub.add_parser("list", help="tasks, backends and data sources found")
     report = sub.add_parser("report", help="write report.md/.html and plots for a results folder")
     report.add_argument("dir", type=Path)
+    history = sub.add_parser("history", help="every run under a results folder across commits: tables and a "
+                             "trend plot per task and backend")
+    history.add_argument("dir", type=Path, nargs="?", default=Path("results"), help="default: results")
+    history.add_argument("--out", type=Path, help="where history.md and history.png go (default: DIR)")
     compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
@@ -226,7 +230,22 @@ def cmd_compare(args) -> int:
     return code
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+def cmd_history(args) -> int:
+    from harness import history
+
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir}: not a folder")
+    paths = history.write_history(args.dir, args.out or args.dir)
+    if not paths:
+        raise UsageError(f"{args.dir}: no run with an ok record under it (looked for {history.RECORDS_FILE})")
+    print(paths[0].read_text(encoding="utf-8").split("\n![history]")[0])
+    for path in paths:
+        print(path)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare,
+            "history": cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:
