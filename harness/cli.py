@@ -106,6 +106,11 @@ def build_parser() -> Parser:
                              "trend plot per task and backend")
     history.add_argument("dir", type=Path, nargs="?", default=Path("results"), help="default: results")
     history.add_argument("--out", type=Path, help="where history.md and history.png go (default: DIR)")
+    export = sub.add_parser("export", help="write a run into MLflow and/or TensorBoard")
+    export.add_argument("dir", type=Path)
+    export.add_argument("--mlflow", metavar="URI", help="tracking store, e.g. sqlite:///mlflow.db or http://host:5000")
+    export.add_argument("--experiment", default="tribench", help="MLflow experiment name (default tribench)")
+    export.add_argument("--tensorboard", type=Path, metavar="LOGDIR", help="write event files under LOGDIR")
     compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
@@ -244,8 +249,44 @@ def cmd_history(args) -> int:
     return 0
 
 
+EXTRAS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # import name -> tribench extra
+
+
+def _require(module: str) -> None:
+    """Exit 2 with the install hint when an optional extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{module} is not installed: pip install \"tribench[{EXTRAS[module]}]\"")
+
+
+def cmd_export(args) -> int:
+    from harness.results import RECORDS_FILE, read_records
+
+    if not args.mlflow and not args.tensorboard:
+        raise UsageError("export: say where: --mlflow URI and/or --tensorboard LOGDIR")
+    if not read_records(args.dir):
+        raise UsageError(f"{args.dir}: no records in {args.dir / RECORDS_FILE}")
+    for module, wanted in (("mlflow", args.mlflow), ("tensorboard", args.tensorboard)):
+        if wanted:
+            _require(module)
+    if args.mlflow:
+        from harness import export_mlflow
+
+        parent, children = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
+        print(f"mlflow: {len(children)} runs (one per record) under parent run {parent} in experiment "
+              f"{args.experiment!r} at {args.mlflow}")
+    if args.tensorboard:
+        from harness import export_tensorboard
+
+        folders = export_tensorboard.export(args.dir, args.tensorboard)
+        print(f"tensorboard: {len(folders)} runs (one per record) under {args.tensorboard}; "
+              f"view with: tensorboard --logdir {args.tensorboard}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "report": cmd_report, "compare": cmd_compare,
-            "history": cmd_history}
+            "history": cmd_history, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
