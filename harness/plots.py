@@ -93,10 +93,29 @@ def _accuracy_points(record: dict) -> tuple[list[float], list[float], list[float
     return epochs, ts, accs
 
 
+def _shared_repeat(groups) -> int | None:
+    """The repeat drawn bold for every backend: the median repeat (by final accuracy) of the first backend.
+
+    Repeat r of every backend has the same seed, weights and batch order, so drawing the
+    same r for all is what lets their curves coincide; each backend's own median repeat
+    could be a different seed per backend.
+    """
+    first = next(iter(groups.values()), None)
+    return _median_repeat(first).get("repeat") if first else None
+
+
+def _bold(cell: list[dict], repeat: int | None) -> dict:
+    """The record of `repeat` in this cell, or the cell's median repeat where that repeat is missing."""
+    return next((r for r in cell if r.get("repeat") == repeat), None) or _median_repeat(cell)
+
+
 def _repeat_note(groups) -> str:
     n = max((len(rs) for rs in groups.values()), default=1)
-    return ("bold line: the median repeat by final accuracy; thin lines: the other repeats" if n > 1
-            else "one repeat per backend")
+    if n <= 1:
+        return "one repeat per backend"
+    first = next(iter(groups))
+    return (f"bold line: repeat {_shared_repeat(groups)} for every backend (same seed, weights and batch order), "
+            f"the median repeat by final accuracy of {first[1]}; thin lines: the other repeats")
 
 
 def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binary file
@@ -111,7 +130,7 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
         note = _repeat_note(groups)
         for key, cell in groups.items():
             color = colors[key[1:]]
-            best = _median_repeat(cell)
+            best = _bold(cell, _shared_repeat(groups))
             for r in cell:
                 _, ts, accs = _accuracy_points(r)
                 main = r is best
@@ -148,7 +167,7 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
         for i, (key, cell) in enumerate(groups.items()):
             style = STYLES[i % len(STYLES)]
             color = colors[key[1:]]
-            best = _median_repeat(cell)
+            best = _bold(cell, _shared_repeat(groups))
             for r in cell:
                 main = r is best
                 kw = dict(style, color=color) if main else {"color": color, "linewidth": 0.7, "alpha": 0.3}
