@@ -109,13 +109,15 @@ def _bold(cell: list[dict], repeat: int | None) -> dict:
     return next((r for r in cell if r.get("repeat") == repeat), None) or _median_repeat(cell)
 
 
-def _repeat_note(groups) -> str:
-    n = max((len(rs) for rs in groups.values()), default=1)
+def _repeat_note(by_task: dict[str, dict]) -> str:
+    """The caption's words on repeats: which repeat is bold in each task's panel, and why."""
+    n = max((len(rs) for groups in by_task.values() for rs in groups.values()), default=1)
     if n <= 1:
         return "one repeat per backend"
-    first = next(iter(groups))
-    return (f"bold line: repeat {_shared_repeat(groups)} for every backend (same seed, weights and batch order), "
-            f"the median repeat by final accuracy of {first[1]}; thin lines: the other repeats")
+    bold = ", ".join(f"{task}: repeat {_shared_repeat(groups)} (median of {next(iter(groups))[1]})"
+                     for task, groups in by_task.items())
+    return (f"bold line: the same repeat for every backend (same seed, weights and batch order), the median repeat "
+            f"by final accuracy of the first backend; {bold}; thin lines: the other repeats")
 
 
 def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binary file
@@ -124,10 +126,10 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks))
     colors = _colors(records)
-    note = ""
+    shown: dict[str, dict] = {}
     for ax, (task, rs) in zip(axes.flat, tasks.items()):
         groups = group_cells(rs)
-        note = _repeat_note(groups)
+        shown[task] = groups
         for key, cell in groups.items():
             color = colors[key[1:]]
             best = _bold(cell, _shared_repeat(groups))
@@ -150,7 +152,8 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return f"Test accuracy against cumulative training time per backend ({note}; epoch 0 is the untrained model)."
+    return (f"Test accuracy against cumulative training time per backend ({_repeat_note(shown)}; epoch 0 is the "
+            "untrained model).")
 
 
 def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary file
@@ -159,10 +162,10 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks), rows_per_panel=2, width=5.6, height=3.6)
     colors = _colors(records)
-    note = ""
+    shown: dict[str, dict] = {}
     for row, (task, rs) in zip(axes, tasks.items()):
         groups = group_cells(rs)
-        note = _repeat_note(groups)
+        shown[task] = groups
         loss_ax, acc_ax = row
         for i, (key, cell) in enumerate(groups.items()):
             style = STYLES[i % len(STYLES)]
@@ -190,7 +193,7 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Training loss and test accuracy per epoch with the backends overlaid; with identical initial "
-            f"weights and batch order the curves should lie on each other ({note}).")
+            f"weights and batch order the curves should lie on each other ({_repeat_note(shown)}).")
 
 
 def _bars(ax, labels, summaries, *, offset=0.0, width=0.8, color=None, hatch=None, label=None):

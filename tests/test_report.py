@@ -207,4 +207,4 @@ def test_epoch_curves_draw_the_same_repeat_bold_for_every_backend():
     assert plots._shared_repeat(groups) == 0
     assert {plots._bold(cell, 0)["repeat"] for cell in groups.values()} == {0}
     caption = plots.plot_epoch_curves(records, io.BytesIO())
-    assert "bold line: repeat 0 for every backend" in caption and "median repeat by final accuracy of jax" in caption
+    assert "the same repeat for every backend" in caption and "mnist-mlp: repeat 0 (median of jax)" in caption
