@@ -77,7 +77,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         }),
 )}
 
-# Which real sources can stand in for a task's dataset, and the input shape they give.
+# The shape synthetic data takes for a task whose own dataset is of this kind (real shapes: tasks/targets.py).
 SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 

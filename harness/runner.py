@@ -135,15 +135,21 @@ def check_resume(cfg: RunConfig, saved: dict) -> None:
 
 
 def check_resumed_data(cfg: RunConfig, sources: dict[str, tuple[str, str, str]]) -> None:
-    """A resume trains each task on the dataset the run started with, or refuses."""
+    """A resume trains each task on the dataset, and with the spec built for it, that the run started with."""
     try:
-        saved = json.loads((cfg.out / RUN_FILE).read_text(encoding="utf-8")).get("data") or {}
-    except (OSError, ValueError, AttributeError):
+        saved = json.loads((cfg.out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         saved = {}
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    specs = saved.get("specs") if isinstance(saved.get("specs"), dict) else {}
     for task, (name, _, _) in sources.items():
-        if saved.get(task, name) != name:
-            raise UsageError(f"--resume {cfg.out}: task {task!r} started on {saved[task]} but would now get {name}; "
+        if data.get(task, name) != name:
+            raise UsageError(f"--resume {cfg.out}: task {task!r} started on {data[task]} but would now get {name}; "
                              "start a new run")
+        # A run.json from before the data was recorded: the spec built for today's data must still match.
+        if task in specs and specs[task] != cfg.spec_dict(task, name):
+            raise UsageError(f"--resume {cfg.out}: task {task!r} on {name} now has another spec (input shape or "
+                             "target) than the one this run started with; start a new run")
 
 
 def _commit() -> str | None:
