@@ -37,11 +37,12 @@ def commit(record: dict) -> str:
 
 
 def variant(record: dict) -> str:
-    """What must match for two records to sit on one line: data, sizes, epochs, precision, mode."""
+    """What must match for two records to sit on one line: data, sizes, epochs, precision, mode, framework version."""
     d, env, spec = record.get("data") or {}, record.get("env") or {}, record.get("spec") or {}
     kind = "SYNTHETIC" if d.get("synthetic") else "real"
     return (f"{kind} {d.get('name', '?')} {d.get('n_train', '?')}/{d.get('n_test', '?')}, "
-            f"{spec.get('epochs', '?')} epochs, {env.get('precision', '?')} {env.get('mode', '?')}")
+            f"{spec.get('epochs', '?')} epochs, {env.get('precision', '?')} {env.get('mode', '?')}, "
+            f"{env.get('framework', '?')} {env.get('framework_version', '?')}")
 
 
 def collect(root: Path) -> tuple[dict, list[str]]:
@@ -72,7 +73,7 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
         used = [c for c in commits if any(c in series[k] for k in keys)]
         out += [f"## {m}", ""]
         for name, label, form in FIGURES:
-            out += [f"### {label}", "", "| task | backend | data, epochs, precision, mode | " + " | ".join(
+            out += [f"### {label}", "", "| task | backend | data, epochs, precision, mode, version | " + " | ".join(
                 f"`{c}`" for c in used) + " |", "|---|---|---|" + "---|" * len(used)]
             for k in keys:
                 cells = [format_stat(summarise_figure(series[k].get(c, []), name), form) for c in used]
