@@ -188,7 +188,8 @@ def cmd_list(args) -> int:
     for spec in TASKS.values():
         targets = ", ".join(f"{d} {TARGETS.get((spec.name, d), spec.target_accuracy):g}" for d in accepted(spec))
         print(f"  {spec.name:10s} {len(spec.param_layer_names())} parameter layers, "
-              f"{spec.param_count():,} parameters, {spec.epochs} epochs, batch {spec.batch_size}, "
+              f"{spec.param_count():,} parameters (built for {spec.dataset}), {spec.epochs} epochs, "
+              f"batch {spec.batch_size}, "
               f"stages: {', '.join(s.name for s in spec.stages)}; data in order, with accuracy target: {targets}")
     print("Backends:")
     for name, info in BACKENDS.items():

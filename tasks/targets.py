@@ -17,10 +17,16 @@ TARGETS = {
     ("mnist-mlp", "fashion-mnist"): 0.85,
     ("cifar-cnn", "cifar10"): 0.70,  # the TF CNN tutorial reports "over 70%"
     ("cifar-cnn", "mnist"): 0.98,  # not measured here (no MNIST on the CI machine): small CNNs reach ~99%
+    # Measured: torch, full Fashion-MNIST (28x28x1 build), seed 0: 83.42, 86.39, 87.32, 88.66, 89.55% after
+    # epochs 1-5 (stopped there for time on a loaded 2-core VM; the loss was still falling). The target
+    # sits below the 5-epoch accuracy, reached at epoch 4 of the default 10.
     ("cifar-cnn", "fashion-mnist"): 0.88,
     ("finetune", "cifar10"): 0.70,
     ("finetune", "mnist"): 0.95,  # not measured here (no MNIST on the CI machine)
-    ("finetune", "fashion-mnist"): 0.88,
+    # Measured: torch, full Fashion-MNIST, seed 0: pretrain (classes 0-4) 92.10% after 5 epochs, then
+    # finetune (5-9, convolutions frozen) 94.40, 95.28, 95.50, 95.54, 95.86% after epochs 1-5; the target
+    # sits a little below the final accuracy.
+    ("finetune", "fashion-mnist"): 0.95,
 }
 
 
