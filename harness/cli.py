@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backends import BACKENDS
 from backends.base import DEVICES, MODES, PRECISIONS
+from harness import __version__
 from harness import data as data_mod
 from harness.runner import (
     EXIT_CELL_FAILED,
@@ -23,6 +24,7 @@ from harness.runner import (
 )
 from harness.shard import parse_shard
 from tasks import TASKS, get_task, is_task_file, load_task
+from tasks.targets import TARGETS, accepted
 
 DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
 EXECUTORS = ("local", "ray")
@@ -32,7 +34,9 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line, with exit code 2."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+        # main() adds "tribench: error: "; a subcommand's parser names itself after it once.
+        sub = self.prog.removeprefix("tribench").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
 
 
 def names(value: str, valid, what: str) -> list[str]:
@@ -61,9 +65,10 @@ def positive(kind, *, zero_ok: bool = False):
 def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--task", help=f"comma-separated names or task files (.toml); default all: {','.join(TASKS)}")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
-    p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: real data "
-                   "where found, else synthetic, said loudly); comma-separated, each task takes the first that "
-                   "fits it, e.g. fashion-mnist,synthetic")
+    p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: per task "
+                   "the first real dataset found that fits it, its own first (MNIST, then Fashion-MNIST for the MLP; "
+                   "CIFAR-10, then MNIST, then Fashion-MNIST for the CNN tasks), else synthetic, said loudly); "
+                   "comma-separated, each task takes the first that fits it, e.g. cifar10,synthetic")
     p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
                    "/usr/share/datasets)")
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
@@ -80,7 +85,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--mode", default="compiled", help=f"one of {', '.join(MODES)} (default compiled)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
-                   help="1 epoch on 12000/2000 MNIST-format or 4000/1000 CIFAR-format samples: a smoke run")
+                   help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
@@ -97,6 +102,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="tribench", description="Compare PyTorch, TensorFlow/Keras and JAX on one task spec.")
+    parser.add_argument("--version", action="version", version=f"tribench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run_options(sub.add_parser("run", help="run the benchmark matrix"))
     add_run_options(sub.add_parser("sweep", help="throughput and memory against batch size, with a plot"),
@@ -106,10 +112,25 @@ def build_parser() -> Parser:
     show.add_argument("task", help="a task name or a task file (.toml)")
     report = sub.add_parser("report", help="write report.md/.html and plots for a results folder")
     report.add_argument("dir", type=Path)
+    history = sub.add_parser("history", help="every run under a results folder across commits: tables and a "
+                             "trend plot per task and backend")
+    history.add_argument("dir", type=Path, nargs="?", default=Path("results"), help="default: results")
+    history.add_argument("--out", type=Path, help="where history.md and history.png go (default: DIR)")
+    export = sub.add_parser("export", help="write a run into MLflow and/or TensorBoard")
+    export.add_argument("dir", type=Path)
+    export.add_argument("--mlflow", metavar="URI", help="tracking store, e.g. sqlite:///mlflow.db or http://host:5000")
+    export.add_argument("--experiment", default="tribench", help="MLflow experiment name (default tribench)")
+    export.add_argument("--tensorboard", type=Path, metavar="LOGDIR", help="write event files under LOGDIR")
     compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
-    compare.add_argument("--threshold", default="5%", help="smallest change called a regression (default 5%%)")
+    compare.add_argument("--threshold", default="5%",
+                         help="smallest change called a regression: one for every figure (default 5%%; accuracy in "
+                         "points), or per figure, e.g. train_samples_per_s=5%%,test_accuracy=0.5pt")
+    compare.add_argument("--format", default="text", help="text, markdown or json (default text)")
+    compare.add_argument("--force", action="store_true",
+                         help="compare runs that differ in data, sizes, spec, device, versions... under a banner "
+                         "naming the differences (without it they exit 2)")
     merge = sub.add_parser("merge", help="join the --shard folders of one matrix into one run folder")
     merge.add_argument("dirs", type=Path, nargs="+", metavar="DIR")
     merge.add_argument("--out", type=Path, required=True, help="the merged run folder (new)")
@@ -221,9 +242,11 @@ def cmd_sweep(args) -> int:
 def cmd_list(args) -> int:
     print("Tasks:")
     for spec in TASKS.values():
-        print(f"  {spec.name:10s} {spec.dataset:8s} {len(spec.param_layer_names())} parameter layers, "
-              f"{spec.param_count():,} parameters, {spec.epochs} epochs, batch {spec.batch_size}, "
-              f"target accuracy {spec.target_accuracy}, stages: {', '.join(s.name for s in spec.stages)}")
+        targets = ", ".join(f"{d} {TARGETS.get((spec.name, d), spec.target_accuracy):g}" for d in accepted(spec))
+        print(f"  {spec.name:10s} {len(spec.param_layer_names())} parameter layers, "
+              f"{spec.param_count():,} parameters (built for {spec.dataset}), {spec.epochs} epochs, "
+              f"batch {spec.batch_size}, "
+              f"stages: {', '.join(s.name for s in spec.stages)}; data in order, with accuracy target: {targets}")
     print("Backends:")
     for name, info in BACKENDS.items():
         state = "installed" if info.available() else f"not installed ({info.install_hint})"
@@ -259,14 +282,20 @@ def cmd_compare(args) -> int:
     from harness import compare
 
     try:
-        threshold = compare.parse_threshold(args.threshold)
+        thresholds = compare.parse_thresholds(args.threshold)
     except ValueError as exc:
         raise UsageError(f"--threshold: {exc}") from None
+    fmt = one_of(args.format, compare.FORMATS, "--format")
     try:
-        text, code = compare.compare_runs(args.base, args.new, threshold=threshold)
+        text, code = compare.compare_runs(args.base, args.new, threshold=thresholds, force=args.force, fmt=fmt)
     except (FileNotFoundError, compare.EmptyRun) as exc:
         raise UsageError(str(exc)) from None
-    print(text)
+    except compare.Incomparable as exc:
+        print(f"tribench: error: {exc}:", file=sys.stderr)
+        for line in exc.lines:
+            print(f"  - {line}", file=sys.stderr)
+        return EXIT_USAGE
+    print(text, end="")
     return code
 
 
@@ -284,8 +313,59 @@ def cmd_merge(args) -> int:
     return 0
 
 
+
+def cmd_history(args) -> int:
+    from harness import history
+
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir}: not a folder")
+    paths = history.write_history(args.dir, args.out or args.dir)
+    if not paths:
+        raise UsageError(f"{args.dir}: no run with an ok record under it (looked for {history.RECORDS_FILE})")
+    print(paths[0].read_text(encoding="utf-8").split("\n![history]")[0])
+    for path in paths:
+        print(path)
+    return 0
+
+
+EXTRAS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # import name -> tribench extra
+
+
+def _require(module: str) -> None:
+    """Exit 2 with the install hint when an optional extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{module} is not installed: pip install \"tribench[{EXTRAS[module]}]\"")
+
+
+def cmd_export(args) -> int:
+    from harness.results import RECORDS_FILE, read_records
+
+    if not args.mlflow and not args.tensorboard:
+        raise UsageError("export: say where: --mlflow URI and/or --tensorboard LOGDIR")
+    if not read_records(args.dir):
+        raise UsageError(f"{args.dir}: no records in {args.dir / RECORDS_FILE}")
+    for module, wanted in (("mlflow", args.mlflow), ("tensorboard", args.tensorboard)):
+        if wanted:
+            _require(module)
+    if args.mlflow:
+        from harness import export_mlflow
+
+        parent, children = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
+        print(f"mlflow: {len(children)} runs (one per record) under parent run {parent} in experiment "
+              f"{args.experiment!r} at {args.mlflow}")
+    if args.tensorboard:
+        from harness import export_tensorboard
+
+        folders = export_tensorboard.export(args.dir, args.tensorboard)
+        print(f"tensorboard: {len(folders)} runs (one per record) under {args.tensorboard}; "
+              f"view with: tensorboard --logdir {args.tensorboard}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "report": cmd_report,
-            "compare": cmd_compare, "merge": cmd_merge}
+            "compare": cmd_compare, "merge": cmd_merge, "history": cmd_history, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

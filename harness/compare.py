@@ -1,10 +1,12 @@
-"""Regression check between two runs: matched cells, per-figure ratio and verdict, exit code 1 on regression."""
+"""Regression check between two comparable runs: matched cells, per-figure verdicts, exit code 1 on regression."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+from harness.comparable import differences
 from harness.results import STATUSES
 from harness.stats import cell_key, format_stat, group_cells, ok_records, spread_interval, summarise_figure
 
@@ -19,11 +21,32 @@ FIGURES = (
     ("peak_rss_mb", False, ",.0f", "relative"),
 )
 STATUS_FAILURES = ("failed", "diverged")
+FORMATS = ("text", "markdown", "json")
+DEFAULT = "*"  # the thresholds key for every figure not named
 
 
-def parse_threshold(text: str) -> float:
-    """'5%' or '0.05' -> 0.05. A bare number above 1 is refused as ambiguous (5 -> 500%?)."""
+class Incomparable(ValueError):
+    """Runs that differ in what they measured; `lines` names each difference."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(f"the runs are not comparable ({len(lines)} difference(s)); --force compares anyway")
+        self.lines = lines
+
+
+def parse_threshold(text: str, *, points_ok: bool = True) -> float:
+    """'5%' or '0.05' -> 0.05; '0.5pt' -> 0.005 (percentage points, accuracy only). A bare number above 1
+    is refused as ambiguous (5 -> 500%?)."""
     raw = str(text).strip()
+    if raw.endswith("pt"):
+        if not points_ok:
+            raise ValueError(f"threshold {text!r}: points ('pt') are for test_accuracy; use a percentage")
+        try:
+            value = float(raw[:-2]) / 100
+        except ValueError:
+            raise ValueError(f"threshold {text!r} is not a number of points like '0.5pt'") from None
+        if not math.isfinite(value) or not 0 < value < 1:
+            raise ValueError(f"threshold {text!r} must be between 0 and 100 points")
+        return value
     percent = raw.endswith("%")
     try:
         value = float(raw[:-1] if percent else raw)
@@ -38,6 +61,32 @@ def parse_threshold(text: str) -> float:
         raise ValueError(f"threshold {text!r} is ambiguous: a fraction must be below 1; "
                          f"write '{raw}%' for {value:g} percent")
     return value
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """'5%' (every figure) or 'train_samples_per_s=5%,test_accuracy=0.5pt' (each named figure; the others 5%)."""
+    names = {name: rule for name, _, _, rule in FIGURES}
+    out = {DEFAULT: 0.05}
+    for item in (i.strip() for i in str(text).split(",")):
+        name, sep, value = item.rpartition("=")
+        name = name.strip() if sep else DEFAULT
+        if name != DEFAULT and name not in names:
+            raise ValueError(f"threshold for unknown figure {name!r}; valid: {', '.join(names)}")
+        out[name] = parse_threshold(value, points_ok=name in (DEFAULT, "test_accuracy")
+                                    or names.get(name) == "points")
+    return out
+
+
+def _limit(thresholds: dict[str, float], name: str) -> float:
+    return thresholds.get(name, thresholds[DEFAULT])
+
+
+def _threshold_text(thresholds: dict[str, float]) -> str:
+    parts = []
+    for name, _, _, rule in FIGURES:
+        value = _limit(thresholds, name)
+        parts.append(f"{name} {100 * value:g} points" if rule == "points" else f"{name} {100 * value:g}%")
+    return "thresholds: " + ", ".join(parts)
 
 
 def _inside(value: float, interval) -> bool:
@@ -128,16 +177,29 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.05,
-                    base_name: str = "base", new_name: str = "new") -> tuple[str, int]:
-    """The comparison of two runs' records as text, and 1 if any regression was found else 0."""
+def compare_records(base: list[dict], new: list[dict], *, threshold: float | dict[str, float] = 0.05,
+                    base_name: str = "base", new_name: str = "new", force: bool = False,
+                    fmt: str = "text") -> tuple[str, int]:
+    """The comparison of two runs' records as text, markdown or JSON, and 1 if any regression was found else 0.
+
+    Raises Incomparable when the runs differ in what they measured (comparable.differences)
+    unless `force`, which compares under a banner naming each difference.
+    """
+    thresholds = threshold if isinstance(threshold, dict) else {DEFAULT: threshold}
+    diffs = differences(base, new)
+    if diffs and not force:
+        raise Incomparable(diffs)
     base_cells = group_cells(base)
     new_cells = _align_devices(base_cells, group_cells(new))
-    lines = [f"tribench compare: base {base_name} vs new {new_name}",
-             f"threshold {100 * threshold:g}% (relative; test accuracy: {100 * threshold:g} points absolute). "
+    lines = [f"tribench compare: base {base_name} vs new {new_name}"]
+    if diffs:
+        lines += ["NOT COMPARABLE, compared anyway (--force); the runs differ in:", *[f"  - {d}" for d in diffs]]
+    rules = (f"{_threshold_text(thresholds)} (accuracy: absolute change in points; others: relative change). "
              "A regression needs the change beyond the threshold AND each median outside the other run's "
-             "spread (min-max below 5 repeats, IQR from 5; with n=1 on both sides the threshold alone decides).",
-             ""]
+             "spread (min-max below 5 repeats, IQR from 5; with n=1 on both sides the threshold alone decides).")
+    lines += [rules, ""]
+    result = {"base": base_name, "new": new_name, "comparable": not diffs, "differences": diffs, "rules": rules,
+              "thresholds": {name: _limit(thresholds, name) for name, *_ in FIGURES}, "cells": []}
     regressions = []
     only_base = sorted(set(base_cells) - set(new_cells))
     only_new = sorted(set(new_cells) - set(base_cells))
@@ -158,26 +220,34 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
         if not n_ok:
             status = _status_text(n_rs)
             if b_ok and any(r.get("status") != "skipped" for r in n_rs):
-                lines.append(f"  REGRESSION (rule: cell ok in base, {status} in new)")
+                note = f"REGRESSION (rule: cell ok in base, {status} in new)"
                 regressions.append(f"{label}: status")
             else:
-                lines.append(f"  no ok repeat in new: {status}; base: {_status_text(b_rs)}")
-            lines.append("")
+                note = f"no ok repeat in new: {status}; base: {_status_text(b_rs)}"
+            lines += [f"  {note}", ""]
+            result["cells"].append({"cell": label, "note": note})
             continue
         if not b_ok:
-            lines += [f"  no ok repeat in base ({_status_text(b_rs)}); nothing to compare against", ""]
+            note = f"no ok repeat in base ({_status_text(b_rs)}); nothing to compare against"
+            lines += [f"  {note}", ""]
+            result["cells"].append({"cell": label, "note": note})
             continue
         rows = [["figure", "base", "new", "ratio", "verdict"]]
-        for name, higher, fmt, rule in FIGURES:
+        cell = {"cell": label, "base": _provenance(b_rs), "new": _provenance(n_rs), "figures": []}
+        for name, higher, form, rule in FIGURES:
             bs, ns = summarise_figure(b_ok, name), summarise_figure(n_ok, name)
             if name == "time_to_target_s" and not bs["n"] and not ns["n"]:
                 verdict, bad = "n/a (target never reached in either run)", False
             else:
-                verdict, bad = judge(name, bs, ns, threshold=threshold, higher_better=higher, rule=rule)
+                verdict, bad = judge(name, bs, ns, threshold=_limit(thresholds, name), higher_better=higher,
+                                     rule=rule)
             if bad:
                 regressions.append(f"{label}: {name}")
             direction = "higher" if higher else "lower"
-            rows.append([f"{name} ({direction} better)", _fmt(bs, fmt), _fmt(ns, fmt), _ratio(bs, ns), verdict])
+            rows.append([f"{name} ({direction} better)", _fmt(bs, form), _fmt(ns, form), _ratio(bs, ns), verdict])
+            cell["figures"].append({"figure": name, "higher_is_better": higher, "base": bs, "new": ns,
+                                    "verdict": verdict, "regression": bad})
+        result["cells"].append({**cell, "table": rows})
         lines += [*_table(rows), ""]
     for title, keys, cells in (("REGRESSION: cells in base missing from new (rule: every base cell is in new)",
                                 only_base, base_cells),
@@ -191,10 +261,43 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float = 0.0
         lines.append(f"RESULT: {len(regressions)} regression(s): {'; '.join(regressions)}")
     else:
         lines.append("RESULT: no regression")
-    return "\n".join(lines) + "\n", 1 if regressions else 0
+    code = 1 if regressions else 0
+    result.update(regressions=regressions, only_base=["/".join(k) for k in only_base],
+                  only_new=["/".join(k) for k in only_new], result=lines[-1])
+    if fmt == "json":
+        return json.dumps(result, indent=2, default=str, allow_nan=False) + "\n", code
+    if fmt == "markdown":
+        return _markdown(result), code
+    return "\n".join(lines) + "\n", code
 
 
-def compare_runs(base_dir, new_dir, *, threshold: float = 0.05) -> tuple[str, int]:
+def _markdown(result: dict) -> str:
+    """The comparison as GitHub markdown: a banner for differences, one table per cell, the result."""
+    out = [f"## tribench compare: `{result['base']}` vs `{result['new']}`", ""]
+    if result["differences"]:
+        out += ["> **NOT COMPARABLE, compared anyway (--force).** The runs differ in:", ">"]
+        out += [f"> - {d}" for d in result["differences"]]
+        out.append("")
+    out += [result["rules"], ""]
+    for cell in result["cells"]:
+        if "note" in cell:
+            out += [f"### {cell['cell']}", "", cell["note"], ""]
+            continue
+        header, *rows = cell["table"]
+        out += [f"### {cell['cell']}", "", f"base: {cell['base']}; new: {cell['new']}", "",
+                "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        out.append("")
+    for title, cells in (("Cells in base missing from new (regression)", result["only_base"]),
+                         ("Cells only in new", result["only_new"])):
+        if cells:
+            out += [f"**{title}:** {', '.join(cells)}", ""]
+    out.append(f"**{result['result']}**")
+    return "\n".join(out) + "\n"
+
+
+def compare_runs(base_dir, new_dir, *, threshold: float | dict[str, float] = 0.05, force: bool = False,
+                 fmt: str = "text") -> tuple[str, int]:
     """Compare the records.jsonl of two run folders; (text to print, exit code 1 on regression else 0).
 
     Raises FileNotFoundError for a folder without records.jsonl and EmptyRun for one with no record.
@@ -213,7 +316,8 @@ def compare_runs(base_dir, new_dir, *, threshold: float = 0.05) -> tuple[str, in
         if not records:  # an empty run is no evidence of "no regression"
             raise EmptyRun(f"{path} holds no records: nothing to compare (did that run write anything?)")
         runs.append(records)
-    return compare_records(*runs, threshold=threshold, base_name=str(base_dir), new_name=str(new_dir))
+    return compare_records(*runs, threshold=threshold, base_name=str(base_dir), new_name=str(new_dir),
+                           force=force, fmt=fmt)
 
 
 class EmptyRun(ValueError):

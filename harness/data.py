@@ -77,7 +77,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         }),
 )}
 
-# Which real sources can stand in for a task's dataset, and the input shape they give.
+# The shape synthetic data takes for a task whose own dataset is of this kind (real shapes: tasks/targets.py).
 SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
@@ -308,9 +308,9 @@ def locate(name: str, data_dir=None, *, allow_download: bool = True) -> Path:
         except (OSError, ChecksumError) as exc:
             log.info("download of %s failed: %s", name, exc)
     if folder is None:
-        places = "\n  ".join(str(p) for p in looked)
-        raise DataError(f"{name} not found. Looked in:\n  {places}\nand the download failed (offline?).\n"
-                        f"To get it: {source.how_to_get}. Or use --data synthetic.")
+        tried = " and the download failed (offline?)" if allow_download else ""
+        raise DataError(f"{not_found_line([name], looked)}{tried}. To get it: {source.how_to_get}. "
+                        "Or use --data synthetic.")
     return folder
 
 
@@ -364,45 +364,64 @@ def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
     return Dataset(f"synthetic-{kind}", "synthetic", True, x_tr, y_tr, x_te, y_te)
 
 
-def choices_for(kind: str) -> list[str]:
-    """Valid --data values for a task whose dataset is `kind`."""
-    return ["auto", *[s.name for s in SOURCES.values() if s.kind == kind], "synthetic"]
+def choices_for(accepted: tuple[str, ...]) -> list[str]:
+    """Valid --data values for a task that accepts the real datasets `accepted`."""
+    return ["auto", *accepted, "synthetic"]
 
 
-def choice_for(kind: str, choices: str) -> str:
-    """The first of comma-separated --data values that fits a `kind` task.
+def choice_for(accepted: tuple[str, ...], choices: str) -> str:
+    """The first of comma-separated --data values that fits a task accepting `accepted`.
 
-    `--data fashion-mnist,synthetic` gives MNIST-format tasks Fashion-MNIST and CIFAR
-    tasks synthetic data in one run.
+    `--data cifar10,synthetic` gives the CIFAR tasks CIFAR-10 and the MLP synthetic data
+    in one run.
     """
     values = [c.strip() for c in choices.split(",") if c.strip()]
     for value in values:
-        if value in choices_for(kind):
+        if value in choices_for(accepted):
             return value
-    raise DataError(f"--data {choices!r} has nothing for a {kind} task; valid: {', '.join(choices_for(kind))}")
+    raise DataError(f"--data {choices!r} has nothing for this task; valid: {', '.join(choices_for(accepted))}")
 
 
 REAL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
 
-def resolve(task_dataset: str, choice: str, *, data_dir=None, allow_download: bool = True) -> tuple[str, str]:
-    """(source name, where) for --data: a real source, "synthetic", or auto (real if found).
+def not_found_line(names: list[str], looked: list[Path]) -> str:
+    """One line naming the datasets missed and every folder looked in."""
+    return f"{' or '.join(names)} not found; looked in {', '.join(str(p) for p in dict.fromkeys(looked))}"
 
+
+def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
+            allow_download: bool = True) -> tuple[str, str, str]:
+    """(source name, where, why) for --data: a real source, "synthetic", or auto.
+
+    auto takes the first dataset of `accepted` found (the task's own first), downloading
+    only the task's own; then synthetic data, with a warning naming every folder looked in.
     Resolved once by the runner, so every cell of a run uses the same data.
     """
-    valid = choices_for(task_dataset)
+    valid = choices_for(accepted)
     if choice not in valid:
-        raise DataError(f"--data {choice!r} does not fit a {task_dataset} task; valid: {', '.join(valid)}")
+        raise DataError(f"--data {choice!r} does not fit this task; valid: {', '.join(valid)}")
     if choice == "synthetic":
-        return "synthetic", "synthetic"
-    name = task_dataset if choice == "auto" else choice
-    try:
-        return name, str(locate(name, data_dir, allow_download=allow_download))
-    except DataError as exc:
-        if choice != "auto":
-            raise
-        log.warning("real %s data not found, using SYNTHETIC data: %s", name, exc.args[0].splitlines()[0])
-        return "synthetic", "synthetic"
+        return "synthetic", "synthetic", "--data synthetic"
+    if choice != "auto":
+        return choice, str(locate(choice, data_dir, allow_download=allow_download)), f"--data {choice}"
+    missed, looked = [], []
+    for i, name in enumerate(accepted):
+        folder, places = find_source(SOURCES[name], data_dir)
+        looked += places
+        if folder is None and i == 0 and allow_download:
+            try:
+                folder = download(SOURCES[name])
+            except (OSError, ChecksumError) as exc:
+                log.info("download of %s failed: %s", name, exc)
+        if folder is not None:
+            why = "auto: the task's own dataset" if not missed else \
+                f"auto: {' and '.join(missed)} not found, {name} is the first real dataset that fits"
+            return name, str(folder), why
+        missed.append(name)
+    line = not_found_line(missed, looked)
+    log.warning("real data not found, using SYNTHETIC data: %s", line)
+    return "synthetic", "synthetic", f"auto: {line}"
 
 
 def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0,

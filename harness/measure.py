@@ -15,14 +15,22 @@ from harness.storage import write_atomic
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    import psutil
+
+    _PROCESS = psutil.Process()
+except ImportError:  # a core dependency, but a run without it still measures on Linux
+    _PROCESS = None
 
 
 def rss_mb() -> float:
-    """Current resident set size of this process, MiB."""
+    """Current resident set size of this process, MiB: psutil on any OS, else Linux's /proc."""
+    if _PROCESS is not None:
+        return _PROCESS.memory_info().rss / 2**20
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE / 2**20
-    except OSError:  # not Linux: ru_maxrss is the best we have
+    except OSError:  # neither psutil nor /proc: ru_maxrss is the best we have
         return max_rss_mb()
 
 

@@ -93,10 +93,31 @@ def _accuracy_points(record: dict) -> tuple[list[float], list[float], list[float
     return epochs, ts, accs
 
 
-def _repeat_note(groups) -> str:
-    n = max((len(rs) for rs in groups.values()), default=1)
-    return ("bold line: the median repeat by final accuracy; thin lines: the other repeats" if n > 1
-            else "one repeat per backend")
+def _shared_repeat(groups) -> int | None:
+    """The repeat drawn bold for every backend: the median repeat (by final accuracy) of the first backend.
+
+    Repeat r of every backend has the same seed, weights and batch order, so drawing the
+    same r for all is what lets their curves coincide; each backend's own median repeat
+    could be a different seed per backend.
+    """
+    first = next(iter(groups.values()), None)
+    return _median_repeat(first).get("repeat") if first else None
+
+
+def _bold(cell: list[dict], repeat: int | None) -> dict:
+    """The record of `repeat` in this cell, or the cell's median repeat where that repeat is missing."""
+    return next((r for r in cell if r.get("repeat") == repeat), None) or _median_repeat(cell)
+
+
+def _repeat_note(by_task: dict[str, dict]) -> str:
+    """The caption's words on repeats: which repeat is bold in each task's panel, and why."""
+    n = max((len(rs) for groups in by_task.values() for rs in groups.values()), default=1)
+    if n <= 1:
+        return "one repeat per backend"
+    bold = ", ".join(f"{task}: repeat {_shared_repeat(groups)} (median of {next(iter(groups))[1]})"
+                     for task, groups in by_task.items())
+    return (f"bold line: the same repeat for every backend (same seed, weights and batch order), the median repeat "
+            f"by final accuracy of the first backend; {bold}; thin lines: the other repeats")
 
 
 def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binary file
@@ -105,13 +126,13 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks))
     colors = _colors(records)
-    note = ""
+    shown: dict[str, dict] = {}
     for ax, (task, rs) in zip(axes.flat, tasks.items()):
         groups = group_cells(rs)
-        note = _repeat_note(groups)
+        shown[task] = groups
         for key, cell in groups.items():
             color = colors[key[1:]]
-            best = _median_repeat(cell)
+            best = _bold(cell, _shared_repeat(groups))
             for r in cell:
                 _, ts, accs = _accuracy_points(r)
                 main = r is best
@@ -131,7 +152,8 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return f"Test accuracy against cumulative training time per backend ({note}; epoch 0 is the untrained model)."
+    return (f"Test accuracy against cumulative training time per backend ({_repeat_note(shown)}; epoch 0 is the "
+            "untrained model).")
 
 
 def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary file
@@ -140,15 +162,15 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks), rows_per_panel=2, width=5.6, height=3.6)
     colors = _colors(records)
-    note = ""
+    shown: dict[str, dict] = {}
     for row, (task, rs) in zip(axes, tasks.items()):
         groups = group_cells(rs)
-        note = _repeat_note(groups)
+        shown[task] = groups
         loss_ax, acc_ax = row
         for i, (key, cell) in enumerate(groups.items()):
             style = STYLES[i % len(STYLES)]
             color = colors[key[1:]]
-            best = _median_repeat(cell)
+            best = _bold(cell, _shared_repeat(groups))
             for r in cell:
                 main = r is best
                 kw = dict(style, color=color) if main else {"color": color, "linewidth": 0.7, "alpha": 0.3}
@@ -171,7 +193,7 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Training loss and test accuracy per epoch with the backends overlaid; with identical initial "
-            f"weights and batch order the curves should lie on each other ({note}).")
+            f"weights and batch order the curves should lie on each other ({_repeat_note(shown)}).")
 
 
 def _bars(ax, labels, summaries, *, offset=0.0, width=0.8, color=None, hatch=None, label=None):

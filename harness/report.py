@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -387,6 +388,32 @@ def _render_html(records, table, figures, title) -> str:
     return "\n".join(out)
 
 
+def _parse_time(text) -> _dt.datetime | None:
+    try:
+        when = _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
+
+def run_stamp(run_dir: Path, records: list[dict]) -> str:
+    """When the run ran, from its records (first start to last finish), else run.json; never the report's own time."""
+    starts = [t for t in (_parse_time(r.get("started_at")) for r in records if r.get("started_at")) if t]
+    ends = [t for t in (_parse_time(r.get("finished_at")) for r in records if r.get("finished_at")) if t]
+    if not starts:
+        try:
+            created = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("created_at")
+        except (OSError, ValueError, AttributeError):
+            created = None
+        starts = [t for t in (_parse_time(created),) if t] if created else []
+    if not starts:
+        return "run time unknown"
+    fmt = "%Y-%m-%d %H:%M"
+    first, last = min(starts).astimezone(_dt.timezone.utc), max(ends or starts).astimezone(_dt.timezone.utc)
+    end = last.strftime("%H:%M" if last.date() == first.date() else fmt)
+    return f"run {first.strftime(fmt)}\u2013{end} UTC"
+
+
 def write_report(run_dir, *, records: list[dict] | None = None) -> list[Path]:
     """Write report.md, report.html and the PNG plots into `run_dir`; return the paths written.
 
@@ -402,8 +429,7 @@ def write_report(run_dir, *, records: list[dict] | None = None) -> list[Path]:
         records = read_records(run_dir)
     table = summary_table(records)
     figures = write_plots(records, run_dir) if ok_records(records) else []
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = f"tribench report: {run_dir.name} ({len(records)} records, {stamp})"
+    title = f"tribench report: {run_dir.name} ({len(records)} records, {run_stamp(run_dir, records)})"
     md_path, html_path = run_dir / REPORT_MD, run_dir / REPORT_HTML
     write_atomic(md_path, (_render_md(records, table, figures, title) + "\n").encode())
     write_atomic(html_path, (_render_html(records, table, figures, title) + "\n").encode())

@@ -19,8 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
-def git_state() -> dict:
-    """The commit the code ran at and whether the tree had uncommitted changes."""
+def git_state(exclude: Path | None = None) -> dict:
+    """The commit the code ran at and whether the tree had uncommitted changes.
+
+    `exclude` is the run's own results folder: a run writing into a tracked folder (a
+    reference run) must not call its own code dirty.
+    """
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -29,22 +33,47 @@ def git_state() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    pathspec = []
+    if exclude is not None:
+        try:
+            pathspec = ["--", ".", f":(exclude){Path(exclude).resolve().relative_to(REPO_ROOT)}"]
+        except ValueError:
+            pass  # outside the repository: it cannot make the tree dirty
+    status = git("status", "--porcelain", "--untracked-files=no", *pathspec)
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
+def tribench_version() -> str:
+    from harness import __version__
+
+    return __version__
+
+
 def cpu_name() -> str:
+    """The CPU's brand name from py-cpuinfo, else the platform module's (which is often empty on Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+        import cpuinfo
+
+        name = cpuinfo.get_cpu_info().get("brand_raw")
+        if name:
+            return name
+    except Exception:  # py-cpuinfo missing, or it cannot read this CPU: fall back, never fail a run for it
+        log.debug("py-cpuinfo gave no CPU name", exc_info=True)
     return platform.processor() or platform.machine()
 
 
-def host_environment() -> dict:
-    """What is true of the machine, whatever the backend."""
+def memory_facts() -> dict:
+    """Physical cores and total memory from psutil; None where psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return {"cpu_physical_cores": None, "memory_total_mb": None}
+    return {"cpu_physical_cores": psutil.cpu_count(logical=False),
+            "memory_total_mb": round(psutil.virtual_memory().total / 2**20)}
+
+
+def host_environment(exclude: Path | None = None) -> dict:
+    """What is true of the machine, whatever the backend; `exclude`: see git_state."""
     import numpy
 
     return {
@@ -54,8 +83,9 @@ def host_environment() -> dict:
         "machine": platform.machine(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        **memory_facts(),
         "hostname": platform.node(),
-        **git_state(),
+        **git_state(exclude),
     }
 
 
@@ -63,6 +93,7 @@ def empty_record(*, task: str, backend: str, repeat: int, seed: int) -> dict:
     """A record with every schema field present, so readers never meet a missing key."""
     return {
         "schema_version": SCHEMA_VERSION,
+        "tribench_version": tribench_version(),
         "task": task,
         "backend": backend,
         "repeat": repeat,

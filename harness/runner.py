@@ -22,11 +22,21 @@ from harness import data as data_mod
 from harness import folderlock
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
-from harness.results import RECORDS_FILE, REPO_ROOT, SCHEMA_VERSION, append_record, empty_record, read_records
+from harness.results import (
+    RECORDS_FILE,
+    REPO_ROOT,
+    SCHEMA_VERSION,
+    append_record,
+    empty_record,
+    git_state,
+    read_records,
+    tribench_version,
+)
 from harness.shard import in_shard
 from harness.storage import set_aside_torn_tail
 from harness.worker import PROGRESS_PREFIX, utc_now
 from tasks import get_task
+from tasks.targets import accepted, for_dataset
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +94,10 @@ class RunConfig:
             changes["batch_size"] = self.batch_size
         return changes
 
-    def spec_dict(self, task: str) -> dict:
-        """The spec as it reads back from JSON (tuples become lists), for comparisons."""
-        return json.loads(json.dumps(get_task(task).with_overrides(**self.overrides(), seed=self.seed).to_dict()))
+    def spec_dict(self, task: str, data: str | None = None) -> dict:
+        """The spec built for real dataset `data` (if given), as it reads back from JSON (tuples become lists)."""
+        spec = for_dataset(get_task(task), data) if data else get_task(task)
+        return json.loads(json.dumps(spec.with_overrides(**self.overrides(), seed=self.seed).to_dict()))
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -116,8 +127,9 @@ def prepare_out_dir(out: Path) -> None:
 
 def check_resume(cfg: RunConfig, saved: dict) -> None:
     """Refuse to mix cells run under other specs or framework versions into one table."""
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
     for task in cfg.tasks:
-        if saved["specs"].get(task) != cfg.spec_dict(task):
+        if saved["specs"].get(task) != cfg.spec_dict(task, data.get(task)):
             raise UsageError(f"--resume {cfg.out}: the spec of task {task!r} differs from the one this run "
                              "started with (code or flags changed); start a new run")
     now = framework_versions(cfg.backends)
@@ -129,9 +141,25 @@ def check_resume(cfg: RunConfig, saved: dict) -> None:
         log.warning("resuming a run started at another commit (%s)", saved.get("tribench_commit"))
 
 
-def _commit() -> str | None:
-    from harness.results import git_state
+def check_resumed_data(cfg: RunConfig, sources: dict[str, tuple[str, str, str]]) -> None:
+    """A resume trains each task on the dataset, and with the spec built for it, that the run started with."""
+    try:
+        saved = json.loads((cfg.out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    specs = saved.get("specs") if isinstance(saved.get("specs"), dict) else {}
+    for task, (name, _, _) in sources.items():
+        if data.get(task, name) != name:
+            raise UsageError(f"--resume {cfg.out}: task {task!r} started on {data[task]} but would now get {name}; "
+                             "start a new run")
+        # A run.json from before the data was recorded: the spec built for today's data must still match.
+        if task in specs and specs[task] != cfg.spec_dict(task, name):
+            raise UsageError(f"--resume {cfg.out}: task {task!r} on {name} now has another spec (input shape or "
+                             "target) than the one this run started with; start a new run")
 
+
+def _commit() -> str | None:
     return git_state()["git_commit"]
 
 
@@ -196,7 +224,7 @@ def check_config(cfg: RunConfig) -> None:
         raise UsageError(f"timeout {cfg.timeout} is not positive")
     for task in cfg.tasks:
         try:
-            data_mod.choice_for(get_task(task).dataset, cfg.data)
+            data_mod.choice_for(accepted(get_task(task)), cfg.data)
         except data_mod.DataError as exc:
             raise UsageError(f"task {task!r}: {exc}") from None
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
@@ -227,13 +255,16 @@ def load_resume(out: Path) -> RunConfig:
     return cfg
 
 
-def write_run_file(cfg: RunConfig) -> None:
+def write_run_file(cfg: RunConfig, sources: dict[str, tuple[str, str, str]] | None = None) -> None:
+    """run.json: the config, the dataset each task got and its spec built for it, versions, commit."""
     from harness.results import write_json_atomic
 
+    data = {t: sources[t][0] for t in cfg.tasks} if sources else {}
     write_json_atomic(cfg.out / RUN_FILE, {
         "schema_version": SCHEMA_VERSION, "config": cfg.to_json(), "created_at": utc_now(),
-        "specs": {t: cfg.spec_dict(t) for t in cfg.tasks}, "versions": framework_versions(cfg.backends),
-        "tribench_commit": _commit(),
+        "data": data, "specs": {t: cfg.spec_dict(t, data.get(t)) for t in cfg.tasks},
+        "versions": framework_versions(cfg.backends), "tribench_commit": _commit(),
+        "tribench_version": tribench_version(), "git_dirty": git_state(cfg.out)["git_dirty"],
     })
 
 
@@ -258,13 +289,13 @@ def plan(cfg: RunConfig) -> list[Cell]:
     return [Cell(t, b, r) for t in cfg.tasks for r in range(cfg.repeats) for b in cfg.backends]
 
 
-def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str]]:
-    """(source name, folder) per task, resolved once so every cell sees the same data."""
+def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str, str]]:
+    """(source name, folder, why) per task, resolved once so every cell sees the same data."""
     resolved = {}
     for task in cfg.tasks:
-        kind = get_task(task).dataset
-        choice = data_mod.choice_for(kind, cfg.data)
-        resolved[task] = data_mod.resolve(kind, choice, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
+        real = accepted(get_task(task))
+        choice = data_mod.choice_for(real, cfg.data)
+        resolved[task] = data_mod.resolve(real, choice, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
     return resolved
 
 
@@ -280,6 +311,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
         "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
+        "out": str(cfg.out),  # git_dirty leaves the run's own output out
     }
 
 
@@ -438,12 +470,17 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
 
 def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executor) -> int:
     records_path = cfg.out / RECORDS_FILE
+    if resume:
+        for name in ("data_dir", "init_from"):
+            if getattr(cfg, name):
+                ui.info(f"--resume: {name} from {cfg.out / RUN_FILE}: {getattr(cfg, name)}")
+    sources = resolve_data(cfg)
     try:
         side = set_aside_torn_tail(records_path)
         if not resume:
             if records_path.exists() and records_path.stat().st_size:
                 raise UsageError(f"{cfg.out} already holds records; use --resume {cfg.out} or another --out")
-            write_run_file(cfg)
+            write_run_file(cfg, sources)
     except OSError as exc:
         raise UsageError(f"cannot write results to {cfg.out}: {_os_error(exc)}") from None
     if side:
@@ -451,15 +488,12 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executo
     done = {(r.get("task"), r.get("backend"), r.get("repeat")) for r in read_records(records_path)
             if r.get("status") in FINISHED} if resume else set()
     if resume:
-        for name in ("data_dir", "init_from"):
-            if getattr(cfg, name):
-                ui.info(f"--resume: {name} from {cfg.out / RUN_FILE}: {getattr(cfg, name)}")
-    sources = resolve_data(cfg)
-    for task, (name, where) in sources.items():
+        check_resumed_data(cfg, sources)
+    for task, (name, where, why) in sources.items():
         if name == "synthetic":
-            ui.warn(f"{task}: SYNTHETIC data (generated from the seed, not {get_task(task).dataset})")
+            ui.warn(f"{task}: SYNTHETIC data (generated from the seed, not {get_task(task).dataset}) [{why}]")
         else:
-            ui.info(f"{task}: real data {name} from {where}")
+            ui.info(f"{task}: real data {name} from {where} [{why}]")
     cells = [c for c in in_shard(plan(cfg), cfg.shard) if c.key not in done]
     if done:
         ui.info(f"resuming {cfg.out}: {len(done)} cells already finished, {len(cells)} to run")

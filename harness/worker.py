@@ -64,13 +64,16 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from harness.results import host_environment
     from harness.weights import load_checkpoint_for
     from tasks import get_task
+    from tasks.targets import for_dataset
     from tasks.taskfile import spec_from_dict
 
-    # The runner sends the whole spec, so a task from a file needs no file here.
+    # The runner sends the whole spec, so a task from a file needs no file here; it is built
+    # for the dataset the runner resolved: its input shape and its (task, dataset) target.
     spec = spec_from_dict(cfg["task_spec"]) if "task_spec" in cfg else get_task(cfg["task"])
-    spec = spec.with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
+    spec = for_dataset(spec, cfg["data"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
-    record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
+    out = cfg.get("out")
+    record["env"] = {**host_environment(Path(out) if out else None), "mode": cfg["mode"], "precision": cfg["precision"],
                      "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"))

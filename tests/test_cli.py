@@ -23,7 +23,7 @@ def run_cli(*args, env=None, timeout=600):
     (["run", "--device", "tpu"], "tpu", "gpu"),
     (["run", "--mode", "fast"], "fast", "eager"),
     (["run", "--precision", "fp8"], "fp8", "bf16"),
-    (["run", "--task", "cifar-cnn", "--data", "fashion-mnist"], "fashion-mnist", "cifar10"),
+    (["run", "--task", "mnist-mlp", "--data", "cifar10"], "cifar10", "fashion-mnist"),
 ])
 def test_bad_names_exit_2_with_one_line(args, bad, valid, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
@@ -93,6 +93,29 @@ def test_quick_run_end_to_end(tmp_path, fast_backend):
     for name in ("report.md", "report.html", "run.json"):
         assert (out_dir / name).exists()
     assert json.loads((out_dir / "run.json").read_text())["config"]["quick"] is True
+
+
+def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast_backend, monkeypatch, capsys):
+    from harness import data
+    from tests.test_data import fake_source, write_mnist
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    write_mnist(tmp_path / "datasets" / "fashion-mnist", n_train=300, n_test=100)
+    monkeypatch.setitem(data.SOURCES, "fashion-mnist",
+                        fake_source(tmp_path / "datasets" / "fashion-mnist", "fashion-mnist"))
+    out_dir = tmp_path / "run"
+    assert main(["run", "--task", "cifar-cnn", "--backend", fast_backend, "--quick", "--no-download",
+                 "--data-dir", str(tmp_path / "datasets"), "--out", str(out_dir)]) == 0
+    said = capsys.readouterr()
+    assert "cifar-cnn: real data fashion-mnist" in said.out + said.err
+    assert "cifar10 and mnist not found" in said.out + said.err
+    (record,) = read_records(out_dir)
+    assert record["status"] == "ok" and record["data"]["name"] == "fashion-mnist"
+    assert record["data"]["synthetic"] is False
+    assert record["spec"]["input_shape"] == [28, 28, 1] and record["spec"]["target_accuracy"] == 0.88
+    assert json.loads((out_dir / "run.json").read_text())["data"] == {"cifar-cnn": "fashion-mnist"}
+    assert record["tribench_version"] and record["env"]["git_dirty"] is not None
 
 
 @pytest.mark.slow

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from record_factory import make_record, make_run, write_run
 
-from harness.compare import compare_records, compare_runs, parse_threshold
+from harness.compare import Incomparable, compare_records, compare_runs, parse_threshold, parse_thresholds
 
 
 def _run(tmp_path, name, records):
@@ -113,3 +115,78 @@ def test_a_cell_whose_only_new_record_has_no_status_is_a_regression():
     del new[0]["status"]
     text, code = compare_records([make_record()], new)
     assert code == 1 and "REGRESSION (rule: cell ok in base" in text
+
+
+def test_runs_that_differ_in_what_they_measured_are_refused_naming_each_difference():
+    base = make_run(backends=("torch", "jax"), epochs=3)
+    new = make_run(backends=("torch", "jax"), epochs=1, synthetic=True)
+    for r in new:
+        r["env"]["framework_version"] += "-new"
+        r["env"]["precision"] = "bf16"
+    with pytest.raises(Incomparable) as info:
+        compare_records(base, new)
+    text = "\n".join(info.value.lines)
+    assert "spec.epochs: base 3, new 1 (mnist-mlp/jax, mnist-mlp/torch)" in text
+    assert "dataset: base real mnist, new SYNTHETIC mnist" in text
+    assert "sizes: base 60000 train / 10000 test, new 2048 train / 512 test" in text
+    assert "precision: base fp32, new bf16" in text
+    assert "framework version: base torch 2.3.1, new torch 2.3.1-new (mnist-mlp/torch)" in text
+
+
+def test_a_cpu_run_against_a_gpu_run_is_refused_though_no_cell_matches_by_device():
+    with pytest.raises(Incomparable, match="not comparable") as info:
+        compare_records(make_run(backends=("torch",)), make_run(backends=("torch",), device="gpu"))
+    assert any(line.startswith("device: base cpu, new gpu (NVIDIA H100") for line in info.value.lines)
+
+
+def test_force_compares_under_a_banner_naming_the_differences():
+    base, new = make_run(backends=("torch",), epochs=3), make_run(backends=("torch",), epochs=2)
+    text, code = compare_records(base, new, force=True)
+    assert text.splitlines()[1].startswith("NOT COMPARABLE, compared anyway (--force)")
+    assert "  - spec.epochs: base 3, new 2 (mnist-mlp/torch)" in text
+
+
+def test_per_figure_thresholds_apply_to_their_figure_only():
+    thresholds = parse_thresholds("train_samples_per_s=40%,test_accuracy=0.5pt")
+    assert thresholds == {"*": 0.05, "train_samples_per_s": 0.40, "test_accuracy": pytest.approx(0.005)}
+    new = _scale(make_run(backends=("torch",)), "train_samples_per_s", 0.7)
+    new = _scale(new, "eval_samples_per_s", 0.7)
+    for r in new:
+        r["metrics"]["test_accuracy"] -= 0.01
+    text, code = compare_records(make_run(backends=("torch",)), new, threshold=thresholds)
+    line = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("  ") and "(" in ln}
+    assert "ok: within threshold" in line["train_samples_per_s"]
+    assert "REGRESSION" in line["eval_samples_per_s"] and "REGRESSION" in line["test_accuracy"]
+    assert "-1.00 points vs 0.5-point threshold" in line["test_accuracy"]
+
+
+@pytest.mark.parametrize("text", ["foo=5%", "train_samples_per_s=1pt", "test_accuracy=abc"])
+def test_bad_per_figure_thresholds_are_refused(text):
+    with pytest.raises(ValueError, match="threshold"):
+        parse_thresholds(text)
+
+
+def test_json_and_markdown_say_the_same_as_the_text():
+    base = make_run(backends=("torch",))
+    new = _scale(make_run(backends=("torch",)), "train_samples_per_s", 0.7)
+    out, code = compare_records(base, new, fmt="json")
+    doc = json.loads(out)
+    assert code == 1 and doc["comparable"] is True
+    assert doc["regressions"] == ["mnist-mlp/torch/cpu: train_samples_per_s"]
+    fig = next(f for f in doc["cells"][0]["figures"] if f["figure"] == "train_samples_per_s")
+    assert fig["regression"] is True and fig["new"]["median"] == pytest.approx(0.7 * fig["base"]["median"])
+    md, code = compare_records(base, new, fmt="markdown")
+    assert code == 1 and "| train_samples_per_s (higher better) |" in md and "**RESULT: 1 regression(s)" in md
+
+
+def test_cli_refuses_incomparable_runs_with_exit_2_and_forces_with_a_banner(tmp_path, capsys):
+    from harness.cli import main
+
+    a = _run(tmp_path, "a", make_run(backends=("torch",), epochs=3))
+    b = _run(tmp_path, "b", make_run(backends=("torch",), epochs=1))
+    assert main(["compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tribench: error: the runs are not comparable") and "spec.epochs: base 3, new 1" in err
+    assert main(["compare", str(a), str(b), "--force", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["differences"] == ["spec.epochs: base 3, new 1 (mnist-mlp/torch)"]
+    assert main(["compare", str(a), str(b), "--format", "yaml"]) == 2

@@ -192,19 +192,33 @@ def test_class_subset_relabels_in_order():
     np.testing.assert_array_equal(sub.y_train, d.y_train[d.y_train >= 5] - 5)
 
 
-def test_resolve_auto_falls_back_to_synthetic_loudly(tmp_path, monkeypatch, caplog):
+def test_resolve_auto_falls_back_to_synthetic_loudly_naming_every_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
-    assert data.resolve("cifar10", "auto", allow_download=False) == ("synthetic", "synthetic")
+    monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "system",))
+    name, where, why = data.resolve(("cifar10", "mnist"), "auto", allow_download=False)
+    assert (name, where) == ("synthetic", "synthetic")
     assert "SYNTHETIC" in caplog.text
-    with pytest.raises(DataError, match="cifar10 not found"):
-        data.resolve("cifar10", "cifar10", allow_download=False)
+    for folder in (tmp_path / "tribench" / "cifar10", tmp_path / "tribench" / "mnist", tmp_path / "system" / "mnist"):
+        assert str(folder) in caplog.text and str(folder) in why
+    with pytest.raises(DataError, match="cifar10 not found; looked in .*system/cifar10"):
+        data.resolve(("cifar10",), "cifar10", allow_download=False)
     with pytest.raises(DataError, match="does not fit"):
-        data.resolve("cifar10", "fashion-mnist", allow_download=False)
+        data.resolve(("cifar10",), "fashion-mnist", allow_download=False)
+
+
+def test_auto_takes_the_first_real_dataset_found_in_the_tasks_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    fmnist = tmp_path / "fashion-mnist"
+    write_mnist(fmnist)
+    monkeypatch.setitem(data.SOURCES, "fashion-mnist", fake_source(fmnist, "fashion-mnist"))
+    name, where, why = data.resolve(("mnist", "fashion-mnist"), "auto", data_dir=tmp_path, allow_download=False)
+    assert (name, where) == ("fashion-mnist", str(fmnist))
+    assert "mnist not found" in why and "first real dataset that fits" in why
 
 
 def test_each_task_takes_the_first_data_choice_that_fits():
-    assert data.choice_for("mnist", "fashion-mnist,synthetic") == "fashion-mnist"
-    assert data.choice_for("cifar10", "fashion-mnist,synthetic") == "synthetic"
-    with pytest.raises(DataError, match="nothing for a cifar10 task"):
-        data.choice_for("cifar10", "mnist,fashion-mnist")
+    assert data.choice_for(("mnist", "fashion-mnist"), "cifar10,fashion-mnist,synthetic") == "fashion-mnist"
+    assert data.choice_for(("cifar10",), "fashion-mnist,synthetic") == "synthetic"
+    with pytest.raises(DataError, match="nothing for this task"):
+        data.choice_for(("cifar10",), "mnist,fashion-mnist")

@@ -181,3 +181,30 @@ def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
     assert results.count("sentinel=broken") == 1
     images = [r for r in results if r.startswith("img=")]
     assert len(images) == 4 and all(r == "img=ok" for r in images), results
+
+
+def test_the_stamp_is_the_runs_own_time_not_the_reports(tmp_path):
+    from harness.report import write_report
+
+    records = make_run(backends=("torch",))
+    records[0]["started_at"], records[0]["finished_at"] = "2024-06-01T12:00:00Z", "2024-06-01T12:07:00+00:00"
+    folder = write_run(tmp_path / "run", records)
+    write_report(folder)
+    title = (folder / "report.md").read_text().splitlines()[0]
+    assert "run 2024-06-01 12:00\u201312:07 UTC" in title
+
+
+def test_epoch_curves_draw_the_same_repeat_bold_for_every_backend():
+    import io
+
+    from harness import plots
+
+    # jax (the first backend) has its median repeat at 0; torch's own median repeat would be 2.
+    records = [make_record(backend="torch", repeat=r, accuracy=a) for r, a in ((0, 0.90), (1, 0.99), (2, 0.95))]
+    records += [make_record(backend="jax", repeat=r, accuracy=a) for r, a in ((0, 0.95), (1, 0.90), (2, 0.99))]
+    groups = stats.group_cells(records)
+    assert [k[1] for k in groups] == ["jax", "torch"]  # cells sort by name: jax is the first backend
+    assert plots._shared_repeat(groups) == 0
+    assert {plots._bold(cell, 0)["repeat"] for cell in groups.values()} == {0}
+    caption = plots.plot_epoch_curves(records, io.BytesIO())
+    assert "the same repeat for every backend" in caption and "mnist-mlp: repeat 0 (median of jax)" in caption

@@ -124,3 +124,19 @@ def test_a_retried_cell_reads_back_as_its_latest_record(tmp_path):
     append_record(path, {"task": "t", "backend": "b", "repeat": 1, "status": "ok"})
     assert [r["status"] for r in read_records(path)] == ["ok", "ok"]
     assert [r["status"] for r in read_records(path, history=True)] == ["failed", "ok", "ok"]
+
+
+def test_resume_refuses_a_task_that_would_now_get_other_data(tmp_path, monkeypatch):
+    import json
+
+    from harness.runner import RUN_FILE, RunConfig, UsageError, check_resumed_data
+
+    cfg = RunConfig(tasks=["cifar-cnn"], backends=["torch"], out=tmp_path, data="auto")
+    # A run.json from before issue 12: no "data", and the spec built for synthetic CIFAR-shaped data.
+    (tmp_path / RUN_FILE).write_text(json.dumps({"specs": {"cifar-cnn": cfg.spec_dict("cifar-cnn")}}))
+    check_resumed_data(cfg, {"cifar-cnn": ("synthetic", "synthetic", "auto")})
+    with pytest.raises(UsageError, match="now has another spec"):
+        check_resumed_data(cfg, {"cifar-cnn": ("fashion-mnist", "/data", "auto")})
+    (tmp_path / RUN_FILE).write_text(json.dumps({"data": {"cifar-cnn": "synthetic"}, "specs": {}}))
+    with pytest.raises(UsageError, match="started on synthetic but would now get fashion-mnist"):
+        check_resumed_data(cfg, {"cifar-cnn": ("fashion-mnist", "/data", "auto")})

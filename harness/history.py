@@ -1,0 +1,143 @@
+"""History: every run under a results folder, keyed by machine and git commit, as tables and a trend plot."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from harness.results import RECORDS_FILE, read_records
+from harness.stats import format_stat, ok_records, spread_interval, spread_kind, summarise_figure
+from harness.storage import write_atomic
+
+# (figure, label, format): the figures followed across commits.
+FIGURES = (
+    ("test_accuracy", "test accuracy", lambda v: f"{100 * v:.2f}%"),
+    ("train_samples_per_s", "train samples/s", ",.0f"),
+    ("time_to_target_s", "time to target (s)", ".3g"),
+    ("peak_rss_mb", "peak host RSS (MiB)", ",.0f"),
+)
+HISTORY_MD, HISTORY_PNG = "history.md", "history.png"
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) holding a records.jsonl, sorted."""
+    return sorted(p.parent for p in Path(root).rglob(RECORDS_FILE) if p.is_file())
+
+
+def machine(record: dict) -> str:
+    env = record.get("env") or {}
+    device = env.get("device_name") if env.get("device") == "gpu" else env.get("device")
+    return f"{env.get('hostname', '?')}: {env.get('cpu', '?')} x{env.get('cpu_count', '?')}, {device or '?'}"
+
+
+def commit(record: dict) -> str:
+    env = record.get("env") or {}
+    sha = str(env.get("git_commit") or "unknown")[:8]
+    return sha + ("-dirty" if env.get("git_dirty") else "")
+
+
+def variant(record: dict) -> str:
+    """What must match for two records to sit on one line: data, sizes, epochs, precision, mode, framework version."""
+    d, env, spec = record.get("data") or {}, record.get("env") or {}, record.get("spec") or {}
+    kind = "SYNTHETIC" if d.get("synthetic") else "real"
+    return (f"{kind} {d.get('name', '?')} {d.get('n_train', '?')}/{d.get('n_test', '?')}, "
+            f"{spec.get('epochs', '?')} epochs, {env.get('precision', '?')} {env.get('mode', '?')}, "
+            f"{env.get('framework', '?')} {env.get('framework_version', '?')}")
+
+
+def collect(root: Path) -> tuple[dict, list[str]]:
+    """({(machine, task, backend, variant): {commit: [ok records]}}, commits oldest first)."""
+    series: dict[tuple[str, str, str, str], dict[str, list[dict]]] = {}
+    first_seen: dict[str, str] = {}
+    for run in find_runs(root):
+        for r in ok_records(read_records(run)):
+            c = commit(r)
+            when = str(r.get("started_at") or "")
+            first_seen[c] = min(first_seen.get(c, when), when)
+            key = (machine(r), str(r.get("task")), str(r.get("backend")), variant(r))
+            series.setdefault(key, {}).setdefault(c, []).append(r)
+    commits = sorted(first_seen, key=lambda c: (first_seen[c], c))
+    return dict(sorted(series.items())), commits
+
+
+def render_markdown(series: dict, commits: list[str], root: Path) -> str:
+    """Per machine and figure, one table: a row per task/backend/variant, a column per commit (oldest first)."""
+    out = [f"# tribench history: {root}", "",
+           f"{sum(len(v) for v in series.values())} (series, commit) points from {len(find_runs(root))} run(s). "
+           "Cells: median over the ok repeats of every run at that commit, `[min\u2013max]` for 2-4 repeats, "
+           "`(IQR)` from 5, `(n=1)` for one. Commits oldest first (by their first record); `-dirty`: uncommitted "
+           "changes.", ""]
+    machines = sorted({k[0] for k in series})
+    for m in machines:
+        keys = [k for k in series if k[0] == m]
+        used = [c for c in commits if any(c in series[k] for k in keys)]
+        out += [f"## {m}", ""]
+        for name, label, form in FIGURES:
+            out += [f"### {label}", "", "| task | backend | data, epochs, precision, mode, version | " + " | ".join(
+                f"`{c}`" for c in used) + " |", "|---|---|---|" + "---|" * len(used)]
+            for k in keys:
+                cells = [format_stat(summarise_figure(series[k].get(c, []), name), form) for c in used]
+                out.append(f"| {k[1]} | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file name or a binary file
+    """One panel per task and figure: a line per machine/backend/variant across commits, whiskers the spread."""
+    from harness.plots import _pyplot
+
+    plt = _pyplot()
+    tasks = sorted({k[1] for k in series})
+    legend_in = 0.16 * len(series) + 0.4  # one legend line per series, under the panels
+    fig, axes = plt.subplots(len(tasks), len(FIGURES), squeeze=False,
+                             figsize=(4.6 * len(FIGURES), 3.4 * len(tasks) + 0.8 + legend_in))
+    colors = {key: plt.get_cmap("tab20")(i % 20) for i, key in enumerate(series)}
+    handles = {}
+    kinds = set()
+    for row, task in zip(axes, tasks):
+        for ax, (name, label, _) in zip(row, FIGURES):
+            for key, by_commit in series.items():
+                if key[1] != task:
+                    continue
+                xs, ys, lo, hi = [], [], [], []
+                for i, c in enumerate(commits):
+                    s = summarise_figure(by_commit.get(c, []), name)
+                    if not s["n"]:
+                        continue
+                    kinds.add(spread_kind(s["n"]))
+                    a, b = spread_interval(s)
+                    scale = 100 if name == "test_accuracy" else 1
+                    xs.append(i)
+                    ys.append(scale * s["median"])
+                    lo.append(scale * (s["median"] - a))
+                    hi.append(scale * (b - s["median"]))
+                if xs:
+                    handles[key] = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linewidth=1.2,
+                                               color=colors[key])
+            ax.set_title(f"{task}: {label}", fontsize=10)
+            ax.set_xticks(range(len(commits)), commits, rotation=30, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(commits) - 0.5)
+            ax.grid(alpha=0.3)
+            if name == "test_accuracy":
+                ax.set_ylabel("%")
+    fig.legend([handles[k] for k in handles], [f"{k[1]} / {k[2]} | {k[3]} | {k[0]}" for k in handles],
+               loc="lower center", fontsize=7, ncol=1, frameon=False)
+    fig.suptitle("tribench history: median per commit (oldest left), whiskers the spread of repeats", fontsize=12)
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 0.97))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"Each figure per commit: medians over repeats, whiskers the spread ({', '.join(sorted(kinds))})."
+
+
+def write_history(root: Path, out: Path) -> list[Path]:
+    """history.md and history.png for every run under `root`, into `out`; [] when no run has an ok record."""
+    series, commits = collect(root)
+    if not series:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    caption = plot_trends(series, commits, buffer)
+    write_atomic(out / HISTORY_PNG, buffer.getvalue())
+    text = render_markdown(series, commits, root) + f"\n![history]({HISTORY_PNG})\n\n{caption}\n"
+    write_atomic(out / HISTORY_MD, text.encode())
+    return [out / HISTORY_MD, out / HISTORY_PNG]

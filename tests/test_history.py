@@ -1,0 +1,51 @@
+"""History: runs found under a folder, keyed by machine and commit, a table per figure and a trend plot."""
+
+from __future__ import annotations
+
+from record_factory import make_run, write_run
+
+from harness import history
+from harness.cli import main
+
+
+def _at(records, sha, *, dirty=False, hostname="bench-1", when="2024-06-01T12:00:00Z"):
+    for r in records:
+        r["env"].update(git_commit=sha, git_dirty=dirty, hostname=hostname)
+        r["started_at"] = when
+    return records
+
+
+def test_history_follows_each_figure_across_commits_per_machine_with_the_spread(tmp_path):
+    root = tmp_path / "results"
+    # Two runs at the newer commit pool their repeats; the older commit is found in a nested folder.
+    write_run(root / "runs" / "new-a", _at(make_run(backends=("torch",), repeats=2, throughput=30000.0),
+                                           "b" * 40, when="2024-06-03T00:00:00Z"))
+    write_run(root / "runs" / "new-b", _at(make_run(backends=("torch",), repeats=1, throughput=33000.0),
+                                           "b" * 40, when="2024-06-03T01:00:00Z"))
+    write_run(root / "old" / "deep", _at(make_run(backends=("torch",), repeats=1, throughput=20000.0),
+                                         "a" * 40, dirty=True, when="2024-06-01T00:00:00Z"))
+    write_run(root / "other-machine", _at(make_run(backends=("torch",)), "a" * 40, hostname="laptop"))
+    series, commits = history.collect(root)
+    assert commits == ["aaaaaaaa-dirty", "aaaaaaaa", "bbbbbbbb"]
+    keys = [k for k in series if k[0].startswith("bench-1")]
+    assert len(keys) == 1 and keys[0][1:3] == ("mnist-mlp", "torch")
+    assert sorted(series[keys[0]]) == ["aaaaaaaa-dirty", "bbbbbbbb"] and len(series[keys[0]]["bbbbbbbb"]) == 3
+    paths = history.write_history(root, tmp_path / "out")
+    text = paths[0].read_text()
+    assert "## bench-1:" in text and "## laptop:" in text
+    row = next(ln for ln in text.split("### train samples/s")[1].splitlines() if ln.startswith("| mnist-mlp"))
+    # The old commit's one run, then the new commit's three repeats as a median with its range.
+    assert "20,000 (n=1)" in row and "30,000 [30,000\u201333,000]" in row
+    assert row.index("20,000") < row.index("30,000")
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_history_cli_prints_the_tables_and_refuses_a_folder_without_runs(tmp_path, capsys):
+    write_run(tmp_path / "r" / "one", _at(make_run(backends=("jax",)), "c" * 40))
+    assert main(["history", str(tmp_path / "r"), "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "`cccccccc`" in out and str(tmp_path / "h" / "history.png") in out
+    (tmp_path / "empty").mkdir()
+    assert main(["history", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no run with an ok record" in err
