@@ -35,7 +35,7 @@ from harness.results import (
 from harness.shard import in_shard
 from harness.storage import set_aside_torn_tail
 from harness.worker import PROGRESS_PREFIX, utc_now
-from tasks import get_task
+from tasks import BUILTIN_TASKS, get_task
 from tasks.targets import accepted, for_dataset
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,25 @@ def load_resume(out: Path) -> RunConfig:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--resume {out}: no readable {RUN_FILE} there ({exc})") from None
+    register_task_files(saved, path)
     cfg = config_from_saved(saved, Path(out))
     check_resume(cfg, saved)
     return cfg
+
+
+def register_task_files(saved, path: Path) -> None:
+    """The run's tasks that came from .toml files, registered from run.json: the files need not exist now."""
+    from tasks import register
+    from tasks.taskfile import TaskFileError, spec_from_dict
+
+    files = saved.get("task_files", {}) if isinstance(saved, dict) else {}
+    if not isinstance(files, dict):
+        raise UsageError(f"--resume: {path}: task_files is not an object")
+    for name, table in files.items():
+        try:
+            register(spec_from_dict(table), source=f"{path} task_files.{name}")
+        except (TaskFileError, AttributeError, TypeError, ValueError) as exc:
+            raise UsageError(f"--resume: {path} task_files.{name}: {exc}") from None
 
 
 def write_run_file(cfg: RunConfig, sources: dict[str, tuple[str, str, str]] | None = None) -> None:
@@ -263,6 +279,8 @@ def write_run_file(cfg: RunConfig, sources: dict[str, tuple[str, str, str]] | No
     write_json_atomic(cfg.out / RUN_FILE, {
         "schema_version": SCHEMA_VERSION, "config": cfg.to_json(), "created_at": utc_now(),
         "data": data, "specs": {t: cfg.spec_dict(t, data.get(t)) for t in cfg.tasks},
+        # A task from a .toml file, as the file described it: --resume registers it from here.
+        "task_files": {t: get_task(t).to_dict() for t in cfg.tasks if t not in BUILTIN_TASKS},
         "versions": framework_versions(cfg.backends), "tribench_commit": _commit(),
         "tribench_version": tribench_version(), "git_dirty": git_state(cfg.out)["git_dirty"],
     })

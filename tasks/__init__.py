@@ -8,6 +8,7 @@ from tasks.mnist_mlp import MNIST_MLP
 from tasks.spec import TaskSpec
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE)}
+BUILTIN_TASKS = tuple(TASKS)
 TASK_FILE_SUFFIX = ".toml"
 
 
@@ -21,11 +22,15 @@ def load_task(name: str) -> TaskSpec:
         return get_task(name)
     from tasks.taskfile import load_task_file
 
-    spec = load_task_file(Path(name))
+    return register(load_task_file(Path(name)), source=name)
+
+
+def register(spec: TaskSpec, *, source: str) -> TaskSpec:
+    """Add a task from a file (or a results folder's run.json) under its spec name."""
     if spec.name in TASKS and TASKS[spec.name] != spec:
         from tasks.taskfile import TaskFileError
 
-        raise TaskFileError(f"{name}: task name {spec.name!r} is already taken by another task")
+        raise TaskFileError(f"{source}: task name {spec.name!r} is already taken by another task")
     TASKS[spec.name] = spec
     return spec
 

@@ -96,8 +96,9 @@ def test_quick_run_end_to_end(tmp_path, fast_backend):
 
 
 def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast_backend, monkeypatch, capsys):
+    from test_data import fake_source, write_mnist
+
     from harness import data
-    from tests.test_data import fake_source, write_mnist
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SYSTEM_DIRS", ())

@@ -121,3 +121,20 @@ def test_records_written_before_spec_v2_read_back_as_the_same_tasks():
     for record in records:
         spec = spec_from_dict(record["spec"])
         assert spec.layers == get_task(record["task"]).layers and spec.optimizer == get_task(record["task"]).optimizer
+
+
+def test_resume_of_a_file_task_needs_no_file(tmp_path):
+    """run.json keeps a file task's spec; --resume registers it even after the file is gone."""
+    from harness.runner import RunConfig, load_resume, write_run_file
+    from tasks import load_task
+
+    source = tmp_path / "mine.toml"
+    source.write_text((Path(__file__).parents[1] / "examples/tasks/mnist-mlp-ln.toml").read_text())
+    spec = load_task(str(source))
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_file(RunConfig(tasks=[spec.name], backends=["jax"], out=out, data="synthetic", quick=True))
+    source.unlink()
+    del TASKS[spec.name]  # as in a new process
+    cfg = load_resume(out)
+    assert cfg.tasks == [spec.name] and TASKS[spec.name] == spec
