@@ -31,8 +31,8 @@ def test_the_mlp_on_fashion_mnist_is_held_to_its_own_target_not_mnists():
 
 def test_the_cnn_built_for_fashion_mnist_takes_one_channel():
     spec = for_dataset(TASKS["finetune"], "fashion-mnist")
-    (name, kernel, _), *_ = spec.param_shapes()
-    assert name == "conv1" and kernel == (3, 3, 1, 32)
+    first = spec.params()[0]
+    assert first.name == "conv1.kernel" and tuple(first.param.shape) == (3, 3, 1, 32)
     assert [s.classes for s in spec.stages][:2] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
 
 
