@@ -69,6 +69,11 @@ def _is_cpu(env: dict) -> bool:
     return str(kind).lower().startswith("cpu")
 
 
+def mode_text(env: dict) -> str:
+    """The mode a record trained in, "(best)" where the probe chose it rather than the user."""
+    return f"{env.get('mode')}{' (best)' if env.get('mode_requested') == 'best' else ''}"
+
+
 def _unique(values) -> list:
     seen = []
     for v in values:
@@ -155,7 +160,7 @@ def summary_table(records: list[dict]):
         row["freezing speed-up"] = _speedup(rs)
         s = summarise_figure(ok, "roofline_fraction")
         row["roofline"] = format_stat(s, lambda v: f"{100 * v:.1f}%") if s["n"] else ""
-        row["mode"] = ", ".join(str(m) for m in _unique((r.get("env") or {}).get("mode") for r in rs))
+        row["mode"] = ", ".join(_unique(mode_text(r.get("env") or {}) for r in rs))
         row["error"] = error
         rows.append(row)
     columns = [*KEY_HEADERS, *(h for h, _, _ in CORE_COLUMNS), "params (total / trainable)", *OPTIONAL_HEADERS]
@@ -239,7 +244,9 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
         ("Threads", joined("threads") + (f" (inter-op {joined('interop_threads')})"
                                           if any(e.get("interop_threads") for e in envs) else "")),
         ("Precision", joined("precision")),
-        ("Mode", joined("mode")),
+        ("Mode", joined("mode") + (" (--mode best: each cell probed both modes and trained in the faster; "
+                                   "probe rates in each record's metrics.mode_probe)"
+                                   if any(e.get("mode_requested") == "best" for e in envs) else "")),
         ("Git commit", ", ".join(f"{c[:12]}{' (dirty tree)' if d else ''}" for c, d in commits) or MISSING),
     ]
     for task, rs in _by_task(records).items():

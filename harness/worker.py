@@ -70,8 +70,10 @@ def run_cell(cfg: dict, record: dict) -> dict:
     spec = spec_from_dict(cfg["task_spec"]) if "task_spec" in cfg else get_task(cfg["task"])
     spec = spec.with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
-    record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
-                     "device_requested": cfg["device"], "threads": cfg["threads"]}
+    # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
+    forced = cfg["mode"] if cfg["mode"] != "best" else None
+    record["env"] = {**host_environment(), "mode": forced, "mode_requested": cfg["mode"],
+                     "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"))
     record["data"] = dataset.describe()
@@ -88,7 +90,6 @@ def run_cell(cfg: dict, record: dict) -> dict:
         return record
     record["memory"]["rss_after_import_mb"] = rss_mb()
     record["env"].update(backend.environment())
-    record["env"]["mode"] = cfg["mode"]
     # On a GPU the CPU's matmul peak says nothing: the roofline divides by the device's.
     peak, peak_source = roofline_peak(record["env"])
     record["env"]["matmul_peak_gflops"] = peak
@@ -101,6 +102,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
             results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
+            record["env"]["mode"] = record["metrics"].pop("mode")
             record["status"] = "ok"
         except Diverged as exc:
             record.update(status="diverged", error=str(exc))
