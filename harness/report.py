@@ -300,7 +300,7 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "time to target (s)", "train samples/s",
                     "eval samples/s", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
-                    "freezing speed-up", "roofline", "error")
+                    "freezing speed-up", "roofline", "mode", "error")
 
 
 def render_terminal(records: list[dict]) -> str:

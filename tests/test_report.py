@@ -181,3 +181,14 @@ def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
     assert results.count("sentinel=broken") == 1
     images = [r for r in results if r.startswith("img=")]
     assert len(images) == 4 and all(r == "img=ok" for r in images), results
+
+
+def test_the_mode_column_says_which_mode_each_row_trained_in_and_who_chose_it():
+    records = [make_record("mnist-mlp", "torch", r, mode="eager") for r in range(2)]
+    records += [make_record("mnist-mlp", "jax", r, mode="compiled") for r in range(2)]
+    for r in records[:2]:
+        r["env"]["mode_requested"] = "best"  # torch: the probe chose eager; jax: forced compiled
+    table = report.summary_table(records).set_index("backend")
+    assert table.loc["torch", "mode"] == "eager (best)"
+    assert table.loc["jax", "mode"] == "compiled"
+    assert "eager (best)" in report.render_terminal(records)
