@@ -57,7 +57,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     """Fill `record` from a config written by the runner; what is filled survives an exception."""
     started = time.perf_counter()
     from backends import get_backend
-    from backends.base import BackendUnavailable
+    from backends.base import BEST, BackendUnavailable
     from harness import data as data_mod
     from harness.loop import Diverged, flatten_metrics, run_stages
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
@@ -71,7 +71,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     spec = spec.with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
     # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
-    forced = cfg["mode"] if cfg["mode"] != "best" else None
+    forced = cfg["mode"] if cfg["mode"] != BEST else None
     record["env"] = {**host_environment(), "mode": forced, "mode_requested": cfg["mode"],
                      "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
