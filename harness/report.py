@@ -71,7 +71,7 @@ def _is_cpu(env: dict) -> bool:
 
 def mode_text(env: dict) -> str:
     """The mode a record trained in, "(best)" where the probe chose it rather than the user."""
-    return f"{env.get('mode')}{' (best)' if env.get('mode_requested') == 'best' else ''}"
+    return f"{env.get('mode') or '?'}{' (best)' if env.get('mode_requested') == 'best' else ''}"
 
 
 def _unique(values) -> list:
