@@ -192,3 +192,6 @@ def test_the_mode_column_says_which_mode_each_row_trained_in_and_who_chose_it():
     assert table.loc["torch", "mode"] == "eager (best)"
     assert table.loc["jax", "mode"] == "compiled"
     assert "eager (best)" in report.render_terminal(records)
+    failed = make_record("mnist-mlp", "tensorflow", 0, status="failed", mode=None)
+    failed["env"].update(mode=None, mode_requested="best")  # failed before its metrics were kept
+    assert report.summary_table([failed]).loc[0, "mode"] == "? (best)"
