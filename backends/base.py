@@ -9,7 +9,10 @@ import numpy as np
 
 from tasks.spec import TaskSpec
 
-MODES = ("compiled", "eager")
+MODES = ("compiled", "eager")  # what a model is built and trained in
+# What a run may ask for: "best" probes both MODES on each cell and trains in the faster (harness/probe.py).
+BEST = "best"
+RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "tf32", "bf16")
 

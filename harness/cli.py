@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from backends import BACKENDS
-from backends.base import DEVICES, MODES, PRECISIONS
+from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
 from harness.runner import (
@@ -82,7 +82,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
     p.add_argument("--threads", type=positive(int), help="intra-op threads for every framework (default: all cores)")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
-    p.add_argument("--mode", default="compiled", help=f"one of {', '.join(MODES)} (default compiled)")
+    p.add_argument("--mode", default="best", help=f"one of {', '.join(RUN_MODES)} (default best: each cell "
+                   "probes both modes' training steps and trains in the faster)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
                    help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
@@ -182,7 +183,7 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                     epochs=args.epochs, batch_size=batch_size,
                     device=one_of(args.device, DEVICES, "--device"),
                     precision=one_of(args.precision, PRECISIONS, "--precision"),
-                    mode=one_of(args.mode, MODES, "--mode"), timeout=args.timeout, quick=args.quick,
+                    mode=one_of(args.mode, RUN_MODES, "--mode"), timeout=args.timeout, quick=args.quick,
                     init_from=str(args.init_from.resolve()) if args.init_from else None,
                     allow_download=not args.no_download)
     if args.threads:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import Backend
+from backends.base import BEST, Backend
 from harness.data import Dataset
+from harness.probe import probe_modes
 from harness.weights import initial_weights, reinitialise, save_checkpoint
 from tasks.spec import TaskSpec
 
@@ -67,8 +68,13 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     data = data.classes(stage.classes)
     bs, ebs = spec.batch_size, spec.eval_batch_size
     n = len(data.y_train)
-    model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
     train, test = backend.put_data(data.x_train, data.y_train), backend.put_data(data.x_test, data.y_test)
+    probe = None
+    if mode == BEST:  # probe time is reported as metrics.mode_probe.probe_s, on neither clock below
+        mode, model, probe = probe_modes(backend, spec, weights, trainable=stage.trainable, train=train, test=test,
+                                         order=epoch_order(seed, index, 0, n, bs))
+    else:
+        model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
 
     _, warmup_s = timed(backend, backend.warmup, model, train, epoch_order(seed, index, 0, n, bs), bs, test, ebs)
     (initial_loss, initial_acc), _ = timed(backend, backend.evaluate, model, test, ebs)
@@ -78,7 +84,8 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
          "epoch_train_time_s": [], "eval_s": [], "time_to_target_s": None,
          "eval_every_epochs": 1,  # the loop below evaluates after every epoch; plots read the cadence
          "n_train": n, "n_test": int(len(data.y_test)), "batch_size": bs, "trainable": stage.trainable,
-         "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable)}
+         "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable),
+         "mode": mode, "mode_probe": probe}
     train_clock = 0.0
     for epoch in range(spec.epochs):
         order = epoch_order(seed, index, epoch, n, bs)

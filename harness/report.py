@@ -70,6 +70,11 @@ def _is_cpu(env: dict) -> bool:
     return str(kind).lower().startswith("cpu")
 
 
+def mode_text(env: dict) -> str:
+    """The mode a record trained in, "(best)" where the probe chose it rather than the user."""
+    return f"{env.get('mode') or '?'}{' (best)' if env.get('mode_requested') == 'best' else ''}"
+
+
 def _unique(values) -> list:
     seen = []
     for v in values:
@@ -156,7 +161,7 @@ def summary_table(records: list[dict]):
         row["freezing speed-up"] = _speedup(rs)
         s = summarise_figure(ok, "roofline_fraction")
         row["roofline"] = format_stat(s, lambda v: f"{100 * v:.1f}%") if s["n"] else ""
-        row["mode"] = ", ".join(str(m) for m in _unique((r.get("env") or {}).get("mode") for r in rs))
+        row["mode"] = ", ".join(_unique(mode_text(r.get("env") or {}) for r in rs))
         row["error"] = error
         rows.append(row)
     columns = [*KEY_HEADERS, *(h for h, _, _ in CORE_COLUMNS), "params (total / trainable)", *OPTIONAL_HEADERS]
@@ -240,7 +245,9 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
         ("Threads", joined("threads") + (f" (inter-op {joined('interop_threads')})"
                                           if any(e.get("interop_threads") for e in envs) else "")),
         ("Precision", joined("precision")),
-        ("Mode", joined("mode")),
+        ("Mode", joined("mode") + (" (--mode best: each cell probed both modes and trained in the faster; "
+                                   "probe rates in each record's metrics.mode_probe)"
+                                   if any(e.get("mode_requested") == "best" for e in envs) else "")),
         ("Git commit", ", ".join(f"{c[:12]}{' (dirty tree)' if d else ''}" for c, d in commits) or MISSING),
     ]
     for task, rs in _by_task(records).items():
@@ -294,7 +301,7 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "time to target (s)", "train samples/s",
                     "eval samples/s", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
-                    "freezing speed-up", "roofline", "error")
+                    "freezing speed-up", "roofline", "mode", "error")
 
 
 def render_terminal(records: list[dict]) -> str:

@@ -79,7 +79,7 @@ class RunConfig:
     device: str = "auto"
     threads: int = field(default_factory=available_cores)
     precision: str = "fp32"
-    mode: str = "compiled"
+    mode: str = "best"
     timeout: float | None = None
     quick: bool = False
     init_from: str | None = None
@@ -208,12 +208,12 @@ def config_from_saved(saved, out: Path) -> RunConfig:
 
 def check_config(cfg: RunConfig) -> None:
     """Names and ranges every run must satisfy, whether its config came from flags or from run.json."""
-    from backends.base import DEVICES, MODES, PRECISIONS
+    from backends.base import DEVICES, PRECISIONS, RUN_MODES
     from tasks import TASKS
 
     for name, values, valid in (("task", cfg.tasks, TASKS), ("backend", cfg.backends, BACKENDS),
                                 ("device", [cfg.device], DEVICES), ("precision", [cfg.precision], PRECISIONS),
-                                ("mode", [cfg.mode], MODES)):
+                                ("mode", [cfg.mode], RUN_MODES)):
         if not values or not all(isinstance(v, str) and v in valid for v in values):
             raise UsageError(f"{name} {values!r} is not valid; valid: {', '.join(valid)}")
     for name, low in (("repeats", 1), ("threads", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0)):

@@ -6,6 +6,7 @@ import dataclasses
 import io
 from pathlib import Path
 
+from harness.report import mode_text
 from harness.results import read_records
 from harness.runner import RunConfig, run_matrix
 from harness.stats import format_stat, group_cells, ok_records, summarise_figure
@@ -32,13 +33,17 @@ def run_sweep(base: RunConfig, batch_sizes: list[int]) -> int:
 
 
 def _rows(records: list[dict]) -> list[tuple]:
-    """(task, backend, device, batch size, throughput summary, host peak summary, device peak summary)."""
+    """(task, backend, device, batch size, throughput summary, host peak summary, device peak summary, mode).
+
+    The mode is per point: under --mode best each batch size's probe may choose differently.
+    """
     rows = []
     for (task, backend, device), cell in group_cells(ok_records(records)).items():
         for size in sorted({r["spec"]["batch_size"] for r in cell}):
             same = [r for r in cell if r["spec"]["batch_size"] == size]
             rows.append((task, backend, device, size, summarise_figure(same, "train_samples_per_s"),
-                         summarise_figure(same, "peak_rss_mb"), summarise_figure(same, "device_peak_mb")))
+                         summarise_figure(same, "peak_rss_mb"), summarise_figure(same, "device_peak_mb"),
+                         ", ".join(sorted({mode_text(r["env"]) for r in same}))))
     return sorted(rows, key=lambda row: row[:4])
 
 
@@ -53,10 +58,11 @@ def write_sweep(records: list[dict], out: Path) -> tuple[Path, Path]:
     source = f"{'; '.join(data)}; {', '.join(versions)}; {repeats} repeat(s) per point"
     lines = ["# Batch-size sweep", "", f"Data and versions: {source}. Throughput is steady state "
              "(warm-up excluded); cells are the median over repeats with their spread.", "",
-             "| task | backend | device | batch size | train samples/s | peak host RSS (MiB) | device peak (MiB) |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for task, backend, device, size, rate, host, dev in rows:
-        lines.append(f"| {task} | {backend} | {device} | {size} | {format_stat(rate, ',.0f')} | "
+             "| task | backend | device | batch size | mode | train samples/s | peak host RSS (MiB) "
+             "| device peak (MiB) |",
+             "|---|---|---|---:|---|---:|---:|---:|"]
+    for task, backend, device, size, rate, host, dev, mode in rows:
+        lines.append(f"| {task} | {backend} | {device} | {size} | {mode} | {format_stat(rate, ',.0f')} | "
                      f"{format_stat(host, ',.0f')} | {format_stat(dev, ',.0f')} |")
     for r in records:
         if r["status"] != "ok":
@@ -77,7 +83,7 @@ def plot_sweep(rows: list[tuple], path, *, title_note: str) -> None:  # path: a 
     plt = _pyplot()
     fig, (ax_rate, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.4))
     series: dict[tuple, list] = {}
-    for task, backend, device, size, rate, host, dev in rows:
+    for task, backend, device, size, rate, host, dev, _ in rows:
         series.setdefault((task, backend, device), []).append((size, rate, host, dev))
     for (task, backend, device), points in series.items():
         sizes = [p[0] for p in points]

@@ -57,7 +57,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     """Fill `record` from a config written by the runner; what is filled survives an exception."""
     started = time.perf_counter()
     from backends import get_backend
-    from backends.base import BackendUnavailable
+    from backends.base import BEST, BackendUnavailable
     from harness import data as data_mod
     from harness.loop import Diverged, flatten_metrics, run_stages
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
@@ -73,8 +73,10 @@ def run_cell(cfg: dict, record: dict) -> dict:
     spec = for_dataset(spec, cfg["data"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
     out = cfg.get("out")
-    record["env"] = {**host_environment(Path(out) if out else None), "mode": cfg["mode"], "precision": cfg["precision"],
-                     "device_requested": cfg["device"], "threads": cfg["threads"]}
+    # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
+    forced = cfg["mode"] if cfg["mode"] != BEST else None
+    record["env"] = {**host_environment(Path(out) if out else None), "mode": forced, "mode_requested": cfg["mode"],
+                     "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"))
     record["data"] = dataset.describe()
@@ -91,7 +93,6 @@ def run_cell(cfg: dict, record: dict) -> dict:
         return record
     record["memory"]["rss_after_import_mb"] = rss_mb()
     record["env"].update(backend.environment())
-    record["env"]["mode"] = cfg["mode"]
     # On a GPU the CPU's matmul peak says nothing: the roofline divides by the device's.
     peak, peak_source = roofline_peak(record["env"])
     record["env"]["matmul_peak_gflops"] = peak
@@ -104,6 +105,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
             results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
+            record["env"]["mode"] = record["metrics"].pop("mode")
             record["status"] = "ok"
         except Diverged as exc:
             record.update(status="diverged", error=str(exc))

@@ -89,6 +89,12 @@ def test_quick_run_end_to_end(tmp_path, fast_backend):
     assert len(m["epoch_s"]) == 1 and m["warmup_s"] > 0 and m["train_samples_per_s"] > 0
     assert record["memory"]["peak_rss_mb"] >= record["memory"]["rss_after_import_mb"] > 0
     assert record["env"]["framework_version"] and record["schema_version"] == 1
+    # The default mode probes both modes and trains in the faster; the record says which and why.
+    probe = m["mode_probe"]
+    assert record["env"]["mode_requested"] == "best" and record["env"]["mode"] == probe["chosen"]
+    assert probe["chosen"] == max(("compiled", "eager"), key=lambda mode: probe[mode])
+    assert probe["compiled"] > 0 and probe["eager"] > 0 and probe["probe_s"] > 0
+    assert f"{probe['chosen']} (best)" in out.stdout
     assert "SYNTHETIC" in out.stdout + out.stderr
     for name in ("report.md", "report.html", "run.json"):
         assert (out_dir / name).exists()
@@ -143,6 +149,7 @@ def test_sweep_writes_a_table_and_a_plot(tmp_path, fast_backend):
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "sweep.md").read_text()
     assert "| 64 |" in table and "| 256 |" in table and "SYNTHETIC" in table
+    assert "| mode |" in table and "(best) |" in table  # each point's probe may choose differently
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sizes = {r["spec"]["batch_size"] for d in ("batch-64", "batch-256") for r in read_records(tmp_path / d)}
     assert sizes == {64, 256}

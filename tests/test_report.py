@@ -208,3 +208,17 @@ def test_epoch_curves_draw_the_same_repeat_bold_for_every_backend():
     assert {plots._bold(cell, 0)["repeat"] for cell in groups.values()} == {0}
     caption = plots.plot_epoch_curves(records, io.BytesIO())
     assert "the same repeat for every backend" in caption and "mnist-mlp: repeat 0 (median of jax)" in caption
+
+
+def test_the_mode_column_says_which_mode_each_row_trained_in_and_who_chose_it():
+    records = [make_record("mnist-mlp", "torch", r, mode="eager") for r in range(2)]
+    records += [make_record("mnist-mlp", "jax", r, mode="compiled") for r in range(2)]
+    for r in records[:2]:
+        r["env"]["mode_requested"] = "best"  # torch: the probe chose eager; jax: forced compiled
+    table = report.summary_table(records).set_index("backend")
+    assert table.loc["torch", "mode"] == "eager (best)"
+    assert table.loc["jax", "mode"] == "compiled"
+    assert "eager (best)" in report.render_terminal(records)
+    failed = make_record("mnist-mlp", "tensorflow", 0, status="failed", mode=None)
+    failed["env"].update(mode=None, mode_requested="best")  # failed before its metrics were kept
+    assert report.summary_table([failed]).loc[0, "mode"] == "? (best)"

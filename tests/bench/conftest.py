@@ -14,7 +14,6 @@ SUMMARY_ENV = "TRIBENCH_BENCH_SUMMARY"  # a path: the yardstick table is also wr
 ROWS = pytest.StashKey[list]()
 STARTED = pytest.StashKey[dict]()
 FRAMEWORK_ORDER = ("torch", "tensorflow", "jax")
-TARGETS = {"compiled": 1.2, "eager": 0.95}  # harness / yardstick throughput, from the issues
 ROOFLINE_TARGET = 0.6  # the fastest backend on the MLP, compiled mode
 
 
@@ -67,12 +66,15 @@ def _rate(row: dict, side: str) -> str:
 
 def summary_lines(rows: list[dict], *, started: dict) -> list[str]:
     """The yardstick table as markdown lines (printed and, with $TRIBENCH_BENCH_SUMMARY, written)."""
-    head = ("| backend | task | mode | harness samples/s [min-max] | yardstick samples/s [min-max] "
-            "| ratio [pairs min-max] | target | met? | roofline |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| backend | task | samples timed / dataset | mode | harness samples/s [min-max] "
+            "| yardstick samples/s [min-max] | ratio [pairs min-max] | target | met? | roofline |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         roof = f"{r['roofline_fraction']:.3f}" if r.get("roofline_fraction") is not None else "-"
-        lines.append(f"| {r['backend']} | {r['task']} | {r['mode']} | {_rate(r, 'harness')} | {_rate(r, 'yardstick')} "
+        mode = r["mode"] if r.get("ran_in", r["mode"]) == r["mode"] else f"{r['mode']}: {r['ran_in']}"
+        size = f"{r.get('samples_timed', r['samples_per_epoch']):,} / {r['samples_per_epoch']:,}"
+        lines.append(f"| {r['backend']} | {r['task']} | {size} | {mode} | {_rate(r, 'harness')} "
+                     f"| {_rate(r, 'yardstick')} "
                      f"| {r['ratio']:.2f}x [{r['pair_ratio_min']:.2f}-{r['pair_ratio_max']:.2f}] "
                      f"| {r['target']:.2f}x | {'yes' if r['met'] else 'NO'} | {roof} |")
     mlp = [r for r in rows if r.get("roofline_fraction") is not None and r["mode"] == "compiled"]

@@ -1,0 +1,65 @@
+"""--mode best: time a short probe of each mode's training step on the cell's own data, train in the faster."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from backends.base import MODES, Backend
+from tasks.spec import TaskSpec
+
+# A probe round runs each mode for chunks of PROBE_STEPS steps until it has PROBE_ROUND_S seconds
+# of them (a 10-step MLP chunk lasts milliseconds, too short to time on a busy CPU); the rounds
+# alternate the modes, so a burst of load from elsewhere hits both, and each mode's best round
+# counts (interference only ever slows a round down).
+PROBE_STEPS = 10
+PROBE_ROUND_S = 0.3
+PROBE_ROUNDS = 3
+
+
+def clock() -> float:
+    """The probe's clock (a module function, so a test can give one mode a slow fake clock)."""
+    return time.perf_counter()
+
+
+def probe_order(order: np.ndarray, batch_size: int) -> np.ndarray:
+    """The first PROBE_STEPS batches of the cell's first epoch (fewer when the epoch is shorter)."""
+    steps = min(PROBE_STEPS, len(order) // batch_size)
+    return order[: steps * batch_size]
+
+
+def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, trainable, train: Any, test: Any,
+                order: np.ndarray) -> tuple[str, Any, dict]:
+    """Build, warm and time a model per mode; returns (faster mode, its model reset to `weights`, probe info).
+
+    The returned model holds `weights` and a fresh optimizer state (Backend.set_weights), so
+    the training that follows is the one a forced run of that mode would do.
+    """
+    bs, ebs = spec.batch_size, spec.eval_batch_size
+    started = clock()
+    order = probe_order(order, bs)
+    models = {}
+    for mode in MODES:
+        models[mode] = backend.build(spec, weights, trainable=trainable, mode=mode)
+        backend.warmup(models[mode], train, order, bs, test, ebs)  # compiles for the probe's length
+    best: dict[str, float] = {}
+    for _ in range(PROBE_ROUNDS):
+        for mode in MODES:
+            samples, seconds = 0, 0.0
+            while seconds < PROBE_ROUND_S:
+                backend.synchronize()
+                t0 = clock()
+                backend.train_epoch(models[mode], train, order, bs)
+                backend.synchronize()
+                seconds += clock() - t0
+                samples += len(order)
+            best[mode] = max(best.get(mode, 0.0), samples / seconds)  # seconds >= PROBE_ROUND_S
+    chosen = max(MODES, key=lambda mode: best[mode])
+    model = models.pop(chosen)
+    models.clear()  # the other mode's model and compiled code are not needed for training
+    backend.set_weights(model, weights)
+    info = {**{mode: best[mode] for mode in MODES}, "chosen": chosen, "probe_s": clock() - started,
+            "steps": len(order) // bs, "rounds": PROBE_ROUNDS}
+    return chosen, model, info

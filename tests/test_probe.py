@@ -1,0 +1,142 @@
+"""--mode best: the probe picks the faster mode, and training after it is a forced run of that mode."""
+
+import numpy as np
+import pytest
+from conftest import configured
+
+from backends.base import MODES, Backend
+from harness import probe
+from harness.data import synthetic
+from harness.loop import run_stages
+from tasks import get_task
+
+
+class FakeClock:
+    """A clock that only moves when a training epoch runs: `cost[mode]` seconds per step."""
+
+    def __init__(self, cost: dict[str, float]):
+        self.now, self.cost = 0.0, cost
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def slow_mode(monkeypatch, backend: Backend, slow: str) -> FakeClock:
+    """Give the probe a clock on which `slow` takes 10x longer per step than the other mode."""
+    fake = FakeClock({mode: (1.0 if mode == slow else 0.1) for mode in MODES})
+    real_train_epoch = type(backend).train_epoch
+
+    def train_epoch(self, model, data, order, batch_size):
+        fake.now += fake.cost[model.mode] * (len(order) // batch_size)
+        return real_train_epoch(self, model, data, order, batch_size)
+
+    monkeypatch.setattr(probe, "clock", fake)
+    monkeypatch.setattr(type(backend), "train_epoch", train_epoch)
+    return fake
+
+
+class NumpyBackend(Backend):
+    """A framework-free adapter: each step moves every weight by lr x the step's mean input."""
+
+    name = "numpy-fake"
+    LAYERS = {"dense": None, "activation": None, "flatten": None}
+
+    class Model:
+        def __init__(self, spec, weights, trainable, mode):
+            self.spec, self.trainable_layers, self.mode = spec, trainable, mode
+            self.weights, self.steps = [w.copy() for w in weights], 0
+
+    def _configure(self, **kwargs):
+        pass
+
+    def _environment(self):
+        return {"framework": "numpy"}
+
+    def _synchronize(self):
+        pass
+
+    def _put_data(self, x, y):
+        return x, y
+
+    def _build(self, spec, weights, *, trainable, mode):
+        return self.Model(spec, weights, trainable, mode)
+
+    def _get_weights(self, model):
+        return [w.copy() for w in model.weights]
+
+    def _set_weights(self, model, weights):
+        model.weights, model.steps = [w.copy() for w in weights], 0
+
+    def _train_epoch(self, model, data, order, batch_size):
+        losses = []
+        for batch in order.reshape(-1, batch_size):
+            model.steps += 1
+            step = 1e-3 * float(data[0][batch].mean()) * model.steps  # depends on the optimizer's step count
+            model.weights = [w - step for w in model.weights]
+            losses.append(step)
+        return np.asarray(losses, np.float32)
+
+    def _evaluate(self, model, data, batch_size):
+        return float(sum(w.sum() for w in model.weights)), 0.5
+
+    def _logits(self, model, x):
+        return np.zeros((len(x), 10), np.float32)
+
+
+@pytest.fixture
+def fake_backend():
+    backend = NumpyBackend()
+    backend.configure(device="cpu", threads=1, precision="fp32")
+    return backend
+
+
+def mlp(epochs: int = 1):
+    return get_task("mnist-mlp").with_overrides(epochs=epochs)
+
+
+@pytest.mark.parametrize("slow", MODES)
+def test_the_probe_chooses_the_faster_mode_and_records_both_rates(monkeypatch, fake_backend, slow):
+    slow_mode(monkeypatch, fake_backend, slow)
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    results = run_stages(fake_backend, mlp(), data, seed=0, mode="best")
+    m = results["train"].metrics
+    fast = next(mode for mode in MODES if mode != slow)
+    assert m["mode"] == fast and m["mode_probe"]["chosen"] == fast
+    bs = 128
+    # 10 steps of 128 samples per 1 s (slow) or 0.1 s (fast) of the fake clock.
+    assert m["mode_probe"][slow] == pytest.approx(bs / 1.0)
+    assert m["mode_probe"][fast] == pytest.approx(bs / 0.1)
+    assert m["mode_probe"]["steps"] == probe.PROBE_STEPS and m["mode_probe"]["rounds"] == probe.PROBE_ROUNDS
+    # The probe's clock ran PROBE_ROUNDS rounds of at least PROBE_ROUND_S per mode (warm-up steps included).
+    assert m["mode_probe"]["probe_s"] >= 2 * probe.PROBE_ROUNDS * probe.PROBE_ROUND_S
+
+
+def test_a_short_epoch_probes_fewer_steps(monkeypatch, fake_backend):
+    slow_mode(monkeypatch, fake_backend, "eager")
+    data = synthetic("mnist", n_train=3 * 128 + 5, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert m["mode_probe"]["steps"] == 3 and m["mode"] == "compiled"
+
+
+def test_a_forced_mode_runs_no_probe(monkeypatch, fake_backend):
+    fake = slow_mode(monkeypatch, fake_backend, "eager")
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="eager")["train"].metrics
+    assert m["mode"] == "eager" and m["mode_probe"] is None
+    assert fake.now == pytest.approx(2 + 16)  # the warm-up's 2 steps and the epoch's 16, nothing else
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slow", MODES)
+def test_training_after_the_probe_is_a_forced_run_of_the_chosen_mode(monkeypatch, backend_name, slow):
+    """Same initial loss, same per-epoch losses, same final weights as `--mode <chosen>`, bit for bit."""
+    backend = configured(backend_name)
+    slow_mode(monkeypatch, backend, slow)
+    chosen = next(mode for mode in MODES if mode != slow)
+    spec, data = mlp(epochs=2), synthetic("mnist", n_train=1024, n_test=256, seed=0)
+    best = run_stages(backend, spec, data, seed=0, mode="best")["train"]
+    forced = run_stages(backend, spec, data, seed=0, mode=chosen)["train"]
+    assert best.metrics["mode"] == chosen == forced.metrics["mode"]
+    for key in ("initial_test_loss", "epoch_train_loss", "epoch_test_loss"):
+        assert best.metrics[key] == forced.metrics[key], key
+    assert all(np.array_equal(a, b) for a, b in zip(best.weights, forced.weights))
