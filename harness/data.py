@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import safepickle
+from harness import safepickle, text
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
             "test_batch": "40351d587109b95175f43aff81a1287e",
         }),
+    # char-rnn's tiny-shakespeare, 1,115,394 bytes (the digest several projects pin).
+    Source("tiny-shakespeare", text.KIND, {
+        "input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    }, "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
+        "put char-rnn's input.txt in a 'tiny-shakespeare' subfolder of one of those folders"),
 )}
 
 # Which real sources can stand in for a task's dataset, and the input shape they give.
@@ -366,7 +371,8 @@ def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
 
 def choices_for(kind: str) -> list[str]:
     """Valid --data values for a task whose dataset is `kind`."""
-    return ["auto", *[s.name for s in SOURCES.values() if s.kind == kind], "synthetic"]
+    system = list(text.SYSTEM_CORPORA) if kind == text.KIND else []
+    return ["auto", *system, *[s.name for s in SOURCES.values() if s.kind == kind], "synthetic"]
 
 
 def choice_for(kind: str, choices: str) -> str:
@@ -393,6 +399,8 @@ def resolve(task_dataset: str, choice: str, *, data_dir=None, allow_download: bo
     valid = choices_for(task_dataset)
     if choice not in valid:
         raise DataError(f"--data {choice!r} does not fit a {task_dataset} task; valid: {', '.join(valid)}")
+    if task_dataset == text.KIND:
+        return text.resolve(choice, data_dir=data_dir, allow_download=allow_download, locate=locate)
     if choice == "synthetic":
         return "synthetic", "synthetic"
     name = task_dataset if choice == "auto" else choice
@@ -406,13 +414,17 @@ def resolve(task_dataset: str, choice: str, *, data_dir=None, allow_download: bo
 
 
 def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0,
-         subset: tuple[int, int] | None = None) -> Dataset:
+         subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
     """The dataset a resolved source names, or its first `subset` = (n_train, n_test) samples.
+
+    Text is cut into windows of `context` bytes (the task's sequence length; harness.text).
 
     Synthetic data has the real dataset's sizes; with a subset only that much is
     generated (a smaller synthetic set, not a slice of the full one), which saves a
     CIFAR-sized worker ~4 s of generation per cell.
     """
+    if task_dataset == text.KIND:
+        return text.load(name, folder or "", context=context, seed=seed, subset=subset)
     if name == "synthetic":
         n_train, n_test = subset or REAL_SIZES[task_dataset]
         dataset = synthetic(task_dataset, n_train=n_train, n_test=n_test, seed=seed)

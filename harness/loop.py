@@ -95,7 +95,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
         m["epoch_s"].append(seconds)
         m["epoch_train_time_s"].append(train_clock)
         m["eval_s"].append(eval_seconds)
-        if m["time_to_target_s"] is None and test_acc >= spec.target_accuracy:
+        if m["time_to_target_s"] is None and reached_target(spec, test_loss, test_acc):
             m["time_to_target_s"] = train_clock  # evaluation time is not on this clock
         progress({"event": "epoch", "stage": stage.name, "epoch": epoch + 1, "epochs": spec.epochs,
                   "train_loss": float(losses.mean()), "test_accuracy": test_acc, "epoch_s": seconds})
@@ -104,7 +104,28 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     m.update(test_accuracy=m["epoch_test_accuracy"][-1], test_loss=m["epoch_test_loss"][-1],
              train_samples_per_s=trained / train_clock if train_clock > 0 else None,
              eval_samples_per_s=m["n_test"] * spec.epochs / sum(m["eval_s"]) if sum(m["eval_s"]) > 0 else None)
+    if spec.takes_tokens:
+        m.update(sequence_metrics(spec, m))
     return StageResult(stage.name, m, backend.get_weights(model))
+
+
+def reached_target(spec: TaskSpec, loss: float, accuracy: float) -> bool:
+    """A loss-based task (target_loss set) reaches its target by the held-out loss, others by accuracy."""
+    return loss <= spec.target_loss if spec.target_loss is not None else accuracy >= spec.target_accuracy
+
+
+def sequence_metrics(spec: TaskSpec, m: dict) -> dict:
+    """Per-token rates and bits per byte for a token model: every position of a window is one prediction.
+
+    Bits per byte is the loss in nats over ln 2, exact for byte-level models (one token, one byte).
+    """
+    per_sample = spec.input_shape[0]
+    train, evaluate = m["train_samples_per_s"], m["eval_samples_per_s"]
+    return {"context": per_sample, "train_tokens_per_s": train * per_sample if train is not None else None,
+            "eval_tokens_per_s": evaluate * per_sample if evaluate is not None else None,
+            "bits_per_byte": m["test_loss"] / math.log(2), "initial_bits_per_byte": m["initial_test_loss"] / math.log(2),
+            "epoch_bits_per_byte": [v / math.log(2) for v in m["epoch_test_loss"]],
+            "target_loss": spec.target_loss}
 
 
 def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,

@@ -34,7 +34,7 @@ RUN_FILE = "run.json"
 STDERR_TAIL_LINES = 30
 # --quick: one epoch on the first samples of each split (enough to see every backend
 # learn, small enough for a 2-core laptop to finish all tasks in about two minutes).
-QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000)}
+QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000), "text": (256, 64)}  # text: windows
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
 EXIT_OK, EXIT_CELL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -75,6 +75,7 @@ class RunConfig:
     init_from: str | None = None
     allow_download: bool = True
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
+    override: str | None = None  # --override "d_model=768,layers=12": sizes of the tasks that have them (tasks.BUILDERS)
 
     def overrides(self) -> dict:
         changes = {}
@@ -141,7 +142,7 @@ CONFIG_TYPES = {
     "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
     "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
     "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
-    "allow_download": bool,
+    "allow_download": bool, "override": (str, type(None)),
 }
 
 
@@ -172,10 +173,30 @@ def config_from_saved(saved, out: Path) -> RunConfig:
             args[name] = str((Path(out) / args[name]).resolve())
     cfg = RunConfig(**args, out=Path(out))
     try:
+        apply_override(cfg)
         check_config(cfg)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return cfg
+
+
+def apply_override(cfg: RunConfig) -> None:
+    """Rebuild the run's tasks that have sizes with cfg.override (registered under their names, sent to workers)."""
+    if not cfg.override:
+        return
+    from tasks import BUILDERS, override_task, parse_override
+    from tasks.spec import SpecError
+
+    sized = [t for t in cfg.tasks if t in BUILDERS]
+    try:
+        if not sized:
+            raise SpecError(f"--override: none of the tasks {', '.join(cfg.tasks)} has sizes; "
+                            f"tasks that do: {', '.join(BUILDERS)}")
+        changes = parse_override(cfg.override)
+        for task in sized:
+            override_task(task, changes)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -199,7 +220,9 @@ def check_config(cfg: RunConfig) -> None:
             data_mod.choice_for(get_task(task).dataset, cfg.data)
         except data_mod.DataError as exc:
             raise UsageError(f"task {task!r}: {exc}") from None
-    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+    # A text task reads any UTF-8 file or folder given as --data-dir (harness.text).
+    text_only = all(get_task(t).dataset == data_mod.text.KIND for t in cfg.tasks)
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() and not (text_only and Path(cfg.data_dir).is_file()):
         state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:

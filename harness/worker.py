@@ -73,7 +73,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"] = {**host_environment(), "mode": cfg["mode"], "precision": cfg["precision"],
                      "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
-                            subset=cfg.get("subset"))
+                            subset=cfg.get("subset"), context=spec.input_shape[0] if spec.takes_tokens else None)
     record["data"] = dataset.describe()
     fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
     if fault:

@@ -84,6 +84,9 @@ class TaskSpec:
     primary_stage: str = "train"  # the stage whose metrics head the record
     eval_batch_size: int = 1000
     num_classes: int = 10
+    # Loss-based tasks (language models) reach their target when the held-out loss falls
+    # to this; None: only target_accuracy counts.
+    target_loss: float | None = None
 
     def __post_init__(self):
         require(bool(self.layers), f"task {self.name!r}: no layers")
@@ -94,6 +97,7 @@ class TaskSpec:
         require(self.eval_batch_size > 0, f"task {self.name!r}: eval_batch_size must be positive")
         require(self.epochs > 0, f"task {self.name!r}: epochs must be positive")
         require(0 < self.target_accuracy <= 1, f"task {self.name!r}: target_accuracy must lie in (0, 1]")
+        require(self.target_loss is None or self.target_loss > 0, f"task {self.name!r}: target_loss must be positive")
         last = self.layers[-1]
         require(isinstance(last, Dense) and last.activation == "linear",
                  f"task {self.name!r}: the last layer must be a linear Dense (logits); "

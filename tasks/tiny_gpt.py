@@ -1,0 +1,76 @@
+"""The tiny-gpt task: a byte-level causal transformer language model, sizes given as plain data."""
+
+from __future__ import annotations
+
+import math
+
+from tasks.spec import (
+    AdamW,
+    Dense,
+    Embedding,
+    LayerNorm,
+    MultiHeadSelfAttention,
+    PositionalEmbedding,
+    Residual,
+    SpecError,
+    TaskSpec,
+    WarmupCosine,
+)
+
+VOCAB = 256  # bytes: no tokenizer to install, and bits per byte is the loss over ln 2
+# The default sizes (issue 17); `--override d_model=768,layers=12,heads=12,context=1024`
+# makes it GPT-2-small shaped (with a 256-byte vocabulary).
+SIZES = {"d_model": 128, "layers": 4, "heads": 4, "context": 128, "batch_size": 32}
+# Held-out loss a run should reach: about 2.3 bits per byte, where a byte model has learnt
+# words, not just letter frequencies (unigram English is about 4.5 bits per byte).
+TARGET_LOSS = 1.6
+
+
+def gpt_layers(*, d_model: int, layers: int, heads: int, context: int) -> tuple:
+    """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head."""
+    blocks = []
+    for i in range(layers):
+        blocks += [
+            Residual(name=f"block{i}_attn", body=(
+                LayerNorm(name=f"block{i}_ln1"),
+                MultiHeadSelfAttention(heads=heads, causal=True, name=f"block{i}_attn_mhsa"))),
+            Residual(name=f"block{i}_mlp", body=(
+                LayerNorm(name=f"block{i}_ln2"),
+                Dense(units=4 * d_model, activation="gelu", name=f"block{i}_fc"),
+                Dense(units=d_model, name=f"block{i}_proj"))),
+        ]
+    return (Embedding(vocab_size=VOCAB, dim=d_model, name="tok_emb"),
+            PositionalEmbedding(max_len=context, name="pos_emb"),
+            *blocks,
+            LayerNorm(name="ln_f"),
+            Dense(units=VOCAB, name="head"))
+
+
+def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
+             heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
+             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 400, **spec_fields) -> TaskSpec:
+    """The spec at these sizes. The schedule's length is epochs x steps_per_epoch (an estimate:
+    the corpus decides the real count; past total_steps the learning rate stays 0)."""
+    for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context)):
+        if not isinstance(value, int) or value <= 0:
+            raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
+    if d_model % heads:
+        raise SpecError(f"tiny-gpt: d_model {d_model} is not a multiple of heads {heads}")
+    total = epochs * steps_per_epoch
+    return TaskSpec(
+        name=name, dataset="text", input_shape=(context,),
+        layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context),
+        optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0,
+                        schedule=WarmupCosine(warmup_steps=max(1, total // 20), total_steps=total)),
+        batch_size=batch_size, epochs=epochs,
+        # target_accuracy is next-byte accuracy; the loss is the target that counts here.
+        **{"target_accuracy": 0.5, "target_loss": TARGET_LOSS, "eval_batch_size": max(batch_size, 64),
+           "num_classes": VOCAB, **spec_fields})
+
+
+def untrained_loss() -> float:
+    """ln 256: the loss of uniform next-byte guesses, about what the fresh model scores."""
+    return math.log(VOCAB)
+
+
+TINY_GPT = tiny_gpt()
