@@ -123,7 +123,8 @@ def sequence_metrics(spec: TaskSpec, m: dict) -> dict:
     train, evaluate = m["train_samples_per_s"], m["eval_samples_per_s"]
     return {"context": per_sample, "train_tokens_per_s": train * per_sample if train is not None else None,
             "eval_tokens_per_s": evaluate * per_sample if evaluate is not None else None,
-            "bits_per_byte": m["test_loss"] / math.log(2), "initial_bits_per_byte": m["initial_test_loss"] / math.log(2),
+            "bits_per_byte": m["test_loss"] / math.log(2),
+            "initial_bits_per_byte": m["initial_test_loss"] / math.log(2),
             "epoch_bits_per_byte": [v / math.log(2) for v in m["epoch_test_loss"]],
             "target_loss": spec.target_loss}
 

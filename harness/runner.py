@@ -75,7 +75,7 @@ class RunConfig:
     init_from: str | None = None
     allow_download: bool = True
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
-    override: str | None = None  # --override "d_model=768,layers=12": sizes of the tasks that have them (tasks.BUILDERS)
+    override: str | None = None  # --override "d_model=768,layers=12": sizes of tasks that have them (tasks.BUILDERS)
 
     def overrides(self) -> dict:
         changes = {}
@@ -222,7 +222,8 @@ def check_config(cfg: RunConfig) -> None:
             raise UsageError(f"task {task!r}: {exc}") from None
     # A text task reads any UTF-8 file or folder given as --data-dir (harness.text).
     text_only = all(get_task(t).dataset == data_mod.text.KIND for t in cfg.tasks)
-    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() and not (text_only and Path(cfg.data_dir).is_file()):
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() \
+            and not (text_only and Path(cfg.data_dir).is_file()):
         state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:

@@ -71,7 +71,7 @@ def read_corpus(path: Path) -> tuple[bytes, bytes]:
 
 
 def windows(blob: bytes, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows: x[i] = bytes [i c, (i+1) c), y[i] the same shifted by one; every byte is a target once."""
+    """Non-overlapping windows: x[i] = bytes [i c, (i+1) c), y[i] shifted by one; every byte is a target once."""
     n = (len(blob) - 1) // context
     data = np.frombuffer(blob, np.uint8)
     x = data[: n * context].reshape(n, context).astype(np.int32)

@@ -70,6 +70,7 @@ def override_task(name: str, changes: dict) -> TaskSpec:
     fields = set(TaskSpec.__dataclass_fields__) - {"name", "layers", "optimizer", "input_shape", "dataset", "loss"}
     unknown = sorted(set(changes) - set(valid) - fields)
     if unknown:
-        raise SpecError(f"--override: unknown key {unknown[0]!r} for {name}; valid: {', '.join(valid + sorted(fields))}")
+        raise SpecError(f"--override: unknown key {unknown[0]!r} for {name}; "
+                        f"valid: {', '.join(valid + sorted(fields))}")
     TASKS[name] = builder(name=name, **changes)
     return TASKS[name]
