@@ -238,6 +238,9 @@ def cmd_list(args) -> int:
         folder, looked = data_mod.find_source(source, None)
         where = f"found in {folder}" if folder else f"not found (looked in {', '.join(map(str, looked))})"
         print(f"  {name:14s} {where}")
+    for name, (folder, how) in data_mod.text.SYSTEM_CORPORA.items():
+        found = data_mod.text.system_corpus(name)
+        print(f"  {name:14s} {f'found in {found}' if found else f'not found in {folder} ({how})'} (text)")
     print("  synthetic      always available (generated from the seed, labelled synthetic everywhere)")
     return 0
 
