@@ -433,3 +433,11 @@ def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int =
         return dataset
     dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False))
     return dataset.head(*subset) if subset else dataset
+
+
+def load_stage(task_dataset: str, choice: str, *, run_source: str, seed: int = 0,
+               subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
+    """The data of a stage that names its own corpus (Stage.data); text tasks only, for now."""
+    if task_dataset != text.KIND:
+        raise DataError(f"a stage's own data ({choice!r}) is supported for text tasks only")
+    return text.stage_corpus(choice, run_source=run_source, context=context, seed=seed, subset=subset, locate=locate)

@@ -131,8 +131,11 @@ def sequence_metrics(spec: TaskSpec, m: dict) -> dict:
 
 def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,
                init_from: list[np.ndarray] | None = None, checkpoint_prefix: Path | None = None,
-               progress: Callable[[dict], None] = lambda event: None) -> dict[str, StageResult]:
+               progress: Callable[[dict], None] = lambda event: None,
+               stage_data: dict[str, Dataset] | None = None) -> dict[str, StageResult]:
     """Train every stage in order; returns per-stage results.
+
+    `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
 
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
     for the stages before the first stage that starts from the previous weights; a task
@@ -149,7 +152,8 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
             weights = init_from
         else:
             weights = stage_weights(spec, index, previous, seed)
-        result = train_stage(backend, spec, index, data, weights, seed=seed, mode=mode, progress=progress)
+        own = (stage_data or {}).get(spec.stages[index].name, data)
+        result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress)
         if checkpoint_prefix is not None:
             path = Path(f"{checkpoint_prefix}-{result.name}.npz")
             save_checkpoint(path, spec, result.weights, meta={"stage": result.name, "backend": backend.name})
@@ -174,6 +178,11 @@ def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gfl
     metrics["train_flops_per_sample"] = flops
     rate = primary.get("train_samples_per_s")
     metrics["roofline_fraction"] = rate * flops / (peak_gflops * 1e9) if rate and peak_gflops else None
+    if spec.takes_tokens and len(results) > 1:  # a language model's stages: held-out loss and trainable size each
+        metrics["stage_test_loss"] = {name: r.metrics["test_loss"] for name, r in results.items()}
+        metrics["stage_params_trainable"] = {name: r.metrics["params_trainable"] for name, r in results.items()}
+        if "scratch" in results:
+            metrics["scratch_loss"] = results["scratch"].metrics["test_loss"]
     if "finetune" in results and "scratch" in results:  # the transfer-learning experiment
         metrics["finetuned_accuracy"] = results["finetune"].metrics["test_accuracy"]
         metrics["scratch_accuracy"] = results["scratch"].metrics["test_accuracy"]

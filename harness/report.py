@@ -48,6 +48,7 @@ EXTRA_COLUMNS = (
     ("bits/byte", "bits_per_byte", ".3f"),
     ("train tokens/s", "train_tokens_per_s", ",.0f"),
     ("eval tokens/s", "eval_tokens_per_s", ",.0f"),
+    ("scratch loss", "scratch_loss", ".4f"),  # a staged language model's control, same budget, fresh weights
     ("finetuned accuracy", "finetuned_accuracy", lambda v: f"{100 * v:.2f}%"),
     ("scratch accuracy", "scratch_accuracy", lambda v: f"{100 * v:.2f}%"),
     ("frozen train samples/s", "frozen_train_samples_per_s", ",.0f"),
@@ -213,7 +214,25 @@ def _loss_parity_line(records: list[dict]) -> str:
         lo, hi = cells[ranked[0]]["median"], cells[ranked[-1]]["median"]
         gap = (f"largest held-out-loss gap between backends {(hi - lo) / hi:.1e} relative "
                f"({ranked[-1][1]} {hi:.4f} vs {ranked[0][1]} {lo:.4f} nats, medians; lower is better)")
-    return f"Parity: {gap}; {_initial_loss_agreement(records)}."
+    return f"Parity: {gap}; {_initial_loss_agreement(records)}.{_stage_losses(records)}"
+
+
+def _stage_losses(records: list[dict]) -> str:
+    """Each stage's held-out loss (median over ok records) and trainable parameters, per backend."""
+    parts = []
+    for (_, backend, _), rs in group_cells(records).items():
+        stages = [figure(r, "stage_test_loss") for r in ok_records(rs)]
+        stages = [s for s in stages if isinstance(s, dict)]
+        if not stages:
+            continue
+        counts = figure(ok_records(rs)[0], "stage_params_trainable") or {}
+        cells = []
+        for name in stages[0]:
+            values = sorted(s[name] for s in stages if s.get(name) is not None)
+            loss = f"{values[len(values) // 2]:.4f}" if values else "n/a"
+            cells.append(f"{name} {loss} ({counts.get(name, 0):,} trainable)")
+        parts.append(f"{backend}: " + ", ".join(cells))
+    return "\nHeld-out loss per stage: " + "; ".join(parts) + "." if parts else ""
 
 
 def _initial_loss_agreement(records: list[dict]) -> str:
@@ -317,7 +336,7 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "held-out loss", "bits/byte",
                     "time to target (s)", "train samples/s", "train tokens/s", "eval samples/s", "eval tokens/s",
-                    "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
+                    "scratch loss", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
                     "freezing speed-up", "roofline", "error")
 
 

@@ -164,3 +164,12 @@ def load(name: str, where: str, *, context: int, seed: int, subset: tuple[int, i
     train, held_out = read_corpus(path)
     ds = dataset(name, str(path), train, held_out, context=context)
     return ds.head(*subset) if subset else ds
+
+
+def stage_corpus(choice: str, *, run_source: str, context: int, seed: int, subset: tuple[int, int] | None, locate):
+    """The corpus a stage names (Stage.data). With synthetic run data, synthetic text of another seed:
+    another chain, so another domain, and labelled synthetic like the run's."""
+    if run_source == "synthetic":
+        return load("synthetic", "synthetic", context=context, seed=seed + 1, subset=subset)
+    name, where = resolve(choice, data_dir=None, allow_download=False, locate=locate)
+    return load(name, where, context=context, seed=seed, subset=subset)

@@ -75,6 +75,12 @@ def run_cell(cfg: dict, record: dict) -> dict:
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"), context=spec.input_shape[0] if spec.takes_tokens else None)
     record["data"] = dataset.describe()
+    context = spec.input_shape[0] if spec.takes_tokens else None
+    stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg["data"], seed=cfg["data_seed"],
+                                              subset=cfg.get("subset"), context=context)
+                  for s in spec.stages if s.data}
+    if stage_data:
+        record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
     fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
     if fault:
         emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
@@ -99,7 +105,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
     with RssSampler() as sampler:
         try:
             results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
-                                 checkpoint_prefix=Path(prefix) if prefix else None, progress=emit)
+                                 checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
+                                 stage_data=stage_data)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["status"] = "ok"
         except Diverged as exc:

@@ -6,11 +6,11 @@ from tasks.cifar_cnn import CIFAR_CNN
 from tasks.finetune import FINETUNE
 from tasks.mnist_mlp import MNIST_MLP
 from tasks.spec import SpecError, TaskSpec
-from tasks.tiny_gpt import TINY_GPT, tiny_gpt
+from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE, TINY_GPT)}
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE, TINY_GPT, TINY_GPT_FINETUNE)}
 # Tasks whose model sizes --override can change: name -> the function that builds the spec from sizes.
-BUILDERS = {"tiny-gpt": tiny_gpt}
+BUILDERS = {"tiny-gpt": tiny_gpt, "tiny-gpt-finetune": tiny_gpt_finetune}
 TASK_FILE_SUFFIX = ".toml"
 
 
@@ -66,7 +66,8 @@ def override_task(name: str, changes: dict) -> TaskSpec:
         raise SpecError(f"--override: task {name!r} has no size parameters; tasks that do: {', '.join(BUILDERS)}")
     import inspect
 
-    valid = [p for p in inspect.signature(builder).parameters if p not in ("name", "spec_fields")]
+    valid = list(dict.fromkeys(p for b in (builder, tiny_gpt) for p in inspect.signature(b).parameters
+                               if p not in ("name", "spec_fields")))
     fields = set(TaskSpec.__dataclass_fields__) - {"name", "layers", "optimizer", "input_shape", "dataset", "loss"}
     unknown = sorted(set(changes) - set(valid) - fields)
     if unknown:

@@ -54,6 +54,10 @@ class Stage:
     init: str = "seed"  # "seed": fresh canonical weights; "previous": the last stage's
     trainable: tuple[str, ...] | None = None  # None: every parameter layer
     reinit: tuple[str, ...] = ()  # layers redrawn from the seed before training
+    # Another corpus for this stage (a --data value, e.g. "licenses"), for tasks whose stages
+    # change domain (tiny-gpt-finetune); None: the run's data. With synthetic run data the
+    # stage gets synthetic data of another seed (another domain), labelled synthetic.
+    data: str | None = None
 
 
 def walk(layers, shape):

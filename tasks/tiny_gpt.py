@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tasks.spec import (
@@ -13,6 +14,7 @@ from tasks.spec import (
     PositionalEmbedding,
     Residual,
     SpecError,
+    Stage,
     TaskSpec,
     WarmupCosine,
 )
@@ -74,3 +76,28 @@ def untrained_loss() -> float:
 
 
 TINY_GPT = tiny_gpt()
+
+FINETUNE_SIZES = {"d_model": 64, "layers": 2, "heads": 2, "context": 64, "batch_size": 32}
+CORPUS_B = "licenses"  # legal English (/usr/share/common-licenses) after fortunes' jokes and quotations
+
+
+def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS_B,
+                      d_model: int = FINETUNE_SIZES["d_model"], layers: int = FINETUNE_SIZES["layers"],
+                      heads: int = FINETUNE_SIZES["heads"], context: int = FINETUNE_SIZES["context"],
+                      batch_size: int = FINETUNE_SIZES["batch_size"], **spec_fields) -> TaskSpec:
+    """Pretrain on the run's corpus (A), then finetune on corpus B with the embeddings and the lower
+    half of the blocks frozen; a scratch control trains the same model on B from fresh weights."""
+    base = tiny_gpt(name=name, d_model=d_model, layers=layers, heads=heads, context=context, batch_size=batch_size,
+                    **spec_fields)
+    n_blocks = sum(1 for layer in base.layers if layer.kind == "residual") // 2
+    upper = [n for n in base.param_layer_names()
+             if n.startswith("block") and int(n[5:].split("_")[0]) >= n_blocks // 2]
+    return dataclasses.replace(base, stages=(
+        Stage(name="pretrain"),
+        Stage(name="finetune", init="previous", trainable=(*upper, "ln_f", "head"), data=corpus_b),
+        # The control: the finetune stage's budget on corpus B from fresh weights, nothing frozen.
+        Stage(name="scratch", data=corpus_b),
+    ), primary_stage="finetune")
+
+
+TINY_GPT_FINETUNE = tiny_gpt_finetune()

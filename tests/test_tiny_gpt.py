@@ -18,12 +18,12 @@ import pytest
 from conftest import configured
 
 from harness import text
-from harness.data import DataError, Source, download, resolve, sha256_of
+from harness.data import DataError, Source, download, load_stage, resolve, sha256_of
 from harness.loop import epoch_order
 from harness.weights import initial_weights
 from tasks import BUILDERS, TASKS, override_task, parse_override
 from tasks.spec import SpecError
-from tasks.tiny_gpt import TINY_GPT, tiny_gpt, untrained_loss
+from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune, untrained_loss
 
 SMALL = tiny_gpt(name="tiny-gpt-test", d_model=32, layers=1, heads=2, context=16, batch_size=8, epochs=1,
                  lr=3e-3, steps_per_epoch=16)
@@ -183,3 +183,61 @@ def test_initial_loss_logits_and_loss_curve_agree(backend_pair):
     assert abs(ia - ib) / abs(ia) <= 1e-4
     np.testing.assert_allclose(la, lb, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ca, cb, rtol=1e-4)
+
+
+# -- finetuning across backends ------------------------------------------------------------------
+
+FT = tiny_gpt_finetune(d_model=32, layers=2, heads=2, context=16, batch_size=8, epochs=1, lr=3e-3, steps_per_epoch=8)
+CORPUS_B = text.synthetic(context=16, seed=6, n_windows=(64, 32))
+
+
+def test_finetune_task_freezes_embeddings_and_the_lower_half():
+    stages = {s.name: s for s in TINY_GPT_FINETUNE.stages}
+    assert list(stages) == ["pretrain", "finetune", "scratch"] and stages["finetune"].init == "previous"
+    assert stages["finetune"].data == stages["scratch"].data == "licenses"
+    trainable = set(stages["finetune"].trainable)
+    assert {"block1_attn_mhsa", "block1_fc", "ln_f", "head"} <= trainable
+    assert not trainable & {"tok_emb", "pos_emb", "block0_attn_mhsa", "block0_fc", "block0_ln1"}
+
+
+def test_stage_corpus_of_a_synthetic_run_is_another_synthetic_chain():
+    b = load_stage("text", "licenses", run_source="synthetic", seed=0, subset=(8, 4), context=16)
+    a = text.load("synthetic", "synthetic", context=16, seed=0, subset=(8, 4))
+    assert b.synthetic and b.x_train.shape == a.x_train.shape == (8, 16)
+    assert not np.array_equal(a.x_train, b.x_train)
+
+
+@functools.cache
+def torch_pretrained(tmp: str):
+    """Pretrain FT's first stage on torch, save a checkpoint, read it back: the weights another backend starts from."""
+    from harness.loop import train_stage
+    from harness.weights import load_checkpoint_for, save_checkpoint
+
+    torch = configured("torch")
+    result = train_stage(torch, FT, 0, DATA, initial_weights(FT, 0), seed=0, mode="eager", progress=lambda e: None)
+    path = f"{tmp}/pretrain.npz"
+    save_checkpoint(path, FT, result.weights, meta={"stage": "pretrain", "backend": "torch"})
+    weights = load_checkpoint_for(path, FT)
+    model = torch.build(FT, weights, trainable=None, mode="eager")
+    loss_on_b, _ = torch.evaluate(model, torch.put_data(CORPUS_B.x_test, CORPUS_B.y_test), 16)
+    return weights, loss_on_b
+
+
+def test_torch_pretrained_checkpoint_is_finetuned_by_every_backend(backend_name, tmp_path_factory):
+    from harness.loop import run_stages
+
+    weights, loss_on_b = torch_pretrained(str(tmp_path_factory.getbasetemp()))
+    backend = configured(backend_name)
+    results = run_stages(backend, FT, DATA, seed=0, mode="eager", init_from=weights,
+                         stage_data={"finetune": CORPUS_B, "scratch": CORPUS_B})
+    assert list(results) == ["finetune", "scratch"]  # the checkpoint stands in for pretraining
+    ft = results["finetune"]
+    # The finetune stage starts from torch's weights: its initial held-out loss on B is torch's (fp32 rtol 1e-4).
+    assert abs(ft.metrics["initial_test_loss"] - loss_on_b) / loss_on_b <= 1e-4
+    assert ft.metrics["test_loss"] < ft.metrics["initial_test_loss"]
+    trainable = set(FT.stage("finetune").trainable)
+    for entry, before, after in zip(FT.params(), weights, ft.weights):
+        if entry.layer in trainable:
+            continue
+        np.testing.assert_array_equal(before, after, err_msg=f"{entry.name} is frozen but changed")
+    assert ft.metrics["params_trainable"] < results["scratch"].metrics["params_trainable"] == FT.param_count()
