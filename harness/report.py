@@ -225,14 +225,17 @@ def _stage_losses(records: list[dict]) -> str:
         stages = [s for s in stages if isinstance(s, dict)]
         if not stages:
             continue
-        counts = figure(ok_records(rs)[0], "stage_params_trainable") or {}
+        first = ok_records(rs)[0]
+        counts = figure(first, "stage_params_trainable") or {}
+        # The spec's stage order (records are written with sorted keys).
+        order = [s.get("name") for s in (first.get("spec") or {}).get("stages") or []] or list(stages[0])
         cells = []
-        for name in stages[0]:
+        for name in (n for n in order if n in stages[0]):
             values = sorted(s[name] for s in stages if s.get(name) is not None)
             loss = f"{values[len(values) // 2]:.4f}" if values else "n/a"
             cells.append(f"{name} {loss} ({counts.get(name, 0):,} trainable)")
         parts.append(f"{backend}: " + ", ".join(cells))
-    return "\nHeld-out loss per stage: " + "; ".join(parts) + "." if parts else ""
+    return ("\nHeld-out loss per stage (each on its own stage's corpus): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _initial_loss_agreement(records: list[dict]) -> str:

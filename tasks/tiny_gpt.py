@@ -50,9 +50,11 @@ def gpt_layers(*, d_model: int, layers: int, heads: int, context: int) -> tuple:
 
 def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
              heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
-             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 400, **spec_fields) -> TaskSpec:
-    """The spec at these sizes. The schedule's length is epochs x steps_per_epoch (an estimate:
-    the corpus decides the real count; past total_steps the learning rate stays 0)."""
+             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 566, **spec_fields) -> TaskSpec:
+    """The spec at these sizes. The schedule's length is epochs x steps_per_epoch, fixed in the spec
+    (every backend steps the same table); the default 566 is fortunes' 2,318,984 training bytes in
+    windows of 128, batches of 32. Another corpus or size: pass steps_per_epoch in --override, or
+    the rate reaches 0 early (and stays there) or never finishes its decay."""
     for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context)):
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
@@ -84,11 +86,17 @@ CORPUS_B = "licenses"  # legal English (/usr/share/common-licenses) after fortun
 def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS_B,
                       d_model: int = FINETUNE_SIZES["d_model"], layers: int = FINETUNE_SIZES["layers"],
                       heads: int = FINETUNE_SIZES["heads"], context: int = FINETUNE_SIZES["context"],
-                      batch_size: int = FINETUNE_SIZES["batch_size"], **spec_fields) -> TaskSpec:
+                      batch_size: int = FINETUNE_SIZES["batch_size"], steps_per_epoch: int = 1132,
+                      **spec_fields) -> TaskSpec:
     """Pretrain on the run's corpus (A), then finetune on corpus B with the embeddings and the lower
-    half of the blocks frozen; a scratch control trains the same model on B from fresh weights."""
+    half of the blocks frozen; a scratch control trains the same model on B from fresh weights.
+
+    Every stage steps the same schedule, sized for pretraining on fortunes (1,132 steps of
+    64-byte windows per epoch); licenses' 104 steps per epoch then run warm-up and the early,
+    near-peak part of the cosine.
+    """
     base = tiny_gpt(name=name, d_model=d_model, layers=layers, heads=heads, context=context, batch_size=batch_size,
-                    **spec_fields)
+                    steps_per_epoch=steps_per_epoch, **spec_fields)
     n_blocks = sum(1 for layer in base.layers if layer.kind == "residual") // 2
     upper = [n for n in base.param_layer_names()
              if n.startswith("block") and int(n[5:].split("_")[0]) >= n_blocks // 2]

@@ -12,6 +12,7 @@ Tolerances, and why (fp32 CPU, the 1-block width-32 context-16 model below; meas
 """
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -241,3 +242,25 @@ def test_torch_pretrained_checkpoint_is_finetuned_by_every_backend(backend_name,
             continue
         np.testing.assert_array_equal(before, after, err_msg=f"{entry.name} is frozen but changed")
     assert ft.metrics["params_trainable"] < results["scratch"].metrics["params_trainable"] == FT.param_count()
+
+
+def test_report_judges_language_models_by_held_out_loss():
+    from record_factory import make_record
+
+    from harness.report import parity_line, render_terminal
+
+    records = []
+    for backend, loss in (("torch", 2.0), ("jax", 2.2)):
+        r = make_record("tiny-gpt-finetune", backend)
+        r["spec"] = {"stages": [{"name": "pretrain"}, {"name": "finetune"}, {"name": "scratch"}]}
+        r["metrics"].update(test_loss=loss, bits_per_byte=loss / math.log(2), train_tokens_per_s=1000.0,
+                            eval_tokens_per_s=2000.0, scratch_loss=2.5,
+                            stage_test_loss={"finetune": loss, "pretrain": 1.5, "scratch": 2.5},
+                            stage_params_trainable={"finetune": 10, "pretrain": 20, "scratch": 20})
+        records.append(r)
+    line = parity_line(records)
+    assert "held-out-loss gap between backends 9.1e-02 relative" in line and "lower is better" in line
+    assert "torch: pretrain 1.5000 (20 trainable), finetune 2.0000 (10 trainable), scratch 2.5000" in line
+    table = render_terminal(records)
+    assert "bits/byte" in table and "train tokens/s" in table and "scratch loss" in table
+    assert "bits/byte" not in render_terminal([make_record("mnist-mlp", "torch")])
