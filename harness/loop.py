@@ -138,18 +138,22 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
     `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
 
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
-    for the stages before the first stage that starts from the previous weights; a task
+    for the stages before the first stage that starts from earlier weights; a task
     without such a stage starts its first stage from them instead of the seed.
     """
     first = 0
     previous = None
     if init_from is not None:
-        first = next((i for i, s in enumerate(spec.stages) if s.init == "previous"), 0)
+        first = next((i for i, s in enumerate(spec.stages) if s.init != "seed"), 0)
         previous = init_from
     results: dict[str, StageResult] = {}
     for index in range(first, len(spec.stages)):
-        if init_from is not None and index == first and spec.stages[index].init == "seed":
+        stage = spec.stages[index]
+        if init_from is not None and index == first and stage.init == "seed":
             weights = init_from
+        elif stage.init not in ("seed", "previous"):  # a named earlier stage's weights (init_from if it was skipped)
+            named = results.get(stage.init)
+            weights = stage_weights(spec, index, named.weights if named else init_from, seed)
         else:
             weights = stage_weights(spec, index, previous, seed)
         own = (stage_data or {}).get(spec.stages[index].name, data)

@@ -28,14 +28,16 @@ SIZES = {"d_model": 128, "layers": 4, "heads": 4, "context": 128, "batch_size": 
 TARGET_LOSS = 1.6
 
 
-def gpt_layers(*, d_model: int, layers: int, heads: int, context: int) -> tuple:
+def gpt_layers(*, d_model: int, layers: int, heads: int, context: int, lora_rank: int = 0,
+               lora_alpha: float = 1.0) -> tuple:
     """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head."""
     blocks = []
     for i in range(layers):
         blocks += [
             Residual(name=f"block{i}_attn", body=(
                 LayerNorm(name=f"block{i}_ln1"),
-                MultiHeadSelfAttention(heads=heads, causal=True, name=f"block{i}_attn_mhsa"))),
+                MultiHeadSelfAttention(heads=heads, causal=True, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                       name=f"block{i}_attn_mhsa"))),
             Residual(name=f"block{i}_mlp", body=(
                 LayerNorm(name=f"block{i}_ln2"),
                 Dense(units=4 * d_model, activation="gelu", name=f"block{i}_fc"),
@@ -50,7 +52,8 @@ def gpt_layers(*, d_model: int, layers: int, heads: int, context: int) -> tuple:
 
 def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
              heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
-             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 566, **spec_fields) -> TaskSpec:
+             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 566, lora_rank: int = 0,
+             lora_alpha: float = 1.0, **spec_fields) -> TaskSpec:
     """The spec at these sizes. The schedule's length is epochs x steps_per_epoch, fixed in the spec
     (every backend steps the same table); the default 566 is fortunes' 2,318,984 training bytes in
     windows of 128, batches of 32. Another corpus or size: pass steps_per_epoch in --override, or
@@ -63,7 +66,8 @@ def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers:
     total = epochs * steps_per_epoch
     return TaskSpec(
         name=name, dataset="text", input_shape=(context,),
-        layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context),
+        layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context, lora_rank=lora_rank,
+                          lora_alpha=lora_alpha),
         optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0,
                         schedule=WarmupCosine(warmup_steps=max(1, total // 20), total_steps=total)),
         batch_size=batch_size, epochs=epochs,
@@ -87,24 +91,30 @@ def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS
                       d_model: int = FINETUNE_SIZES["d_model"], layers: int = FINETUNE_SIZES["layers"],
                       heads: int = FINETUNE_SIZES["heads"], context: int = FINETUNE_SIZES["context"],
                       batch_size: int = FINETUNE_SIZES["batch_size"], steps_per_epoch: int = 1132,
-                      **spec_fields) -> TaskSpec:
-    """Pretrain on the run's corpus (A), then finetune on corpus B with the embeddings and the lower
-    half of the blocks frozen; a scratch control trains the same model on B from fresh weights.
+                      lora_rank: int = 4, lora_alpha: float = 8.0, **spec_fields) -> TaskSpec:
+    """Pretrain on the run's corpus (A); then on corpus B: finetune with the embeddings and the lower
+    half of the blocks frozen, lora (from the pretrained weights) training only rank-`lora_rank`
+    adapters on every attention projection, and a scratch control from fresh weights, same budget.
+
+    The adapters sit in the model from the start (B = 0: they add nothing) and train only in
+    the lora stage; the other stages name the arrays they train, adapters excluded.
 
     Every stage steps the same schedule, sized for pretraining on fortunes (1,132 steps of
     64-byte windows per epoch); licenses' 104 steps per epoch then run warm-up and the early,
     near-peak part of the cosine.
     """
     base = tiny_gpt(name=name, d_model=d_model, layers=layers, heads=heads, context=context, batch_size=batch_size,
-                    steps_per_epoch=steps_per_epoch, **spec_fields)
-    n_blocks = sum(1 for layer in base.layers if layer.kind == "residual") // 2
-    upper = [n for n in base.param_layer_names()
-             if n.startswith("block") and int(n[5:].split("_")[0]) >= n_blocks // 2]
+                    steps_per_epoch=steps_per_epoch, lora_rank=lora_rank, lora_alpha=lora_alpha, **spec_fields)
+    lora = tuple(e.name for e in base.params() if "_lora_" in e.param.name)
+    pretrained = tuple(e.name for e in base.params() if e.name not in lora)
+    upper = tuple(n for n in pretrained if n.startswith("block") and int(n[5:].split("_")[0]) >= layers // 2
+                  or n.startswith(("ln_f.", "head.")))
     return dataclasses.replace(base, stages=(
-        Stage(name="pretrain"),
-        Stage(name="finetune", init="previous", trainable=(*upper, "ln_f", "head"), data=corpus_b),
-        # The control: the finetune stage's budget on corpus B from fresh weights, nothing frozen.
-        Stage(name="scratch", data=corpus_b),
+        Stage(name="pretrain", trainable=pretrained),
+        Stage(name="finetune", init="pretrain", trainable=upper, data=corpus_b),
+        Stage(name="lora", init="pretrain", trainable=lora, data=corpus_b),
+        # The control: the same budget on corpus B from fresh weights, every pretrained-kind array trained.
+        Stage(name="scratch", trainable=pretrained, data=corpus_b),
     ), primary_stage="finetune")
 
 

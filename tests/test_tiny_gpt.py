@@ -192,13 +192,23 @@ FT = tiny_gpt_finetune(d_model=32, layers=2, heads=2, context=16, batch_size=8, 
 CORPUS_B = text.synthetic(context=16, seed=6, n_windows=(64, 32))
 
 
-def test_finetune_task_freezes_embeddings_and_the_lower_half():
-    stages = {s.name: s for s in TINY_GPT_FINETUNE.stages}
-    assert list(stages) == ["pretrain", "finetune", "scratch"] and stages["finetune"].init == "previous"
-    assert stages["finetune"].data == stages["scratch"].data == "licenses"
-    trainable = set(stages["finetune"].trainable)
-    assert {"block1_attn_mhsa", "block1_fc", "ln_f", "head"} <= trainable
-    assert not trainable & {"tok_emb", "pos_emb", "block0_attn_mhsa", "block0_fc", "block0_ln1"}
+def test_finetune_task_freezes_embeddings_and_the_lower_half_and_lora_trains_adapters_alone():
+    spec = TINY_GPT_FINETUNE
+    stages = {s.name: s for s in spec.stages}
+    assert list(stages) == ["pretrain", "finetune", "lora", "scratch"]
+    assert stages["finetune"].init == stages["lora"].init == "pretrain"
+    assert stages["finetune"].data == stages["lora"].data == stages["scratch"].data == "licenses"
+    layers_of = {name: {e.layer for e in spec.params() if spec.trains(e, stages[name].trainable)} for name in stages}
+    assert {"block1_attn_mhsa", "block1_fc", "ln_f", "head"} <= layers_of["finetune"]
+    assert not layers_of["finetune"] & {"tok_emb", "pos_emb", "block0_attn_mhsa", "block0_fc", "block0_ln1"}
+    lora = [e for e in spec.params() if spec.trains(e, stages["lora"].trainable)]
+    assert lora and all("_lora_" in e.param.name for e in lora)
+    # Rank 4 on q, k, v and out of 2 blocks at width 64: 2 x 4 x (64 x 4 + 4 x 64).
+    assert spec.param_count(stages["lora"].trainable) == 4096
+    # No stage but lora trains an adapter; pretrain and scratch train every other array.
+    for name in ("pretrain", "finetune", "scratch"):
+        assert not any("_lora_" in e.param.name for e in spec.params() if spec.trains(e, stages[name].trainable))
+    assert spec.param_count(stages["pretrain"].trainable) == spec.param_count() - 4096
 
 
 def test_stage_corpus_of_a_synthetic_run_is_another_synthetic_chain():
@@ -230,18 +240,21 @@ def test_torch_pretrained_checkpoint_is_finetuned_by_every_backend(backend_name,
     weights, loss_on_b = torch_pretrained(str(tmp_path_factory.getbasetemp()))
     backend = configured(backend_name)
     results = run_stages(backend, FT, DATA, seed=0, mode="eager", init_from=weights,
-                         stage_data={"finetune": CORPUS_B, "scratch": CORPUS_B})
-    assert list(results) == ["finetune", "scratch"]  # the checkpoint stands in for pretraining
-    ft = results["finetune"]
-    # The finetune stage starts from torch's weights: its initial held-out loss on B is torch's (fp32 rtol 1e-4).
-    assert abs(ft.metrics["initial_test_loss"] - loss_on_b) / loss_on_b <= 1e-4
-    assert ft.metrics["test_loss"] < ft.metrics["initial_test_loss"]
-    trainable = set(FT.stage("finetune").trainable)
-    for entry, before, after in zip(FT.params(), weights, ft.weights):
-        if entry.layer in trainable:
-            continue
-        np.testing.assert_array_equal(before, after, err_msg=f"{entry.name} is frozen but changed")
-    assert ft.metrics["params_trainable"] < results["scratch"].metrics["params_trainable"] == FT.param_count()
+                         stage_data={"finetune": CORPUS_B, "lora": CORPUS_B, "scratch": CORPUS_B})
+    assert list(results) == ["finetune", "lora", "scratch"]  # the checkpoint stands in for pretraining
+    for name in ("finetune", "lora"):
+        stage = results[name]
+        # Both start from torch's weights (B = 0: the adapters add nothing yet), so their initial
+        # held-out loss on B is torch's, within the fp32 initial-loss tolerance 1e-4 relative.
+        assert abs(stage.metrics["initial_test_loss"] - loss_on_b) / loss_on_b <= 1e-4, name
+        assert stage.metrics["test_loss"] < stage.metrics["initial_test_loss"], name
+        trainable = FT.stage(name).trainable
+        for entry, before, after in zip(FT.params(), weights, stage.weights):
+            if FT.trains(entry, trainable):
+                continue
+            np.testing.assert_array_equal(before, after, err_msg=f"{name}: {entry.name} is frozen but changed")
+    counts = [results[n].metrics["params_trainable"] for n in ("lora", "finetune", "scratch")]
+    assert counts[0] < counts[1] < counts[2] == FT.param_count(FT.stage("scratch").trainable)
 
 
 def test_report_judges_language_models_by_held_out_loss():
