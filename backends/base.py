@@ -101,7 +101,7 @@ class Backend(abc.ABC):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
         names = spec.param_layer_names()
-        unknown = set(trainable or ()) - set(names)
+        unknown = set(trainable or ()) - set(names) - {e.name for e in spec.params()}
         if unknown:
             raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
         missing = sorted({layer.kind for layer, _, _ in spec.walk()} - set(self.LAYERS))

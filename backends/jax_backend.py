@@ -114,14 +114,22 @@ def _attention(layer, h, ctx):
     import jax
     jnp = jax.numpy
 
+    def lora(name, x, a_eq, b_eq):  # (alpha / r) x A B, zero where LoRA is off
+        if not (layer.lora_rank and name in layer.lora_targets):
+            return 0
+        xa = jnp.einsum(a_eq, x, ctx.p(layer, f"{name}_lora_a").astype(x.dtype))
+        return layer.lora_scale() * jnp.einsum(b_eq, xa, ctx.p(layer, f"{name}_lora_b").astype(x.dtype))
+
     q, k, v = (jnp.einsum("btd,dhk->bthk", h, ctx.p(layer, f"{n}_kernel").astype(h.dtype))
-               + ctx.p(layer, f"{n}_bias").astype(h.dtype) for n in ("query", "key", "value"))
+               + ctx.p(layer, f"{n}_bias").astype(h.dtype) + lora(n, h, "btd,dr->btr", "btr,rhk->bthk")
+               for n in ("query", "key", "value"))
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
     if layer.causal:
         t = h.shape[1]
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
     o = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(scores, axis=-1), v)
-    return jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(h.dtype)) + ctx.p(layer, "out_bias")
+    return (jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(h.dtype)) + ctx.p(layer, "out_bias")
+            + lora("out", o, "bqhk,hkr->bqr", "bqr,rd->bqd"))
 
 
 def _residual(layer, h, ctx):
@@ -316,7 +324,7 @@ class JaxBackend(Backend):
     def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
                trainable: tuple[str, ...] | None, mode: str) -> _Model:
         train_names = tuple(e.name for e in spec.params()
-                            if e.param.trainable and (trainable is None or e.layer in trainable))
+                            if spec.trains(e, trainable))
         frozen_layers = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
         opt = _optimizer(spec.optimizer)
         fns = self._functions(spec, opt, frozen_layers)

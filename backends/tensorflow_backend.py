@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -71,8 +72,47 @@ def _residual(layer, h):
     return keras.layers.Add(name=layer.name)([h, _apply(layer.body, h)])
 
 
+@functools.cache
+def _spec_attention_class():
+    """A Keras layer computing the spec's attention from keras.ops, with LoRA adapters (Keras's own
+    MultiHeadAttention has none): weights in the canonical order and layouts, so they load as they are."""
+    keras = sys.modules["keras"]
+    ops = keras.ops
+
+    class SpecAttention(keras.layers.Layer):
+        def __init__(self, spec_layer, **kwargs):
+            super().__init__(name=spec_layer.name, **kwargs)
+            self.spec_layer, self.p = spec_layer, {}
+
+        def build(self, input_shape):
+            for param in self.spec_layer.params(tuple(input_shape[1:])):
+                self.p[param.name] = self.add_weight(name=param.name, shape=param.shape, initializer="zeros")
+
+        def project(self, name, x, eq, a_eq, b_eq):
+            layer = self.spec_layer
+            y = ops.einsum(eq, x, self.p[f"{name}_kernel"]) + self.p[f"{name}_bias"]
+            if name in layer.lora_targets:
+                xa = ops.einsum(a_eq, x, self.p[f"{name}_lora_a"])
+                y = y + layer.lora_scale() * ops.einsum(b_eq, xa, self.p[f"{name}_lora_b"])
+            return y
+
+        def call(self, x):
+            q, k, v = (self.project(n, x, "btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk")
+                       for n in ("query", "key", "value"))
+            scores = ops.einsum("bqhk,bshk->bhqs", q, k) / float(np.sqrt(q.shape[-1]))
+            if self.spec_layer.causal:
+                t = x.shape[1]
+                scores = ops.where(ops.tril(ops.ones((t, t), "bool")), scores, float(np.finfo(np.float32).min))
+            o = ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), v)
+            return self.project("out", o, "bqhk,hkd->bqd", "bqhk,hkr->bqr", "bqr,rd->bqd")
+
+    return SpecAttention
+
+
 def _attention(layer, h):
     keras = sys.modules["keras"]
+    if layer.lora_rank:
+        return _spec_attention_class()(layer)(h)
     d, heads, hd = layer.dims(tuple(h.shape[1:]))
     mha = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=hd, value_dim=hd, name=layer.name,
                                           kernel_initializer="zeros")
@@ -233,7 +273,7 @@ class TensorFlowBackend(Backend):
                 by_layer[layer] = list(keras_layer.weights)
             variables = [by_layer[e.layer].pop(0) for e in spec.params()]
             train_vars = [v.value for e, v in zip(spec.params(), variables)
-                          if e.param.trainable and (trainable is None or e.layer in trainable)]
+                          if spec.trains(e, trainable)]
             slots = [[tf.Variable(tf.zeros_like(p), trainable=False) for _ in range(self._slot_count(spec))]
                      for p in train_vars]
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

@@ -116,10 +116,17 @@ def _attention(layer, h, ctx):
     import torch.nn.functional as F
 
     b, t, d = h.shape
-    q, k, v = (F.linear(h, ctx.p(layer, f"{n}_kernel"), ctx.p(layer, f"{n}_bias")).view(b, t, layer.heads, -1)
-               .transpose(1, 2) for n in ("query", "key", "value"))
+
+    def project(name, x):
+        y = F.linear(x, ctx.p(layer, f"{name}_kernel"), ctx.p(layer, f"{name}_bias"))
+        if layer.lora_rank and name in layer.lora_targets:  # x W + (alpha / r) x A B, A and B canonical
+            a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
+            y = y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
+        return y
+
+    q, k, v = (project(n, h).view(b, t, layer.heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)  # scale 1/sqrt(head_dim)
-    return F.linear(o.transpose(1, 2).reshape(b, t, -1), ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias"))
+    return project("out", o.transpose(1, 2).reshape(b, t, -1))
 
 
 def _pool(fn_name):
@@ -308,7 +315,7 @@ class TorchBackend(Backend):
             t = torch.from_numpy(np.array(to_torch(w), np.float32)).to(self._device)
             if CHANNELS_LAST and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
-            if entry.param.trainable and (trainable is None or entry.layer in trainable):
+            if spec.trains(entry, trainable):
                 t.requires_grad_(True)
                 train_params.append(t)
             params[entry.name] = t

@@ -17,6 +17,7 @@ from harness.runner import (
     EXIT_USAGE,
     RunConfig,
     UsageError,
+    apply_override,
     available_backends,
     check_config,
     load_resume,
@@ -26,7 +27,7 @@ from harness.shard import parse_shard
 from tasks import TASKS, get_task, is_task_file, load_task
 from tasks.targets import TARGETS, accepted
 
-DATA_CHOICES = ["auto", *data_mod.SOURCES, "synthetic"]
+DATA_CHOICES = ["auto", *data_mod.text.SYSTEM_CORPORA, *data_mod.SOURCES, "synthetic"]
 EXECUTORS = ("local", "ray")
 
 
@@ -72,6 +73,9 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--data-dir", help=f"look here first for datasets (then ${data_mod.ENV_VAR}, the user cache, "
                    "/usr/share/datasets)")
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
+    p.add_argument("--override", metavar="KEY=VALUE,...", help="model sizes and spec fields of tasks that have "
+                   "sizes, e.g. --override d_model=768,layers=12,heads=12,context=1024 (tiny-gpt: d_model, layers, "
+                   "heads, context, batch_size, epochs, lr, steps_per_epoch, and TaskSpec fields)")
     if sweep:
         p.add_argument("--batch-size", default="32,64,128,256,512,1024",
                        help="comma-separated batch sizes (default 32,64,128,256,512,1024)")
@@ -185,7 +189,8 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                     precision=one_of(args.precision, PRECISIONS, "--precision"),
                     mode=one_of(args.mode, RUN_MODES, "--mode"), timeout=args.timeout, quick=args.quick,
                     init_from=str(args.init_from.resolve()) if args.init_from else None,
-                    allow_download=not args.no_download)
+                    allow_download=not args.no_download, override=args.override)
+    apply_override(cfg)
     if args.threads:
         cfg.threads = args.threads
     if getattr(args, "shard", None):
@@ -257,6 +262,9 @@ def cmd_list(args) -> int:
         folder, looked = data_mod.find_source(source, None)
         where = f"found in {folder}" if folder else f"not found (looked in {', '.join(map(str, looked))})"
         print(f"  {name:14s} {where}")
+    for name, (folder, how) in data_mod.text.SYSTEM_CORPORA.items():
+        found = data_mod.text.system_corpus(name)
+        print(f"  {name:14s} {f'found in {found}' if found else f'not found in {folder} ({how})'} (text)")
     print("  synthetic      always available (generated from the seed, labelled synthetic everywhere)")
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import safepickle
+from harness import safepickle, text
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
             "test_batch": "40351d587109b95175f43aff81a1287e",
         }),
+    # char-rnn's tiny-shakespeare, 1,115,394 bytes (the digest several projects pin).
+    Source("tiny-shakespeare", text.KIND, {
+        "input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    }, "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
+        "put char-rnn's input.txt in a 'tiny-shakespeare' subfolder of one of those folders"),
 )}
 
 # The shape synthetic data takes for a task whose own dataset is of this kind (real shapes: tasks/targets.py).
@@ -364,6 +369,15 @@ def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
     return Dataset(f"synthetic-{kind}", "synthetic", True, x_tr, y_tr, x_te, y_te)
 
 
+def accepted_for(spec) -> tuple[str, ...]:
+    """The real datasets (or corpora) a task can train on, its own first."""
+    from tasks.targets import accepted
+
+    if spec.dataset == text.KIND:
+        return (*text.SYSTEM_CORPORA, *[s.name for s in SOURCES.values() if s.kind == text.KIND])
+    return accepted(spec)
+
+
 def choices_for(accepted: tuple[str, ...]) -> list[str]:
     """Valid --data values for a task that accepts the real datasets `accepted`."""
     return ["auto", *accepted, "synthetic"]
@@ -401,6 +415,11 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
     valid = choices_for(accepted)
     if choice not in valid:
         raise DataError(f"--data {choice!r} does not fit this task; valid: {', '.join(valid)}")
+    if any(a in text.SYSTEM_CORPORA for a in accepted):  # a text task (accepted_for)
+        name, where = text.resolve(choice, data_dir=data_dir, allow_download=allow_download, locate=locate)
+        why = "--data synthetic" if choice == "synthetic" else \
+            f"--data {choice}" if choice != "auto" else f"auto: {'SYNTHETIC text' if name == 'synthetic' else name}"
+        return name, where, why
     if choice == "synthetic":
         return "synthetic", "synthetic", "--data synthetic"
     if choice != "auto":
@@ -425,13 +444,17 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
 
 
 def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0,
-         subset: tuple[int, int] | None = None) -> Dataset:
+         subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
     """The dataset a resolved source names, or its first `subset` = (n_train, n_test) samples.
+
+    Text is cut into windows of `context` bytes (the task's sequence length; harness.text).
 
     Synthetic data has the real dataset's sizes; with a subset only that much is
     generated (a smaller synthetic set, not a slice of the full one), which saves a
     CIFAR-sized worker ~4 s of generation per cell.
     """
+    if task_dataset == text.KIND:
+        return text.load(name, folder or "", context=context, seed=seed, subset=subset)
     if name == "synthetic":
         n_train, n_test = subset or REAL_SIZES[task_dataset]
         dataset = synthetic(task_dataset, n_train=n_train, n_test=n_test, seed=seed)
@@ -440,3 +463,11 @@ def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int =
         return dataset
     dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False))
     return dataset.head(*subset) if subset else dataset
+
+
+def load_stage(task_dataset: str, choice: str, *, run_source: str, seed: int = 0,
+               subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
+    """The data of a stage that names its own corpus (Stage.data); text tasks only, for now."""
+    if task_dataset != text.KIND:
+        raise DataError(f"a stage's own data ({choice!r}) is supported for text tasks only")
+    return text.stage_corpus(choice, run_source=run_source, context=context, seed=seed, subset=subset, locate=locate)

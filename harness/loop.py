@@ -102,7 +102,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
         m["epoch_s"].append(seconds)
         m["epoch_train_time_s"].append(train_clock)
         m["eval_s"].append(eval_seconds)
-        if m["time_to_target_s"] is None and test_acc >= spec.target_accuracy:
+        if m["time_to_target_s"] is None and reached_target(spec, test_loss, test_acc):
             m["time_to_target_s"] = train_clock  # evaluation time is not on this clock
         progress({"event": "epoch", "stage": stage.name, "epoch": epoch + 1, "epochs": spec.epochs,
                   "train_loss": float(losses.mean()), "test_accuracy": test_acc, "epoch_s": seconds})
@@ -111,30 +111,60 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     m.update(test_accuracy=m["epoch_test_accuracy"][-1], test_loss=m["epoch_test_loss"][-1],
              train_samples_per_s=trained / train_clock if train_clock > 0 else None,
              eval_samples_per_s=m["n_test"] * spec.epochs / sum(m["eval_s"]) if sum(m["eval_s"]) > 0 else None)
+    if spec.takes_tokens:
+        m.update(sequence_metrics(spec, m))
     return StageResult(stage.name, m, backend.get_weights(model))
+
+
+def reached_target(spec: TaskSpec, loss: float, accuracy: float) -> bool:
+    """A loss-based task (target_loss set) reaches its target by the held-out loss, others by accuracy."""
+    return loss <= spec.target_loss if spec.target_loss is not None else accuracy >= spec.target_accuracy
+
+
+def sequence_metrics(spec: TaskSpec, m: dict) -> dict:
+    """Per-token rates and bits per byte for a token model: every position of a window is one prediction.
+
+    Bits per byte is the loss in nats over ln 2, exact for byte-level models (one token, one byte).
+    """
+    per_sample = spec.input_shape[0]
+    train, evaluate = m["train_samples_per_s"], m["eval_samples_per_s"]
+    return {"context": per_sample, "train_tokens_per_s": train * per_sample if train is not None else None,
+            "eval_tokens_per_s": evaluate * per_sample if evaluate is not None else None,
+            "bits_per_byte": m["test_loss"] / math.log(2),
+            "initial_bits_per_byte": m["initial_test_loss"] / math.log(2),
+            "epoch_bits_per_byte": [v / math.log(2) for v in m["epoch_test_loss"]],
+            "target_loss": spec.target_loss}
 
 
 def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,
                init_from: list[np.ndarray] | None = None, checkpoint_prefix: Path | None = None,
-               progress: Callable[[dict], None] = lambda event: None) -> dict[str, StageResult]:
+               progress: Callable[[dict], None] = lambda event: None,
+               stage_data: dict[str, Dataset] | None = None) -> dict[str, StageResult]:
     """Train every stage in order; returns per-stage results.
 
+    `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
+
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
-    for the stages before the first stage that starts from the previous weights; a task
+    for the stages before the first stage that starts from earlier weights; a task
     without such a stage starts its first stage from them instead of the seed.
     """
     first = 0
     previous = None
     if init_from is not None:
-        first = next((i for i, s in enumerate(spec.stages) if s.init == "previous"), 0)
+        first = next((i for i, s in enumerate(spec.stages) if s.init != "seed"), 0)
         previous = init_from
     results: dict[str, StageResult] = {}
     for index in range(first, len(spec.stages)):
-        if init_from is not None and index == first and spec.stages[index].init == "seed":
+        stage = spec.stages[index]
+        if init_from is not None and index == first and stage.init == "seed":
             weights = init_from
+        elif stage.init not in ("seed", "previous"):  # a named earlier stage's weights (init_from if it was skipped)
+            named = results.get(stage.init)
+            weights = stage_weights(spec, index, named.weights if named else init_from, seed)
         else:
             weights = stage_weights(spec, index, previous, seed)
-        result = train_stage(backend, spec, index, data, weights, seed=seed, mode=mode, progress=progress)
+        own = (stage_data or {}).get(spec.stages[index].name, data)
+        result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress)
         if checkpoint_prefix is not None:
             path = Path(f"{checkpoint_prefix}-{result.name}.npz")
             save_checkpoint(path, spec, result.weights, meta={"stage": result.name, "backend": backend.name})
@@ -159,6 +189,11 @@ def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gfl
     metrics["train_flops_per_sample"] = flops
     rate = primary.get("train_samples_per_s")
     metrics["roofline_fraction"] = rate * flops / (peak_gflops * 1e9) if rate and peak_gflops else None
+    if spec.takes_tokens and len(results) > 1:  # a language model's stages: held-out loss and trainable size each
+        metrics["stage_test_loss"] = {name: r.metrics["test_loss"] for name, r in results.items()}
+        metrics["stage_params_trainable"] = {name: r.metrics["params_trainable"] for name, r in results.items()}
+        if "scratch" in results:
+            metrics["scratch_loss"] = results["scratch"].metrics["test_loss"]
     if "finetune" in results and "scratch" in results:  # the transfer-learning experiment
         metrics["finetuned_accuracy"] = results["finetune"].metrics["test_accuracy"]
         metrics["scratch_accuracy"] = results["scratch"].metrics["test_accuracy"]

@@ -44,6 +44,12 @@ CORE_COLUMNS = (
 )
 # Shown only where some record of the task has them (the finetune task, GPU roofline runs).
 EXTRA_COLUMNS = (
+    # Language models (lower is better): the held-out loss, its bits per byte, per-token rates.
+    ("held-out loss", "test_loss", ".4f"),
+    ("bits/byte", "bits_per_byte", ".3f"),
+    ("train tokens/s", "train_tokens_per_s", ",.0f"),
+    ("eval tokens/s", "eval_tokens_per_s", ",.0f"),
+    ("scratch loss", "scratch_loss", ".4f"),  # a staged language model's control, same budget, fresh weights
     ("finetuned accuracy", "finetuned_accuracy", lambda v: f"{100 * v:.2f}%"),
     ("scratch accuracy", "scratch_accuracy", lambda v: f"{100 * v:.2f}%"),
     ("frozen train samples/s", "frozen_train_samples_per_s", ",.0f"),
@@ -156,6 +162,9 @@ def summary_table(records: list[dict]):
             row["device peak (MiB)"] = f"n/a ({device})"
         row["params (total / trainable)"] = _params(ok) if ok else ""
         for header, name, fmt in EXTRA_COLUMNS:
+            if name == "test_loss" and not any(figure(r, "bits_per_byte") is not None for r in ok):
+                row[header] = ""  # every task has a loss; the column is for those judged by it
+                continue
             s = summarise_figure(ok, name)
             row[header] = format_stat(s, fmt) if s["n"] else ""
         row["freezing speed-up"] = _speedup(rs)
@@ -178,7 +187,9 @@ def task_table(table, task: str):
 # -- parity and provenance ---------------------------------------------------------------------
 
 def parity_line(records: list[dict]) -> str:
-    """Largest test-accuracy gap between cells of one task, and whether initial losses agree."""
+    """Largest test-accuracy (loss-based tasks: held-out-loss) gap between cells, and initial-loss agreement."""
+    if any(figure(r, "bits_per_byte") is not None for r in ok_records(records)):
+        return _loss_parity_line(records)
     cells = {k: summarise_figure(rs, "test_accuracy") for k, rs in group_cells(records).items()}
     cells = {k: s for k, s in cells.items() if s["n"]}
     if not cells:
@@ -196,6 +207,41 @@ def parity_line(records: list[dict]) -> str:
         acc = (f"largest test-accuracy gap between backends {gap:.2f} points "
                f"({label[hi]} {hi_acc:.2f}% vs {label[lo]} {lo_acc:.2f}%, medians)")
     return f"Parity: {acc}; {_initial_loss_agreement(records)}."
+
+
+def _loss_parity_line(records: list[dict]) -> str:
+    """Parity of a loss-based task (language models, lower is better): the largest relative held-out-loss gap."""
+    cells = {k: summarise_figure(rs, "test_loss") for k, rs in group_cells(records).items()}
+    cells = {k: s for k, s in cells.items() if s["n"]}
+    ranked = sorted(cells, key=lambda k: cells[k]["median"])
+    if len(ranked) < 2:
+        gap = "one backend only, no held-out-loss gap to measure"
+    else:
+        lo, hi = cells[ranked[0]]["median"], cells[ranked[-1]]["median"]
+        gap = (f"largest held-out-loss gap between backends {(hi - lo) / hi:.1e} relative "
+               f"({ranked[-1][1]} {hi:.4f} vs {ranked[0][1]} {lo:.4f} nats, medians; lower is better)")
+    return f"Parity: {gap}; {_initial_loss_agreement(records)}.{_stage_losses(records)}"
+
+
+def _stage_losses(records: list[dict]) -> str:
+    """Each stage's held-out loss (median over ok records) and trainable parameters, per backend."""
+    parts = []
+    for (_, backend, _), rs in group_cells(records).items():
+        stages = [figure(r, "stage_test_loss") for r in ok_records(rs)]
+        stages = [s for s in stages if isinstance(s, dict)]
+        if not stages:
+            continue
+        first = ok_records(rs)[0]
+        counts = figure(first, "stage_params_trainable") or {}
+        # The spec's stage order (records are written with sorted keys).
+        order = [s.get("name") for s in (first.get("spec") or {}).get("stages") or []] or list(stages[0])
+        cells = []
+        for name in (n for n in order if n in stages[0]):
+            values = sorted(s[name] for s in stages if s.get(name) is not None)
+            loss = f"{values[len(values) // 2]:.4f}" if values else "n/a"
+            cells.append(f"{name} {loss} ({counts.get(name, 0):,} trainable)")
+        parts.append(f"{backend}: " + ", ".join(cells))
+    return ("\nHeld-out loss per stage (each on its own stage's corpus): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _initial_loss_agreement(records: list[dict]) -> str:
@@ -299,8 +345,9 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 # -- terminal --------------------------------------------------------------------------------
 
-TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "time to target (s)", "train samples/s",
-                    "eval samples/s", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
+TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "held-out loss", "bits/byte",
+                    "time to target (s)", "train samples/s", "train tokens/s", "eval samples/s", "eval tokens/s",
+                    "scratch loss", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
                     "freezing speed-up", "roofline", "mode", "error")
 
 

@@ -36,7 +36,7 @@ from harness.shard import in_shard
 from harness.storage import set_aside_torn_tail
 from harness.worker import PROGRESS_PREFIX, utc_now
 from tasks import BUILTIN_TASKS, get_task
-from tasks.targets import accepted, for_dataset
+from tasks.targets import for_dataset
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ RUN_FILE = "run.json"
 STDERR_TAIL_LINES = 30
 # --quick: one epoch on the first samples of each split (enough to see every backend
 # learn, small enough for a 2-core laptop to finish all tasks in about two minutes).
-QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000)}
+QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000), "text": (256, 64)}  # text: windows
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
 EXIT_OK, EXIT_CELL_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -85,6 +85,7 @@ class RunConfig:
     init_from: str | None = None
     allow_download: bool = True
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
+    override: str | None = None  # --override "d_model=768,layers=12": sizes of tasks that have them (tasks.BUILDERS)
 
     def overrides(self) -> dict:
         changes = {}
@@ -169,7 +170,7 @@ CONFIG_TYPES = {
     "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
     "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
     "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
-    "allow_download": bool,
+    "allow_download": bool, "override": (str, type(None)),
 }
 
 
@@ -200,10 +201,30 @@ def config_from_saved(saved, out: Path) -> RunConfig:
             args[name] = str((Path(out) / args[name]).resolve())
     cfg = RunConfig(**args, out=Path(out))
     try:
+        apply_override(cfg)
         check_config(cfg)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return cfg
+
+
+def apply_override(cfg: RunConfig) -> None:
+    """Rebuild the run's tasks that have sizes with cfg.override (registered under their names, sent to workers)."""
+    if not cfg.override:
+        return
+    from tasks import BUILDERS, override_task, parse_override
+    from tasks.spec import SpecError
+
+    sized = [t for t in cfg.tasks if t in BUILDERS]
+    try:
+        if not sized:
+            raise SpecError(f"--override: none of the tasks {', '.join(cfg.tasks)} has sizes; "
+                            f"tasks that do: {', '.join(BUILDERS)}")
+        changes = parse_override(cfg.override)
+        for task in sized:
+            override_task(task, changes)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -224,10 +245,13 @@ def check_config(cfg: RunConfig) -> None:
         raise UsageError(f"timeout {cfg.timeout} is not positive")
     for task in cfg.tasks:
         try:
-            data_mod.choice_for(accepted(get_task(task)), cfg.data)
+            data_mod.choice_for(data_mod.accepted_for(get_task(task)), cfg.data)
         except data_mod.DataError as exc:
             raise UsageError(f"task {task!r}: {exc}") from None
-    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+    # A text task reads any UTF-8 file or folder given as --data-dir (harness.text).
+    text_only = all(get_task(t).dataset == data_mod.text.KIND for t in cfg.tasks)
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() \
+            and not (text_only and Path(cfg.data_dir).is_file()):
         state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:
@@ -311,7 +335,7 @@ def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str, str]]:
     """(source name, folder, why) per task, resolved once so every cell sees the same data."""
     resolved = {}
     for task in cfg.tasks:
-        real = accepted(get_task(task))
+        real = data_mod.accepted_for(get_task(task))
         choice = data_mod.choice_for(real, cfg.data)
         resolved[task] = data_mod.resolve(real, choice, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
     return resolved

@@ -78,8 +78,14 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"] = {**host_environment(Path(out) if out else None), "mode": forced, "mode_requested": cfg["mode"],
                      "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"]}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
-                            subset=cfg.get("subset"))
+                            subset=cfg.get("subset"), context=spec.input_shape[0] if spec.takes_tokens else None)
     record["data"] = dataset.describe()
+    context = spec.input_shape[0] if spec.takes_tokens else None
+    stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg["data"], seed=cfg["data_seed"],
+                                              subset=cfg.get("subset"), context=context)
+                  for s in spec.stages if s.data}
+    if stage_data:
+        record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
     fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
     if fault:
         emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
@@ -103,7 +109,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
     with RssSampler() as sampler:
         try:
             results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
-                                 checkpoint_prefix=Path(prefix) if prefix else None, progress=emit)
+                                 checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
+                                 stage_data=stage_data)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["status"] = "ok"

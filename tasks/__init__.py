@@ -5,9 +5,12 @@ from pathlib import Path
 from tasks.cifar_cnn import CIFAR_CNN
 from tasks.finetune import FINETUNE
 from tasks.mnist_mlp import MNIST_MLP
-from tasks.spec import TaskSpec
+from tasks.spec import SpecError, TaskSpec
+from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE)}
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE, TINY_GPT, TINY_GPT_FINETUNE)}
+# Tasks whose model sizes --override can change: name -> the function that builds the spec from sizes.
+BUILDERS = {"tiny-gpt": tiny_gpt, "tiny-gpt-finetune": tiny_gpt_finetune}
 BUILTIN_TASKS = tuple(TASKS)
 TASK_FILE_SUFFIX = ".toml"
 
@@ -40,3 +43,40 @@ def get_task(name: str) -> TaskSpec:
         return TASKS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; valid: {', '.join(TASKS)}") from None
+
+
+def parse_override(text: str) -> dict:
+    """`d_model=768,layers=12` -> {"d_model": 768, "layers": 12}; numbers become int or float."""
+    changes = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--override: {item!r} is not key=value")
+        for convert in (int, float, str):
+            try:
+                changes[key.strip()] = convert(value.strip())
+                break
+            except ValueError:
+                continue
+    return changes
+
+
+def override_task(name: str, changes: dict) -> TaskSpec:
+    """Rebuild a task with new sizes (its builder's arguments) or TaskSpec fields, and register it under its name.
+
+    Always built from the builder's defaults, so applying the same override twice gives the same spec.
+    """
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise SpecError(f"--override: task {name!r} has no size parameters; tasks that do: {', '.join(BUILDERS)}")
+    import inspect
+
+    valid = list(dict.fromkeys(p for b in (builder, tiny_gpt) for p in inspect.signature(b).parameters
+                               if p not in ("name", "spec_fields")))
+    fields = set(TaskSpec.__dataclass_fields__) - {"name", "layers", "optimizer", "input_shape", "dataset", "loss"}
+    unknown = sorted(set(changes) - set(valid) - fields)
+    if unknown:
+        raise SpecError(f"--override: unknown key {unknown[0]!r} for {name}; "
+                        f"valid: {', '.join(valid + sorted(fields))}")
+    TASKS[name] = builder(name=name, **changes)
+    return TASKS[name]

@@ -22,6 +22,7 @@ def require(condition: bool, message: str) -> None:
 
 # "gelu" is the exact erf form (torch and Keras default); "gelu_tanh" the tanh
 # approximation (flax's default). Naming both keeps either from being picked silently.
+LORA_TARGETS = ("query", "key", "value", "out")  # the attention projections LoRA can adapt
 ACTIVATIONS = ("linear", "relu", "gelu", "gelu_tanh", "tanh", "silu")
 PADDINGS = ("valid", "same")
 INITS = ("glorot_uniform", "zeros", "ones", "normal")
@@ -331,6 +332,11 @@ class MultiHeadSelfAttention(LayerBase):
     name: str
     head_dim: int = 0  # 0: dim // heads
     causal: bool = False
+    # LoRA: rank 0 is off. Each target projection W gets x W + (lora_alpha / lora_rank) x A B,
+    # A drawn from the seed (Glorot over (in, rank)), B zero, so the output starts unchanged.
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     kind: str = field(default="multiheadselfattention", init=False)
 
     def __post_init__(self):
@@ -338,6 +344,15 @@ class MultiHeadSelfAttention(LayerBase):
         require(isinstance(self.head_dim, int) and self.head_dim >= 0,
                 f"layer {self.name!r}: head_dim must be a non-negative int, got {self.head_dim!r}")
         require(isinstance(self.causal, bool), f"layer {self.name!r}: causal must be true or false")
+        require(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
+                f"layer {self.name!r}: lora_rank must be a non-negative int, got {self.lora_rank!r}")
+        _in_range(self, "lora_alpha", 0, math.inf, "be positive")
+        require(bool(self.lora_targets) and set(self.lora_targets) <= set(LORA_TARGETS)
+                and len(set(self.lora_targets)) == len(self.lora_targets),
+                f"layer {self.name!r}: lora_targets must be distinct names of {', '.join(LORA_TARGETS)}")
+
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
 
     def dims(self, x) -> tuple[int, int, int]:
         """(dim, heads, head_dim) for a (seq, dim) input."""
@@ -356,11 +371,25 @@ class MultiHeadSelfAttention(LayerBase):
         qkv = [p for part in ("query", "key", "value")
                for p in (Param(f"{part}_kernel", (d, h, hd), "glorot_uniform", (d, h * hd)),
                          Param(f"{part}_bias", (h, hd)))]
-        return (*qkv, Param("out_kernel", (h, hd, d), "glorot_uniform", (h * hd, d)), Param("out_bias", (d,)))
+        base = (*qkv, Param("out_kernel", (h, hd, d), "glorot_uniform", (h * hd, d)), Param("out_bias", (d,)))
+        return base + self.lora_params(x)
+
+    def lora_params(self, x) -> tuple[Param, ...]:
+        """A (in, r) and B (r, out) per target, in LORA_TARGETS order, each side in its kernel's layout:
+        query/key/value A (D, r), B (r, heads, head_dim); out A (heads, head_dim, r), B (r, D)."""
+        if not self.lora_rank:
+            return ()
+        d, h, hd, r = *self.dims(x), self.lora_rank
+        out = []
+        for t in (t for t in LORA_TARGETS if t in self.lora_targets):
+            a_shape, b_shape, fan_in = ((h, hd, r), (r, d), h * hd) if t == "out" else ((d, r), (r, h, hd), d)
+            out += [Param(f"{t}_lora_a", a_shape, "glorot_uniform", (fan_in, r)), Param(f"{t}_lora_b", b_shape)]
+        return tuple(out)
 
     def flops(self, x):
         t, (d, h, hd) = x[0], self.dims(x)
-        return 2 * t * d * h * hd * 4 + 2 * 2 * t * t * h * hd  # q, k, v, out projections; scores, mix
+        lora = 2 * t * self.lora_rank * (d + h * hd) * len(self.lora_targets) if self.lora_rank else 0
+        return 2 * t * d * h * hd * 4 + 2 * 2 * t * t * h * hd + lora  # q, k, v, out projections; scores, mix
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,15 @@ class Stage:
 
     name: str
     classes: tuple[int, ...] | None = None  # None: every class; else relabelled 0..k-1
-    init: str = "seed"  # "seed": fresh canonical weights; "previous": the last stage's
-    trainable: tuple[str, ...] | None = None  # None: every parameter layer
+    init: str = "seed"  # "seed": fresh canonical weights; "previous": the last stage's; or an earlier stage's name
+    # None: every parameter layer. Names are layers, or single arrays `<layer>.<param>` (LoRA
+    # adapters trained alone: "block0_attn_mhsa.query_lora_a").
+    trainable: tuple[str, ...] | None = None
     reinit: tuple[str, ...] = ()  # layers redrawn from the seed before training
+    # Another corpus for this stage (a --data value, e.g. "licenses"), for tasks whose stages
+    # change domain (tiny-gpt-finetune); None: the run's data. With synthetic run data the
+    # stage gets synthetic data of another seed (another domain), labelled synthetic.
+    data: str | None = None
 
 
 def walk(layers, shape):
@@ -84,6 +90,9 @@ class TaskSpec:
     primary_stage: str = "train"  # the stage whose metrics head the record
     eval_batch_size: int = 1000
     num_classes: int = 10
+    # Loss-based tasks (language models) reach their target when the held-out loss falls
+    # to this; None: only target_accuracy counts.
+    target_loss: float | None = None
 
     def __post_init__(self):
         require(bool(self.layers), f"task {self.name!r}: no layers")
@@ -94,6 +103,7 @@ class TaskSpec:
         require(self.eval_batch_size > 0, f"task {self.name!r}: eval_batch_size must be positive")
         require(self.epochs > 0, f"task {self.name!r}: epochs must be positive")
         require(0 < self.target_accuracy <= 1, f"task {self.name!r}: target_accuracy must lie in (0, 1]")
+        require(self.target_loss is None or self.target_loss > 0, f"task {self.name!r}: target_loss must be positive")
         last = self.layers[-1]
         require(isinstance(last, Dense) and last.activation == "linear",
                  f"task {self.name!r}: the last layer must be a linear Dense (logits); "
@@ -102,7 +112,7 @@ class TaskSpec:
         require(len(set(stage_names)) == len(stage_names), f"task {self.name!r}: stage name used twice")
         require(self.primary_stage in stage_names,
                  f"task {self.name!r}: primary_stage {self.primary_stage!r} is not a stage")
-        param_names = set(self.param_layer_names())
+        param_names = set(self.param_layer_names()) | {e.name for e in self.params()}
         for i, stage in enumerate(self.stages):
             n_out = len(stage.classes) if stage.classes is not None else self.num_classes
             require(last.units == n_out,
@@ -112,14 +122,15 @@ class TaskSpec:
                 require(all(0 <= c < self.num_classes for c in stage.classes)
                          and len(set(stage.classes)) == len(stage.classes),
                          f"stage {stage.name!r}: classes must be distinct and in [0, {self.num_classes})")
-            require(stage.init in ("seed", "previous"),
-                     f"stage {stage.name!r}: init must be 'seed' or 'previous', got {stage.init!r}")
+            require(stage.init in ("seed", "previous", *stage_names[:i]),
+                     f"stage {stage.name!r}: init must be 'seed', 'previous' or an earlier stage's name, "
+                     f"got {stage.init!r}")
             require(i > 0 or stage.init == "seed", f"stage {stage.name!r}: the first stage has no previous")
-            for group in ("trainable", "reinit"):
-                unknown = set(getattr(stage, group) or ()) - param_names
+            for group, valid in (("trainable", param_names), ("reinit", set(self.param_layer_names()))):
+                unknown = set(getattr(stage, group) or ()) - valid
                 require(not unknown,
                          f"stage {stage.name!r}: {group} names unknown parameter layers {sorted(unknown)}; "
-                         f"valid: {sorted(param_names)}")
+                         f"valid: {sorted(valid)}")
         for layer, _, out in self.walk():
             require(all(d > 0 for d in out), f"layer {layer.name!r}: output shape {out} is empty")
 
@@ -154,10 +165,14 @@ class TaskSpec:
     def param_layer_names(self) -> list[str]:
         return list(dict.fromkeys(e.layer for e in self.params()))
 
+    @staticmethod
+    def trains(entry: ParamEntry, trainable: tuple[str, ...] | None) -> bool:
+        """Whether a stage with this `trainable` updates the array: learned, and its layer or itself named."""
+        return entry.param.trainable and (trainable is None or entry.layer in trainable or entry.name in trainable)
+
     def param_count(self, trainable: tuple[str, ...] | None = None) -> int:
-        """Learned parameters (running statistics excluded) of the named layers (None: all)."""
-        return sum(math.prod(e.param.shape) for e in self.params()
-                   if e.param.trainable and (trainable is None or e.layer in trainable))
+        """Learned parameters (running statistics excluded) of the named layers or arrays (None: all)."""
+        return sum(math.prod(e.param.shape) for e in self.params() if self.trains(e, trainable))
 
     def check_weights(self, weights, *, source: str = "weights") -> None:
         """The one weights validator: raise WeightsError naming the first array that does not fit."""
@@ -177,7 +192,7 @@ class TaskSpec:
         usual 1:2 rule; with nothing frozen that is 3 x forward. Frozen layers below
         the lowest trainable one cost their forward pass only.
         """
-        trains = {e.layer for e in self.params() if e.param.trainable and (trainable is None or e.layer in trainable)}
+        trains = {e.layer for e in self.params() if self.trains(e, trainable)}
         per_layer = [(layer.name, layer.flops(shape)) for layer, shape, _ in self.walk()
                      if not layer.children()]  # a composite's cost is its body's
         lowest = next((i for i, (name, _) in enumerate(per_layer) if name in trains), len(per_layer))

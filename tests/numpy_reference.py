@@ -197,8 +197,19 @@ def _positional_b(layer, P, t, dy, grads):
     return dy
 
 
+def _lora_on(layer, name):
+    return bool(layer.lora_rank) and name in layer.lora_targets
+
+
 def _attention_f(layer, P, x, train):
-    q, k, v = (np.einsum("btd,dhk->bthk", x, P(f"{n}_kernel")) + P(f"{n}_bias") for n in ("query", "key", "value"))
+    def lora(name, x, a_eq, b_eq):
+        if not _lora_on(layer, name):
+            return 0
+        return layer.lora_scale() * np.einsum(b_eq, np.einsum(a_eq, x, P(f"{name}_lora_a")), P(f"{name}_lora_b"))
+
+    q, k, v = (np.einsum("btd,dhk->bthk", x, P(f"{n}_kernel")) + P(f"{n}_bias") + lora(n, x, "btd,dr->btr",
+                                                                                        "btr,rhk->bthk")
+               for n in ("query", "key", "value"))
     scale = 1 / math.sqrt(q.shape[-1])
     s = np.einsum("bqhk,bshk->bhqs", q, k) * scale
     if layer.causal:
@@ -207,7 +218,8 @@ def _attention_f(layer, P, x, train):
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     o = np.einsum("bhqs,bshk->bqhk", a, v)
-    return np.einsum("bqhk,hkd->bqd", o, P("out_kernel")) + P("out_bias"), (x, q, k, v, a, o, scale)
+    y = np.einsum("bqhk,hkd->bqd", o, P("out_kernel")) + P("out_bias") + lora("out", o, "bqhk,hkr->bqr", "bqr,rd->bqd")
+    return y, (x, q, k, v, a, o, scale)
 
 
 def _attention_b(layer, P, cache, dy, grads):
@@ -215,6 +227,13 @@ def _attention_b(layer, P, cache, dy, grads):
     grads["out_kernel"] += np.einsum("bqhk,bqd->hkd", o, dy)
     grads["out_bias"] += dy.sum((0, 1))
     do = np.einsum("bqd,hkd->bqhk", dy, P("out_kernel"))
+    if _lora_on(layer, "out"):  # y += s (o A) B
+        s_ = layer.lora_scale()
+        oa = np.einsum("bqhk,hkr->bqr", o, P("out_lora_a"))
+        grads["out_lora_b"] += s_ * np.einsum("bqr,bqd->rd", oa, dy)
+        d_oa = s_ * np.einsum("bqd,rd->bqr", dy, P("out_lora_b"))
+        grads["out_lora_a"] += np.einsum("bqhk,bqr->hkr", o, d_oa)
+        do = do + np.einsum("bqr,hkr->bqhk", d_oa, P("out_lora_a"))
     da = np.einsum("bqhk,bshk->bhqs", do, v)
     dv = np.einsum("bhqs,bqhk->bshk", a, do)
     ds = a * (da - (da * a).sum(-1, keepdims=True)) * scale  # masked entries have a = 0
@@ -225,6 +244,13 @@ def _attention_b(layer, P, cache, dy, grads):
         grads[f"{name}_kernel"] += np.einsum("btd,bthk->dhk", x, d)
         grads[f"{name}_bias"] += d.sum((0, 1))
         dx += np.einsum("bthk,dhk->btd", d, P(f"{name}_kernel"))
+        if _lora_on(layer, name):  # y += s (x A) B
+            s_ = layer.lora_scale()
+            xa = np.einsum("btd,dr->btr", x, P(f"{name}_lora_a"))
+            grads[f"{name}_lora_b"] += s_ * np.einsum("btr,bthk->rhk", xa, d)
+            d_xa = s_ * np.einsum("bthk,rhk->btr", d, P(f"{name}_lora_b"))
+            grads[f"{name}_lora_a"] += np.einsum("btd,btr->dr", x, d_xa)
+            dx += np.einsum("btr,dr->btd", d_xa, P(f"{name}_lora_a"))
     return dx
 
 
@@ -355,7 +381,7 @@ def train(spec, weights, batches, *, trainable=None):
     """Weights (float64) after one optimizer step per (x, y) batch, and the per-step losses."""
     o = spec.optimizer
     w = [np.asarray(a, np.float64) for a in weights]
-    learns = [e.param.trainable and (trainable is None or e.layer in trainable) for e in spec.params()]
+    learns = [spec.trains(e, trainable) for e in spec.params()]
     slots = [[np.zeros_like(a), np.zeros_like(a)] for a in w]
     frozen = frozenset(spec.param_layer_names()) - set(trainable) if trainable is not None else frozenset()
     losses = []

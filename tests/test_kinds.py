@@ -105,6 +105,10 @@ CASES = {
     "attention": ((4,), (_pre_embedding(), MultiHeadSelfAttention(heads=2, name="k"))),
     "attention-causal-head_dim": ((4,), (_pre_embedding(), MultiHeadSelfAttention(heads=2, head_dim=4, causal=True,
                                                                                    name="k"))),
+    "attention-lora": ((4,), (_pre_embedding(), MultiHeadSelfAttention(heads=2, causal=True, lora_rank=2,
+                                                                        lora_alpha=4.0, name="k"))),
+    "attention-lora-qv-rank3": ((4,), (_pre_embedding(), MultiHeadSelfAttention(
+        heads=2, lora_rank=3, lora_targets=("query", "value"), name="k"))),
     "residual-nested": ((5,), (Dense(units=6, name="pre"), Residual(name="k", body=(
         Dense(units=6, activation="relu", name="r1"), Residual(name="k2", body=(LayerNorm(name="r2"),)),
         Dense(units=6, name="r3"))))),
@@ -256,18 +260,21 @@ OPTIMIZERS = {
 }
 
 
-def ten_steps(backend_name, spec, mode="compiled"):
+def ten_steps(backend_name, spec, mode="compiled", trainable=None):
     backend = configured(backend_name)
     w = random_weights(spec, seed=1)
     batches = [batch(spec, seed=s) for s in range(10)]
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
-    model = backend.build(spec, w, trainable=None, mode=mode)
+    model = backend.build(spec, w, trainable=trainable, mode=mode)
     losses = backend.train_epoch(model, backend.put_data(x, y), np.arange(10 * BATCH, dtype=np.int32), BATCH)
-    want, want_losses = ref.train(spec, w, batches)
+    want, want_losses = ref.train(spec, w, batches, trainable=trainable)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
     worst = 0.0
     for e, w0, got, wr in zip(spec.params(), w, backend.get_weights(model), want):
+        if e.param.trainable and not spec.trains(e, trainable):  # running statistics move in training anyway
+            np.testing.assert_array_equal(got, w0, err_msg=f"{e.name} is frozen but moved")
+            continue
         if e.param.name == "key_bias":
             # Its gradient is zero in exact arithmetic (softmax ignores a constant per query), so
             # Adam turns pure round-off into lr-sized steps, in the reference too: only bounded.
@@ -283,6 +290,31 @@ def ten_steps(backend_name, spec, mode="compiled"):
 
 def test_every_kind_ten_steps_adamw_warmup_cosine_clipping(backend_name):
     ten_steps(backend_name, make_spec(*EVERY_KIND, OPTIMIZERS["adamw-warmup_cosine-clip"]))
+
+
+def test_lora_adapters_trained_alone_ten_steps(backend_name):
+    # Array-level trainable names: every pretrained array frozen, the adapters (A and B) alone train.
+    attention = MultiHeadSelfAttention(heads=2, causal=True, lora_rank=2, lora_alpha=4.0, name="k")
+    spec = make_spec((4,), (_pre_embedding(), attention), OPTIMIZERS["adamw-warmup_cosine-clip"])
+    adapters = tuple(e.name for e in spec.params() if "_lora_" in e.name)
+    assert len(adapters) == 8 and spec.param_count(adapters) == 4 * (6 * 2 + 2 * 6)
+    ten_steps(backend_name, spec, trainable=adapters)
+
+
+def test_lora_with_zero_b_leaves_the_model_unchanged():
+    """Canonical layout: the adapters are drawn after the layer's own arrays, so the base arrays are
+    the same with LoRA on, and with B = 0 so are the logits."""
+    plain = make_spec(*CASES["attention"])
+    lora = make_spec((4,), (_pre_embedding(), MultiHeadSelfAttention(heads=2, lora_rank=2, name="k")))
+    w_plain, w_lora = initial_weights(plain, 3), initial_weights(lora, 3)
+    names = [e.name for e in lora.params()]
+    by_name = dict(zip(names, w_lora))
+    for e, a in zip(plain.params(), w_plain):
+        np.testing.assert_array_equal(by_name[e.name], a)
+    assert all(not by_name[n].any() for n in names if n.endswith("_lora_b"))
+    assert all(by_name[n].std() > 0 for n in names if n.endswith("_lora_a"))
+    x, _ = batch(lora)
+    np.testing.assert_array_equal(ref.forward(lora, w_lora, x), ref.forward(plain, w_plain, x))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
