@@ -19,7 +19,7 @@ import pytest
 from conftest import configured
 
 from harness import text
-from harness.data import DataError, Source, download, load_stage, resolve, sha256_of
+from harness.data import DataError, Source, accepted_for, download, load_stage, resolve, sha256_of
 from harness.loop import epoch_order
 from harness.weights import initial_weights
 from tasks import BUILDERS, TASKS, override_task, parse_override
@@ -116,16 +116,17 @@ def test_synthetic_text_is_deterministic_labelled_and_learnable():
 def test_auto_uses_the_data_dir_then_fortunes_then_synthetic(tmp_path, monkeypatch, caplog):
     corpus = tmp_path / "book.txt"
     corpus.write_text("hello world " * 100)
-    assert resolve("text", "auto", data_dir=corpus) == ("text", str(corpus))
+    corpora = accepted_for(TINY_GPT)  # what a text task accepts: the text corpora
+    assert resolve(corpora, "auto", data_dir=corpus)[:2] == ("text", str(corpus))
     ds = text.load("text", str(corpus), context=16, seed=0, subset=None)
     assert not ds.synthetic and len(ds.x_train) == (1080 - 1) // 16
     monkeypatch.setattr(text, "SYSTEM_CORPORA", {"fortunes": (tmp_path / "none", "apt-get install fortunes")})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with caplog.at_level("WARNING"):
-        assert resolve("text", "auto", allow_download=False) == ("synthetic", "synthetic")
+        assert resolve(corpora, "auto", allow_download=False)[:2] == ("synthetic", "synthetic")
     assert "SYNTHETIC" in caplog.text
     with pytest.raises(DataError, match="apt-get install fortunes"):
-        resolve("text", "fortunes")
+        resolve(corpora, "fortunes")
 
 
 def test_fortunes_is_found_when_installed():
