@@ -152,8 +152,11 @@ def gpu_peak_gflops(device_name: str, precision: str) -> tuple[float, str] | tup
     return None, None
 
 
-def roofline_peak(env: dict) -> tuple[float | None, str | None]:
-    """The ceiling the roofline divides by, for the device the cell actually ran on, and its source."""
+def roofline_peak(env: dict, *, refresh: bool = False) -> tuple[float | None, str | None]:
+    """The ceiling the roofline divides by, for the device the cell actually ran on, and its source.
+
+    `refresh` re-probes a CPU's peak (see matmul_peak_gflops); a GPU's comes from the table.
+    """
     if env.get("device") == "gpu":
         return gpu_peak_gflops(str(env.get("device_name", "")), env.get("precision", "fp32"))
-    return matmul_peak_gflops(), "numpy float32 2048x2048 matmul on this host, best of 5"
+    return matmul_peak_gflops(refresh=refresh), "numpy float32 2048x2048 matmul on this host, best of 5"

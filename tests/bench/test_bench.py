@@ -128,22 +128,16 @@ def yardstick(backend_name: str, task: str, n_train: int | None = None):
     return _yardsticks[key]
 
 
-def peak_gflops(environment: dict) -> float | None:
-    """The roofline's ceiling: the GPU's datasheet peak, or this host's probed matmul peak."""
-    from harness.measure import gpu_peak_gflops
-
-    if environment["device"] == "gpu":
-        return gpu_peak_gflops(environment["device_name"], environment["precision"])[0]
-    return matmul_peak_gflops()
-
-
 @functools.cache
-def matmul_peak_gflops() -> float:
-    from harness.measure import matmul_peak_gflops as probe
+def peak_gflops(device: str, device_name: str, precision: str) -> float | None:
+    """The roofline's ceiling for this device, once per bench session.
 
-    # Re-probed once per bench session: a cached probe taken while the machine was busy
-    # reads low (refresh only ever raises the cached peak), which would inflate the fraction.
-    return probe(refresh=True)
+    A CPU's peak is re-probed: a cached probe taken while the machine was busy reads low
+    (refresh only ever raises the cached peak), which would inflate the fraction.
+    """
+    from harness.measure import roofline_peak
+
+    return roofline_peak({"device": device, "device_name": device_name, "precision": precision}, refresh=True)[0]
 
 
 def finite_positive(value) -> bool:
@@ -242,7 +236,8 @@ def against_yardstick(benchmark, yardstick_rows: list, c: Cell, stick, mode: str
            "roofline_fraction": None, "loadavg": list(os.getloadavg()),
            "device": c.backend.environment()["device_name"]}
     if task == MNIST_MLP.name:
-        peak = peak_gflops(c.backend.environment())
+        env = c.backend.environment()
+        peak = peak_gflops(env["device"], env["device_name"], env["precision"])
         flops = c.spec.train_flops_per_sample()
         row.update(roofline_fraction=row["harness"]["median"] * flops / (peak * 1e9) if peak else None,
                    flops_per_sample=flops,
