@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,25 @@ BEST = "best"
 RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Data-parallel replicas of one cell: each step's global batch is split evenly over `count`.
+
+    Replica r of a step takes the r-th contiguous slice of that step's global batch; the
+    gradient is the mean over the whole global batch, as one device computes it.
+    """
+
+    count: int = 1
+    rank: int = 0  # this process's replica, for backends whose replicas are processes
+    address: str | None = None  # "host:port" where replica processes meet (rank 0 listens)
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"data-parallel replicas must be >= 1, got {self.count}")
+        if not 0 <= self.rank < self.count:
+            raise ValueError(f"replica rank {self.rank} is outside 0..{self.count - 1}")
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,23 +54,35 @@ class Backend(abc.ABC):
     """
 
     name: str = ""  # registry key, e.g. "torch"
+    # True: data-parallel replicas are processes (torch DDP), so the harness starts one
+    # process per replica, each making the same calls in the same order; rank 0 reports.
+    # False: one process drives every replica (tf.distribute, jax.sharding).
+    REPLICA_PROCESSES: bool = False
     # kind -> the adapter's implementation: the one table that maps spec layers to the framework.
     LAYERS: dict = {}
 
     _configured = False
+    replicas: Replicas = Replicas()
 
     # -- set-up --------------------------------------------------------------------------
 
-    def configure(self, *, device: str, threads: int, precision: str) -> None:
-        """Import the framework and pin device, thread pools and precision.
+    def configure(self, *, device: str, threads: int, precision: str, replicas: Replicas = Replicas()) -> None:
+        """Import the framework and pin device, thread pools, precision and data-parallel replicas.
 
-        Called once per process before anything else. Raises BackendUnavailable when
-        `device` ("cpu" | "gpu" | "auto") cannot be honoured.
+        Called once per process before anything else; `self.replicas` is set before
+        `_configure` runs, as the replica devices must exist before the framework starts
+        (N logical CPU devices on a CPU). Raises BackendUnavailable when `device`
+        ("cpu" | "gpu" | "auto") or `replicas.count` devices cannot be had.
         """
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        if replicas.rank and not self.REPLICA_PROCESSES:
+            raise ValueError(f"{self.name}: one process drives every replica; rank must be 0")
+        if self.REPLICA_PROCESSES and replicas.count > 1 and not replicas.address:
+            raise ValueError(f"{self.name}: replica processes need an address to meet at")
+        self.replicas = replicas
         self._configure(device=device, threads=threads, precision=precision)
         self._configured = True
 
@@ -70,7 +102,8 @@ class Backend(abc.ABC):
         self._synchronize()
 
     def memory(self) -> dict:
-        """Device allocator statistics: {"device_peak_mb": float | None}."""
+        """Device allocator statistics: {"device_peak_mb": float | None}; with replicas also
+        "replica_peak_mb": [one per replica device, or None where the framework reports none]."""
         self._require_configured()
         return self._memory()
 
@@ -127,18 +160,23 @@ class Backend(abc.ABC):
         """One optimizer step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
 
         Returns the per-step losses as float32, read from the device once at the end (no
-        per-step host sync).
+        per-step host sync). With replicas, each loss is the mean over the global batch (the
+        same on every replica process), and the weights after the step equal one device's
+        up to float32 summation order.
         """
         self._require_configured()
         order = np.asarray(order)
         if batch_size <= 0 or len(order) % batch_size:
             raise ValueError(f"len(order)={len(order)} is not a multiple of batch_size={batch_size}")
+        if batch_size % self.replicas.count:
+            raise ValueError(f"batch_size={batch_size} does not split over {self.replicas.count} replicas")
         if len(order) and not model.spec.param_count(model.trainable_layers):
             raise RuntimeError("no trainable parameter layers: nothing to train")
         return self._train_epoch(model, data, order.astype(np.int32, copy=False), int(batch_size))
 
     def evaluate(self, model: Any, data: Any, batch_size: int) -> tuple[float, float]:
-        """(mean loss, accuracy) over the whole dataset (every position), the last partial batch included."""
+        """(mean loss, accuracy) over the whole dataset (every position), the last partial batch included;
+        with replicas, the same figures on every replica process."""
         self._require_configured()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -150,6 +188,12 @@ class Backend(abc.ABC):
         x = np.asarray(x)
         x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
         return self._logits(model, x)
+
+    def rank0_value(self, value: Any) -> Any:
+        """Rank 0's `value` on every replica process, so a choice made from timings (the
+        best-mode probe) is the same everywhere; with one process, `value` itself."""
+        self._require_configured()
+        return self._rank0_value(value) if self.REPLICA_PROCESSES and self.replicas.count > 1 else value
 
     def warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
                eval_data: Any, eval_batch_size: int) -> None:
@@ -178,6 +222,9 @@ class Backend(abc.ABC):
 
     def _memory(self) -> dict:
         return {"device_peak_mb": None}
+
+    def _rank0_value(self, value: Any) -> Any:
+        raise NotImplementedError(f"{self.name}: replica processes need _rank0_value")
 
     @abc.abstractmethod
     def _put_data(self, x: np.ndarray, y: np.ndarray) -> Any: ...

@@ -56,7 +56,8 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
                 seconds += clock() - t0
                 samples += len(order)
             best[mode] = max(best.get(mode, 0.0), samples / seconds)  # seconds >= PROBE_ROUND_S
-    chosen = max(MODES, key=lambda mode: best[mode])
+    # Replica processes time their own probes; all must train in the mode rank 0 chose.
+    chosen = backend.rank0_value(max(MODES, key=lambda mode: best[mode]))
     model = models.pop(chosen)
     models.clear()  # the other mode's model and compiled code are not needed for training
     backend.set_weights(model, weights)
