@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import sys
@@ -77,10 +78,16 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    "sizes, e.g. --override d_model=768,layers=12,heads=12,context=1024 (tiny-gpt: d_model, layers, "
                    "heads, context, batch_size, epochs, lr, steps_per_epoch, and TaskSpec fields)")
     if sweep:
-        p.add_argument("--batch-size", default="32,64,128,256,512,1024",
+        p.add_argument("--data-parallel", metavar="N,N,...", help="sweep data-parallel replicas instead of the "
+                       "batch size, e.g. 1,2,4,8, at one batch size; reports scaling efficiency")
+        p.add_argument("--batch-size", default=None,
                        help="comma-separated batch sizes (default 32,64,128,256,512,1024)")
     else:
         p.add_argument("--batch-size", type=positive(int), help="override every task's batch size")
+        p.add_argument("--data-parallel", type=positive(int), default=1, metavar="N",
+                       help="replicas per cell (default 1): each step's batch split evenly over N devices "
+                            "(torch DDP processes, tf.distribute.MirroredStrategy, a jax.sharding Mesh; on a "
+                            "CPU, N logical devices sharing its cores)")
     p.add_argument("--repeats", type=positive(int), default=1, help="fresh worker processes per cell (default 1)")
     p.add_argument("--seed", type=positive(int, zero_ok=True), default=0, help="0 or more (default 0)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
@@ -170,7 +177,7 @@ def task_names(value: str) -> list[str]:
     return names(",".join(loaded), TASKS, "task")
 
 
-def run_config(args, *, batch_size: int | None = None) -> RunConfig:
+def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -> RunConfig:
     tasks = task_names(args.task) if args.task is not None else list(TASKS)
     if args.backend is not None:
         backends = names(args.backend, BACKENDS, "backend")
@@ -189,7 +196,7 @@ def run_config(args, *, batch_size: int | None = None) -> RunConfig:
                     precision=one_of(args.precision, PRECISIONS, "--precision"),
                     mode=one_of(args.mode, RUN_MODES, "--mode"), timeout=args.timeout, quick=args.quick,
                     init_from=str(args.init_from.resolve()) if args.init_from else None,
-                    allow_download=not args.no_download, override=args.override)
+                    allow_download=not args.no_download, override=args.override, data_parallel=data_parallel)
     apply_override(cfg)
     if args.threads:
         cfg.threads = args.threads
@@ -232,17 +239,32 @@ def cmd_run(args) -> int:
                              f"{', '.join(others)}): the cells and settings come from {args.resume / 'run.json'}; "
                              "start a new run to change them")
         return run_matrix(load_resume(args.resume), resume=True, executor=executor)
-    return run_matrix(run_config(args, batch_size=args.batch_size), executor=executor)
+    return run_matrix(run_config(args, batch_size=args.batch_size, data_parallel=args.data_parallel),
+                      executor=executor)
+
+
+def sweep_values(text: str, flag: str) -> list[int]:
+    values = sorted({positive(int)(v) for v in text.split(",") if v.strip()})
+    if not values:
+        raise UsageError(f"{flag}: give at least one value, e.g. 1,2,4")
+    return values
 
 
 def cmd_sweep(args) -> int:
-    from harness.sweep import run_sweep
+    from harness.sweep import BATCH_SIZE, DATA_PARALLEL, run_sweep
 
-    sizes = [positive(int)(v) for v in args.batch_size.split(",") if v.strip()] if args.batch_size else []
-    if not sizes:
-        raise UsageError("--batch-size: give at least one batch size, e.g. 32,64,128")
     args.epochs = args.epochs or 1  # a sweep measures throughput; one epoch after warm-up is enough
-    return run_sweep(run_config(args), sorted(set(sizes)))
+    if args.data_parallel:
+        replicas = sweep_values(args.data_parallel, "--data-parallel")
+        batch = sweep_values(args.batch_size, "--batch-size") if args.batch_size else [None]
+        if len(batch) > 1:
+            raise UsageError("--data-parallel sweeps the replicas at one batch size: give one --batch-size")
+        base = run_config(args, batch_size=batch[0])
+        for n in replicas:  # refuse a count that does not divide before anything runs
+            check_config(dataclasses.replace(base, data_parallel=n))
+        return run_sweep(base, DATA_PARALLEL, replicas)
+    return run_sweep(run_config(args), BATCH_SIZE, sweep_values(args.batch_size or "32,64,128,256,512,1024",
+                                                                "--batch-size"))
 
 
 def cmd_list(args) -> int:

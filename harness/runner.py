@@ -86,6 +86,7 @@ class RunConfig:
     allow_download: bool = True
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
     override: str | None = None  # --override "d_model=768,layers=12": sizes of tasks that have them (tasks.BUILDERS)
+    data_parallel: int = 1  # replicas per cell, each taking an even slice of every global batch
 
     def overrides(self) -> dict:
         changes = {}
@@ -170,7 +171,7 @@ CONFIG_TYPES = {
     "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
     "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
     "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
-    "allow_download": bool, "override": (str, type(None)),
+    "allow_download": bool, "override": (str, type(None)), "data_parallel": int,
 }
 
 
@@ -237,13 +238,18 @@ def check_config(cfg: RunConfig) -> None:
                                 ("mode", [cfg.mode], RUN_MODES)):
         if not values or not all(isinstance(v, str) and v in valid for v in values):
             raise UsageError(f"{name} {values!r} is not valid; valid: {', '.join(valid)}")
-    for name, low in (("repeats", 1), ("threads", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0)):
+    for name, low in (("repeats", 1), ("threads", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0),
+                      ("data_parallel", 1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise UsageError(f"{name} {value} is below {low}")
     if cfg.timeout is not None and not cfg.timeout > 0:
         raise UsageError(f"timeout {cfg.timeout} is not positive")
     for task in cfg.tasks:
+        batch = cfg.batch_size or get_task(task).batch_size
+        if batch % cfg.data_parallel:
+            raise UsageError(f"task {task!r}: batch size {batch} does not split evenly over --data-parallel "
+                             f"{cfg.data_parallel} replicas")
         try:
             data_mod.choice_for(data_mod.accepted_for(get_task(task)), cfg.data)
         except data_mod.DataError as exc:
@@ -352,6 +358,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
+        "data_parallel": cfg.data_parallel,
         "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
         "out": str(cfg.out),  # git_dirty leaves the run's own output out
     }

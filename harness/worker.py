@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +22,10 @@ PROGRESS_PREFIX = "@@tribench "
 # user's shell cannot fail real runs; a fault used is announced and lands in the record.
 FAULT_ENV = "TRIBENCH_FAULT"
 TESTING_ENV = "TRIBENCH_TESTING"
+# With replica processes, the rank whose process takes the fault (default 0, the reporting one).
+FAULT_RANK_ENV = "TRIBENCH_FAULT_RANK"
+# After rank 0's part, how long the other replica processes get to exit on their own.
+REPLICA_EXIT_S = 60.0
 
 
 def utc_now() -> str:
@@ -32,8 +38,8 @@ def emit(event: dict) -> None:
     sys.stderr.flush()
 
 
-def injected_fault(task: str, backend: str, repeat: int) -> str | None:
-    if os.environ.get(TESTING_ENV) != "1":
+def injected_fault(task: str, backend: str, repeat: int, rank: int = 0) -> str | None:
+    if os.environ.get(TESTING_ENV) != "1" or os.environ.get(FAULT_RANK_ENV, "0") != str(rank):
         return None
     fault, _, target = os.environ.get(FAULT_ENV, "").partition("@")
     return fault if fault and target in ("", f"{task}/{backend}", f"{task}/{backend}/{repeat}") else None
@@ -57,10 +63,11 @@ def run_cell(cfg: dict, record: dict) -> dict:
     """Fill `record` from a config written by the runner; what is filled survives an exception."""
     started = time.perf_counter()
     from backends import get_backend
-    from backends.base import BEST, BackendUnavailable
+    from backends.base import BEST, BackendUnavailable, Replicas
     from harness import data as data_mod
     from harness.loop import Diverged, flatten_metrics, run_stages
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
+    from harness.replicas import replica_threads
     from harness.results import host_environment
     from harness.weights import load_checkpoint_for
     from tasks import get_task
@@ -75,8 +82,10 @@ def run_cell(cfg: dict, record: dict) -> dict:
     out = cfg.get("out")
     # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
     forced = cfg["mode"] if cfg["mode"] != BEST else None
+    replicas = Replicas(cfg.get("data_parallel", 1), cfg.get("rank", 0), cfg.get("address"))
     record["env"] = {**host_environment(Path(out) if out else None), "mode": forced, "mode_requested": cfg["mode"],
-                     "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"]}
+                     "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"],
+                     "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
                             subset=cfg.get("subset"), context=spec.input_shape[0] if spec.takes_tokens else None)
     record["data"] = dataset.describe()
@@ -86,14 +95,17 @@ def run_cell(cfg: dict, record: dict) -> dict:
                   for s in spec.stages if s.data}
     if stage_data:
         record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
-    fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"])
+    fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"], replicas.rank)
     if fault:
         emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
     apply_fault(fault, dataset)
 
     backend = get_backend(cfg["backend"])
+    threads = cfg["threads"]
+    if backend.REPLICA_PROCESSES and replicas.count > 1:
+        threads = replica_threads(threads, replicas.count)  # the cell's budget, shared by its processes
     try:
-        backend.configure(device=cfg["device"], threads=cfg["threads"], precision=cfg["precision"])
+        backend.configure(device=cfg["device"], threads=threads, precision=cfg["precision"], replicas=replicas)
     except BackendUnavailable as exc:
         record.update(status="skipped", error=str(exc))
         return record
@@ -101,6 +113,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"].update(backend.environment())
     # On a GPU the CPU's matmul peak says nothing: the roofline divides by the device's.
     peak, peak_source = roofline_peak(record["env"])
+    if peak and record["env"].get("device") == "gpu" and replicas.count > 1:
+        peak, peak_source = peak * replicas.count, f"{peak_source} x {replicas.count} replica devices"
     record["env"]["matmul_peak_gflops"] = peak
     record["env"]["peak_source"] = peak_source
 
@@ -138,6 +152,22 @@ def main(argv: list[str] | None = None) -> int:
 
     record = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"], seed=cfg["seed"])
     record["started_at"] = utc_now()
+    written = threading.Lock()  # one record write: rank 0's own, or the replica watcher's
+
+    def write_record(failure: dict | None = None) -> None:
+        with written:
+            final = record
+            if failure:  # from the watcher thread, while the main thread may still be filling `record`
+                try:
+                    final = copy.deepcopy(record)
+                except RuntimeError:  # changed while copied: what is certain is enough
+                    final = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"],
+                                         seed=cfg["seed"])
+                final.update(status="failed", error=failure.pop("error"), failure=failure)
+            final["finished_at"] = utc_now()
+            write_json_atomic(args.record, final)
+
+    replicas = start_replicas(cfg, args.record.parent, write_record)
     code = 0
     try:
         run_cell(cfg, record)
@@ -146,9 +176,46 @@ def main(argv: list[str] | None = None) -> int:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                       failure={"reason": "exception", "exception": type(exc).__name__})
         code = 1
-    record["finished_at"] = utc_now()
-    write_json_atomic(args.record, record)
+    if replicas is not None:
+        # After a failure here the others may wait in a collective for rank 0: no grace then.
+        failed = replicas.finish(REPLICA_EXIT_S if code == 0 else 0.0)
+        if failed and code == 0:
+            rank, error = min(failed.items())
+            record.update(status="failed", error=f"replica rank {rank} failed: {error}",
+                          failure={"reason": "replica", "rank": rank})
+            code = 1
+    write_record()
     return code
+
+
+def start_replicas(cfg: dict, folder: Path, write_record):
+    """Ranks 1..N-1 for a backend whose replicas are processes, started from rank 0; None otherwise.
+
+    A replica that dies leaves rank 0 waiting in a collective: the watcher then writes
+    the record with the failing rank and its error, ends the others and exits.
+    """
+    count = cfg.get("data_parallel", 1)
+    if count == 1 or cfg.get("rank", 0) != 0:
+        return None
+    from backends import get_backend
+
+    if not get_backend(cfg["backend"]).REPLICA_PROCESSES:  # the adapter module only, not its framework
+        return None
+    from harness.replicas import ReplicaProcesses, free_address
+
+    cfg["address"] = free_address()
+
+    def on_failure(rank: int, error: str) -> None:
+        emit({"event": "replica_failed", "rank": rank, "error": error})
+        try:
+            write_record({"error": f"replica rank {rank} failed: {error}", "reason": "replica", "rank": rank})
+        finally:
+            group.stop()
+            os._exit(1)
+
+    group = ReplicaProcesses(cfg, folder, on_failure)
+    group.start()
+    return group
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""tribench run --data-parallel N: refusals, N-versus-1 checkpoints end to end, replica faults, the scaling sweep."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import INSTALLED, require
+from record_factory import make_record
+from test_cli import run_cli
+
+from harness.cli import main
+from harness.results import read_records
+from harness.sweep import DATA_PARALLEL, scaling_efficiency, write_sweep
+from harness.weights import initial_weights, load_checkpoint
+from tasks import get_task
+
+BACKENDS = ("torch", "tensorflow", "jax")
+
+
+def test_a_batch_that_does_not_split_is_refused_with_one_line(capsys, tmp_path):
+    assert main(["run", "--task", "mnist-mlp", "--data", "synthetic", "--data-parallel", "3",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch size 128 does not split evenly over --data-parallel 3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_sweep_refuses_a_count_that_does_not_split_before_running_anything(capsys, tmp_path):
+    assert main(["sweep", "--task", "mnist-mlp", "--data", "synthetic", "--data-parallel", "1,2,3",
+                 "--out", str(tmp_path / "sweep")]) == 2
+    assert "--data-parallel 3" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def _dp_record(backend: str, n: int, rate: float, repeat: int = 0) -> dict:
+    r = make_record("mnist-mlp", backend, repeat, throughput=rate, synthetic=True)
+    r["env"].update(data_parallel=n, per_replica_batch=128 // n)
+    r["spec"]["batch_size"] = 128
+    return r
+
+
+def test_the_sweep_reports_scaling_efficiency_against_one_replica(tmp_path):
+    records = [_dp_record("jax", 1, 1000.0), _dp_record("jax", 2, 1500.0), _dp_record("jax", 4, 2000.0),
+               _dp_record("torch", 2, 900.0)]  # no 1-replica point: no efficiency to give
+    md, png = write_sweep(records, tmp_path, DATA_PARALLEL)
+    table = md.read_text()
+    assert "# Data-parallel sweep" in table and "scaling efficiency" in table
+    rows = {line.split("|")[2].strip() + line.split("|")[4].strip(): line for line in table.splitlines()
+            if line.startswith("| mnist-mlp")}
+    assert "| 75% |" in rows["jax2"] and "| 50% |" in rows["jax4"] and "| 100% |" in rows["jax1"]
+    assert "| n/a |" in rows["torch2"]
+    assert "sharing the same cores" in table  # what CPU figures mean
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_efficiency_uses_the_medians():
+    from harness.sweep import _rows
+
+    records = [_dp_record("jax", 1, rate, repeat) for repeat, rate in enumerate((900.0, 1000.0, 1100.0))]
+    records += [_dp_record("jax", 2, rate, repeat) for repeat, rate in enumerate((1000.0, 1200.0, 5000.0))]
+    eff = scaling_efficiency(_rows(records, DATA_PARALLEL))
+    assert eff[("mnist-mlp", "jax", "cpu", 2)] == pytest.approx(1200.0 / 2000.0)
+
+
+# --- end to end: every backend, N = 2 against N = 1 -------------------------------------------
+
+def _run(out: Path, replicas: int, backends: list[str], *extra: str, env: dict | None = None):
+    return run_cli("run", "--task", "mnist-mlp,cifar-cnn", "--backend", ",".join(backends), "--data", "synthetic",
+                   "--quick", "--epochs", "1", "--mode", "eager", "--device", "cpu", "--threads", "2",
+                   "--data-parallel", str(replicas), "--out", str(out), *extra, env=env, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    backends = [b for b in BACKENDS if b in INSTALLED]
+    root = tmp_path_factory.mktemp("dp")
+    done = {n: _run(root / f"n{n}", n, backends) for n in (1, 2)}
+    return root, backends, done
+
+
+# One epoch of the --quick subsets (93 MLP and 31 CNN Adam steps), N = 2 against N = 1: the
+# replicas only change float32 summation order (the all-reduce, the split batch's reductions).
+# Measured worst per-parameter relative L2 error ||w2 - w1|| / ||w1 - w0||: see the note at
+# REL_L2; 1e-3 leaves room above it and is far below what a wrong split gives (a replica
+# training on its half alone, or gradients summed instead of averaged: order 1).
+REL_L2 = 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("task", ["mnist-mlp", "cifar-cnn"])
+def test_two_replicas_end_where_one_device_ends(one_and_two, backend, task):
+    require(backend)
+    root, _, done = one_and_two
+    for n in (1, 2):
+        assert done[n].returncode == 0, done[n].stderr[-3000:]
+    records = {n: {r["backend"]: r for r in read_records(root / f"n{n}") if r["task"] == task} for n in (1, 2)}
+    assert records[2][backend]["status"] == "ok", records[2][backend].get("error")
+    assert records[2][backend]["env"]["data_parallel"] == 2 and records[2][backend]["env"]["per_replica_batch"] == 64
+    assert records[1][backend]["env"]["data_parallel"] == 1
+    spec = get_task(task)
+    w0 = initial_weights(spec, seed=0)
+    (c1,), (c2,) = (sorted((root / f"n{n}" / "checkpoints").glob(f"{task}-{backend}-r0-*.npz")) for n in (1, 2))
+    (_, w1), (_, w2) = load_checkpoint(c1), load_checkpoint(c2)
+    worst = max(np.linalg.norm(b - a) / max(np.linalg.norm(a - i), 1e-12) for a, b, i in zip(w1, w2, w0))
+    assert worst < REL_L2, f"{backend} {task}: N=2 vs N=1 relative L2 {worst:.2e}"
+    m1, m2 = records[1][backend]["metrics"], records[2][backend]["metrics"]
+    assert m2["final_test_accuracy"] == pytest.approx(m1["final_test_accuracy"], abs=2e-3)
+
+
+# --- faults --------------------------------------------------------------------------------
+
+def _workers() -> set[int]:
+    """PIDs of tribench worker processes alive now."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"harness.worker" in cmd:
+                pids.add(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, says", [("oom", "SIGKILL"), ("raise", "injected fault")])
+def test_a_dead_replica_fails_its_cell_with_its_rank_and_leaves_no_process(tmp_path, fault, says):
+    require("torch")
+    before = _workers()
+    out = run_cli("run", "--task", "mnist-mlp,cifar-cnn", "--backend", "torch", "--data", "synthetic", "--quick",
+                  "--epochs", "1", "--mode", "eager", "--data-parallel", "2", "--out", str(tmp_path),
+                  env={"TRIBENCH_FAULT": f"{fault}@mnist-mlp/torch", "TRIBENCH_FAULT_RANK": "1"}, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    records = {r["task"]: r for r in read_records(tmp_path)}
+    failed = records["mnist-mlp"]
+    assert failed["status"] == "failed" and failed["failure"]["reason"] == "replica"
+    assert failed["failure"]["rank"] == 1 and "replica rank 1 failed" in failed["error"] and says in failed["error"]
+    assert records["cifar-cnn"]["status"] == "ok"  # the cell went down, not the matrix
+    assert _workers() - before == set()
