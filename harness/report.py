@@ -291,6 +291,8 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
         ("Threads", joined("threads") + (f" (inter-op {joined('interop_threads')})"
                                           if any(e.get("interop_threads") for e in envs) else "")),
         ("Precision", joined("precision")),
+        ("Data parallel", (joined("data_parallel") + " replica(s) per cell; per-replica batch "
+                           + joined("per_replica_batch")) if any(e.get("data_parallel") for e in envs) else "1"),
         ("Mode", joined("mode") + (" (--mode best: each cell probed both modes and trained in the faster; "
                                    "probe rates in each record's metrics.mode_probe)"
                                    if any(e.get("mode_requested") == "best" for e in envs) else "")),
