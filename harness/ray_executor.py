@@ -239,12 +239,13 @@ class RayExecutor:
 
     @staticmethod
     def _gpus_per_cell(cfg: RunConfig) -> int:
-        """One whole GPU per GPU cell, so no two cells share one; --device auto uses GPUs where the cluster has."""
+        """Whole GPUs per GPU cell (one per data-parallel replica), so no two cells share one; --device auto
+        uses GPUs where the cluster has them."""
         import ray
 
         if cfg.device == "cpu":
             return 0
-        return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        return cfg.data_parallel if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
 @contextlib.contextmanager
