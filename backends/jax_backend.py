@@ -1,9 +1,10 @@
-"""The JAX adapter: jax.numpy/lax layers over flat canonical params, optax optimizers, epochs fused by lax.scan."""
+"""The JAX adapter: jax.numpy/lax layers on canonical params, optax, lax.scan epochs, data parallel on a Mesh."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 # jax_default_matmul_precision per run precision. Without "highest", XLA on Ampere and
 # Hopper GPUs runs float32 matmuls and convolutions in TF32; PyTorch does not.
 _MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
+# The one mesh axis of data parallelism: each step's global batch is split along it.
+DATA_AXIS = "data"
+_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 class _Ctx:
@@ -79,7 +83,12 @@ def _batchnorm(layer, h, ctx):
         mean, var = ctx.p(layer, "running_mean"), ctx.p(layer, "running_var")
     else:
         axes = tuple(range(h.ndim - 1))
-        mean, var = h.mean(axes), h.var(axes)  # biased variance, for normalising and for the running one
+        # Biased variance, for normalising and for the running one. With data-parallel
+        # replicas h is sharded along the batch axis, and GSPMD reduces over the whole
+        # logical array (per-replica partial sums, then an all-reduce): these are the
+        # synchronized global-batch statistics the project pins, what one device computes.
+        # tests/test_data_parallel_jax.py checks it on cifar-resnet-bn (N=2 equals N=1).
+        mean, var = h.mean(axes), h.var(axes)
         m = layer.momentum
         ctx.state[f"{layer.name}.running_mean"] = (1 - m) * ctx.p(layer, "running_mean") + m * mean
         ctx.state[f"{layer.name}.running_var"] = (1 - m) * ctx.p(layer, "running_var") + m * var
@@ -98,6 +107,9 @@ def _dropout(layer, h, ctx):
     if not ctx.train or layer.rate == 0:
         return h
     ctx.dropouts += 1
+    # Under jit a random array's values never depend on its sharding, so replicas that
+    # split the batch draw the mask one device does (mnist-mlp-ln: N=2 equals N=1 with
+    # jax_threefry_partitionable on, jax's default since 0.5, and off).
     keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, ctx.dropouts), 1 - layer.rate, h.shape)
     return jax.numpy.where(keep, h / (1 - layer.rate), 0).astype(h.dtype)
 
@@ -218,7 +230,10 @@ class JaxBackend(Backend):
 
     def __init__(self):
         self._jax = None
-        self._device = None
+        self._device = None  # the first replica device: the one environment() names
+        self._devices = ()  # one per data-parallel replica
+        self._placement = None  # where arrays live: the device, or replicated over the mesh
+        self._batch_sharding = None  # NamedSharding of a global batch over the mesh; None with one replica
         self._threads = None
         self._precision = None
         self._last = None  # the last result dispatched, for synchronize()
@@ -230,6 +245,13 @@ class JaxBackend(Backend):
         import sys
 
         already = "jax" in sys.modules
+        count = self.replicas.count
+        if count > 1 and device != "gpu":
+            # N logical host devices for N replicas on a CPU. XLA reads this when jax starts
+            # its CPU client (first use, not import), so it must be in place before then;
+            # a process that already started jax with fewer devices is refused below.
+            flags = re.sub(rf"{_HOST_DEVICES_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+            os.environ["XLA_FLAGS"] = f"{flags.strip()} {_HOST_DEVICES_FLAG}={count}".strip()
         # These only take effect before jax initialises its backends; a worker process
         # configures first, so they do. Tests that imported jax earlier keep its settings.
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # no up-front grab of 75% of GPU memory
@@ -265,7 +287,28 @@ class JaxBackend(Backend):
                                      "a GPU needs jax[cuda12] and a visible NVIDIA device") from None
         if not devices:
             raise BackendUnavailable(f"jax: no {device} device found")
+        if len(devices) < count:
+            platform = devices[0].platform
+            if platform == "cpu" and already:
+                raise BackendUnavailable(
+                    f"jax: {count} replicas need {count} CPU devices, but jax was initialised in this process "
+                    f"before configure() with {len(devices)}; configure in a fresh process, or set "
+                    f"XLA_FLAGS={_HOST_DEVICES_FLAG}={count} before jax is imported")
+            raise BackendUnavailable(f"jax: {count} replicas need {count} {platform} devices; "
+                                     f"only {len(devices)} exist here")
+        self._devices = tuple(devices[:count])
         self._device = devices[0]
+        if count > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.array(self._devices), (DATA_AXIS,))
+            # Parameters, optimizer state and datasets are replicated (PartitionSpec()):
+            # only the batch is split, so XLA's GSPMD partitions each step along the batch
+            # axis and inserts the gradient all-reduce itself.
+            self._placement = NamedSharding(mesh, PartitionSpec())
+            self._batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        else:
+            self._placement = self._device
         if self._device.platform == "cpu" and precision == "tf32":
             log.warning("jax: tf32 asked for on CPU, where matmuls run in float32 anyway")
         jax.config.update("jax_default_matmul_precision", _MATMUL_PRECISION[precision])
@@ -277,12 +320,14 @@ class JaxBackend(Backend):
             log.warning("jax: XLA:CPU cannot pin %d threads; it uses all %d cores", threads, os.cpu_count())
 
     def _environment(self) -> dict:
+        """The base's fields; with replicas > 1 also "replica_devices", one string per replica
+        device in rank order (absent with one replica, so a one-device record is unchanged)."""
         jax = self._jax
         import flax
         import jaxlib
         import optax
 
-        return {
+        env = {
             "framework": "jax",
             "framework_version": f"{jax.__version__} (jaxlib {jaxlib.__version__}, "
                                  f"flax {flax.__version__}, optax {optax.__version__})",
@@ -291,33 +336,48 @@ class JaxBackend(Backend):
             "threads": self._threads,
             "precision": self._precision,
         }
+        if len(self._devices) > 1:
+            env["replica_devices"] = [str(d) for d in self._devices]
+        return env
 
     def _synchronize(self) -> None:
         if self._last is not None:
             self._jax.block_until_ready(self._last)
 
-    def _memory(self) -> dict:
-        stats = None
-        if self._device is not None:
-            try:
-                stats = self._device.memory_stats()
-            except (NotImplementedError, RuntimeError, AttributeError):
-                stats = None
+    @staticmethod
+    def _peak_mb(device) -> float | None:
+        try:
+            stats = device.memory_stats()
+        except (NotImplementedError, RuntimeError, AttributeError):
+            return None
         if not stats or "peak_bytes_in_use" not in stats:
-            return {"device_peak_mb": None}  # XLA:CPU keeps no allocator statistics
-        return {"device_peak_mb": stats["peak_bytes_in_use"] / 2**20}
+            return None  # XLA:CPU keeps no allocator statistics
+        return stats["peak_bytes_in_use"] / 2**20
+
+    def _memory(self) -> dict:
+        """device_peak_mb is the first replica device's (as a replica process's rank 0 reports
+        its own); with replicas > 1, "replica_peak_mb" lists every replica device's, in rank order."""
+        out = {"device_peak_mb": None if self._device is None else self._peak_mb(self._device)}
+        if len(self._devices) > 1:
+            out["replica_peak_mb"] = [self._peak_mb(d) for d in self._devices]
+        return out
+
+    def _put(self, tree):
+        """Host arrays (or a pytree of them) onto the device, or replicated on every replica device."""
+        return self._jax.device_put(tree, self._placement)
 
     # -- model ---------------------------------------------------------------------------
 
     def _put_data(self, x: np.ndarray, y: np.ndarray) -> _Data:
-        jax = self._jax
-        return _Data(jax.device_put(x, self._device), jax.device_put(y, self._device), len(x))
+        # Replicated on every replica device: each step gathers a random subset of the
+        # whole set, so every device would need the rows of any slice anyway; a local
+        # gather costs no per-step communication, and the set fits one device already.
+        return _Data(self._put(x), self._put(y), len(x))
 
     def _split(self, model_spec: TaskSpec, weights: list[np.ndarray], train_names) -> tuple[dict, dict]:
         """(trainable, frozen) dicts of device arrays by canonical name, from canonical weights."""
-        jax = self._jax
         # Own copies: the epoch donates parameter buffers, which must never alias a caller's array.
-        params = {e.name: jax.device_put(np.array(w, np.float32, copy=True), self._device)
+        params = {e.name: self._put(np.array(w, np.float32, copy=True))
                   for e, w in zip(model_spec.params(), weights)}
         return ({n: params[n] for n in train_names}, {n: a for n, a in params.items() if n not in train_names})
 
@@ -347,6 +407,18 @@ class JaxBackend(Backend):
         layers = spec.layers
         compute_dtype = self._compute_dtype
         base_key = jax.random.PRNGKey(spec.seed)
+        batch_sharding = self._batch_sharding
+
+        def split(a):
+            # Replica r takes the r-th contiguous slice of the global batch (axis 0); the
+            # losses below stay means over the global batch, so GSPMD all-reduces the
+            # gradients and every replica applies the update one device would.
+            return a if batch_sharding is None else lax.with_sharding_constraint(a, batch_sharding)
+
+        def gather(x, rows):
+            # Splitting the row indices first makes each replica gather only its own rows
+            # from its replicated copy of the dataset.
+            return split(jnp.take(x, split(rows), axis=0))
 
         def forward(params, x, train=False, key=None):
             ctx = _Ctx(params, train=train, frozen=frozen_layers, key=key)
@@ -372,14 +444,13 @@ class JaxBackend(Backend):
             # per-step scalars afterwards compiled a stack of `steps` operands inside the
             # first timed epoch (H100: first eager MLP epoch at 64k samples/s, then 670k).
             rows = lax.dynamic_index_in_dim(index, i, keepdims=False)
-            *state, loss = step(train_params, frozen_params, count, opt_state, jnp.take(x, rows, axis=0),
-                                jnp.take(y, rows, axis=0))
+            *state, loss = step(train_params, frozen_params, count, opt_state, gather(x, rows), gather(y, rows))
             return (*state, losses.at[i].set(loss))
 
         def epoch(train_params, frozen_params, count, opt_state, x, y, index):
             def body(carry, rows):
                 tp, fp, c, st = carry
-                tp, fp, c, st, loss = step(tp, fp, c, st, jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0))
+                tp, fp, c, st, loss = step(tp, fp, c, st, gather(x, rows), gather(y, rows))
                 return (tp, fp, c, st), loss
 
             carry, losses = lax.scan(body, (train_params, frozen_params, count, opt_state), index, unroll=SCAN_UNROLL)
@@ -387,11 +458,12 @@ class JaxBackend(Backend):
 
         def evaluate(params, x, y, index, mask):
             # index/mask: (batches, batch_size); the last batch is padded with a valid row
-            # and masked out, so one compiled body serves every batch.
+            # and masked out, so one compiled body serves every batch. With replicas the
+            # batches split like training's, and the sums are over the global batch.
             def body(carry, inputs):
                 rows, m = inputs
-                logits, _ = forward(params, jnp.take(x, rows, axis=0))
-                yb = jnp.take(y, rows, axis=0)
+                logits, _ = forward(params, gather(x, rows))
+                yb, m = gather(y, rows), split(m)
                 m = m.reshape(m.shape + (1,) * (yb.ndim - 1))  # per-position labels: mask every position
                 correct = (jnp.argmax(logits, axis=-1) == yb).astype(jnp.float32)
                 return (carry[0] + jnp.sum(cross_entropy(logits, yb) * m), carry[1] + jnp.sum(correct * m)), None
@@ -399,10 +471,13 @@ class JaxBackend(Backend):
             (loss_sum, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), (index, mask))
             return loss_sum, correct
 
+        # With replicas every output is pinned replicated, as the inputs are: the next call
+        # then has the same argument shardings and hits the same compiled step.
+        out = {} if batch_sharding is None else {"out_shardings": self._placement}
         return {
             # Donate parameters, state and optimizer state: updated in place, no second copy.
-            "step": jax.jit(eager_step, donate_argnums=(0, 1, 3, 4)),
-            "epoch": jax.jit(epoch, donate_argnums=(0, 1, 3)),
+            "step": jax.jit(eager_step, donate_argnums=(0, 1, 3, 4), **out),
+            "epoch": jax.jit(epoch, donate_argnums=(0, 1, 3), **out),
             "evaluate": jax.jit(evaluate),
             "forward": jax.jit(lambda params, x: forward(params, x)[0]),
         }
@@ -414,18 +489,18 @@ class JaxBackend(Backend):
     def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
         model.train_params, model.frozen_params = self._split(model.spec, weights, model.train_names)
         model.opt_state = self._init_state(model.opt, model.train_params)
-        model.steps_done = self._jax.device_put(np.int32(0), self._device)
+        model.steps_done = self._put(np.int32(0))
 
     def _init_state(self, opt, train_params):
         # Committed to the device like every step's output: an uncommitted first state
         # gives the eager step a second jit signature and a recompile in the first epoch.
-        return self._jax.device_put(opt.init(train_params), self._device)
+        return self._put(opt.init(train_params))
 
     # -- primitive steps -----------------------------------------------------------------
 
     def _index(self, order: np.ndarray, batch_size: int):
         index = np.ascontiguousarray(order.reshape(len(order) // batch_size, batch_size), dtype=np.int32)
-        return self._jax.device_put(index, self._device)  # one upload per epoch
+        return self._put(index)  # one upload per epoch
 
     @staticmethod
     def _state(model: _Model) -> tuple:
@@ -442,7 +517,7 @@ class JaxBackend(Backend):
 
     def _loss_buffer(self, index):
         # Committed like the step's outputs, so the first step hits the warmed jit entry.
-        return self._jax.device_put(np.zeros(index.shape[0], np.float32), self._device)
+        return self._put(np.zeros(index.shape[0], np.float32))
 
     def _train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
         index = self._index(order, batch_size)
@@ -473,22 +548,24 @@ class JaxBackend(Backend):
         else:
             # Committed copies on the model's device, so that the call's signature (and the
             # jit cache entry it fills) is the one train_epoch will use.
-            copy = jax.tree_util.tree_map(lambda a: jax.device_put(a.copy(), self._device), self._state(model))
+            copy = jax.tree_util.tree_map(lambda a: self._put(a.copy()), self._state(model))
             self._last = model.step(*copy, self._loss_buffer(index), data.x, data.y, index, 0)
         self.evaluate(model, eval_data, eval_batch_size)
         self.synchronize()
 
     def _evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
-        jax = self._jax
         if data.n == 0:
             raise ValueError("evaluate on an empty dataset")
         cached = data.eval_index.get(batch_size)
         if cached is None:
-            batches = -(-data.n // batch_size)
-            flat = np.arange(batches * batch_size)
-            mask = (flat < data.n).astype(np.float32).reshape(batches, batch_size)
-            index = np.minimum(flat, data.n - 1).astype(np.int32).reshape(batches, batch_size)
-            cached = (jax.device_put(index, self._device), jax.device_put(mask, self._device))
+            # With replicas the batch is rounded up to split evenly (by at most N - 1 masked
+            # rows): evaluation pads and masks anyway, so only the padding changes.
+            width = -(-batch_size // self.replicas.count) * self.replicas.count
+            batches = -(-data.n // width)
+            flat = np.arange(batches * width)
+            mask = (flat < data.n).astype(np.float32).reshape(batches, width)
+            index = np.minimum(flat, data.n - 1).astype(np.int32).reshape(batches, width)
+            cached = (self._put(index), self._put(mask))
             data.eval_index[batch_size] = cached
         params = {**model.frozen_params, **model.train_params}
         loss_sum, correct = model.evaluate(params, data.x, data.y, *cached)
@@ -498,6 +575,7 @@ class JaxBackend(Backend):
 
     def _logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
         params = {**model.frozen_params, **model.train_params}
-        out = model.forward(params, self._jax.device_put(x, self._device))
+        # Replicated, not split: a parity check's batch need not divide by the replica count.
+        out = model.forward(params, self._put(x))
         self._last = out
         return np.array(out, np.float32)

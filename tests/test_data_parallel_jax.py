@@ -1,0 +1,243 @@
+"""JAX data parallel over a jax.sharding Mesh: 2 replicas train, lose and evaluate as 1 device does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "data_parallel_run.py"
+RESNET_BN = "examples/tasks/cifar-resnet-bn.toml"
+EVAL_SAMPLES = 200  # data_parallel_run.EVAL_SAMPLES: one flipped prediction moves accuracy by 1/200
+
+# Runs with SCAN_CONV_ON_CPU forced on, and fewer samples, go through this wrapper round
+# the script: XLA:CPU runs convolutions inside lax.scan ~20x slower than as jitted steps,
+# so the adapter never fuses a CNN epoch on a CPU, yet that is the path a GPU takes.
+_WRAPPER = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import backends.jax_backend as jb
+import data_parallel_run
+jb.SCAN_CONV_ON_CPU = True
+data_parallel_run.SAMPLES = {samples}
+sys.exit(data_parallel_run.main(sys.argv[1:]))
+"""
+
+# case -> (task, mode, fused conv scan with this many samples or None). All on synthetic
+# data, batch 64 (32 per replica), one epoch from harness.weights.initial_weights(seed=0).
+CASES = {
+    "mnist-mlp-eager": ("mnist-mlp", "eager", None),  # one jitted step per batch
+    "mnist-mlp-compiled": ("mnist-mlp", "compiled", None),  # the fused lax.scan epoch
+    "cifar-cnn-eager": ("cifar-cnn", "eager", None),
+    # The fused scan with convolutions; 2 steps keep it to seconds on a CPU.
+    "cifar-cnn-compiled": ("cifar-cnn", "compiled", 128),
+    # BatchNorm. Its "compiled" on a CPU is the jitted-step path eager already covers.
+    "cifar-resnet-bn-eager": (RESNET_BN, "eager", None),
+    # LayerNorm and dropout: the masks must not depend on how the batch is split.
+    "mnist-mlp-ln-compiled": ("examples/tasks/mnist-mlp-ln.toml", "compiled", None),
+}
+
+# Per task: the largest relative L2 error ||w2 - w1|| / ||w1 - w0|| of any parameter, and
+# the largest absolute difference of any element, between N=2 and N=1. Each is ~10x above
+# what this machine measured (jax 0.10.2, XLA:CPU, 2 logical host devices), where the
+# difference is float32 summation order alone (GSPMD's all-reduce of per-replica partial
+# sums), amplified by Adam dividing each element by its own gradient's size.
+TOLERANCE = {
+    # measured: rel 6.7e-7 (fc1.kernel), abs 4.9e-7, both modes
+    "mnist-mlp": {"rel": 1e-5, "abs": 1e-5},
+    # measured: rel 1.5e-6 (fc1.kernel), abs 2.0e-7; dropout masks equal (a different mask
+    # would move the losses by far more than LOSS_RTOL)
+    "mnist-mlp-ln": {"rel": 1e-5, "abs": 1e-5},
+    # measured: rel 3.8e-6 / abs 1.8e-6 eager; rel 6.8e-5 / abs 1.5e-6 fused over 2 steps
+    # (rel 2.3e-5 / abs 1.4e-5 fused over 8 steps)
+    "cifar-cnn": {"rel": 1e-3, "abs": 1e-4},
+    # measured: rel 8.7e-4 (stem_bn.offset), abs 5.0e-5 (stem_bn.running_mean). The
+    # alternative, per-replica BatchNorm statistics (each half batch normalised by its
+    # own mean and variance), measured rel 0.10-0.22 in every conv kernel and BN scale and
+    # offset, abs 7.6e-4 (block1_conv1.kernel) and 3.0e-3 (down_bn.running_var), and loss
+    # differences up to 4.7e-3 (rel 1.9e-3): these tolerances tell synchronized statistics
+    # from per-replica ones by ~10x each way.
+    "cifar-resnet-bn": {"rel": 1e-2, "abs": 5e-4},
+}
+# A conv or dense bias right before a training-mode BatchNorm has a zero gradient in exact
+# arithmetic (the batch mean removes it), so its float32 gradient is rounding noise that
+# Adam scales up to lr-sized steps: its relative error is ~1 between ANY two summation
+# orders (measured 0.92-1.39 for N=2 vs N=1, and 1.03 for eager vs compiled on one
+# device). Only its absolute difference is bounded: measured 2.3e-4.
+BN_FED_BIAS_ABS = 1e-3
+# Per-step losses (global-batch means): measured relative difference <= 2.1e-7 everywhere.
+LOSS_RTOL = 1e-5
+# Evaluation loss: measured relative difference <= 5.7e-6 (resnet-bn fused, checked by
+# hand: the 8-step fused CNN runs take ~40 s here); accuracy: equal.
+EVAL_LOSS_RTOL = 1e-4
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)  # the adapter sets the host device count itself
+    return env
+
+
+def _start(task: str, replicas: int, out: Path, *, mode: str, fused_samples: int | None) -> subprocess.Popen:
+    args = ["jax", task, str(replicas), str(out), "--mode", mode]
+    if fused_samples is None:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        code = _WRAPPER.format(tests=str(ROOT / "tests"), root=str(ROOT), samples=fused_samples)
+        cmd = [sys.executable, "-c", code, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, out: Path) -> dict:
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, f"{' '.join(map(str, proc.args[-6:]))} failed:\n{stderr[-3000:]}"
+    with np.load(out) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _spec(task: str):
+    from tasks import get_task
+    from tasks.taskfile import load_task_file
+
+    return load_task_file(ROOT / task) if task.endswith(".toml") else get_task(task)
+
+
+def _bn_fed_biases(layers) -> set[str]:
+    names = set()
+    for layer, following in zip(layers, layers[1:]):
+        if layer.kind in ("conv2d", "dense") and following.kind == "batchnorm":
+            names.add(f"{layer.name}.bias")
+    for layer in layers:
+        names |= _bn_fed_biases(layer.children())
+    return names
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    """(spec, N=1 result, N=2 result) of one case, each from its own fresh process."""
+    require("jax")
+    task, mode, fused_samples = CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    # Both at once: most of each run is single-threaded start-up and compilation.
+    procs = {n: _start(task, n, tmp / f"n{n}.npz", mode=mode, fused_samples=fused_samples) for n in (1, 2)}
+    one, two = (_result(procs[n], tmp / f"n{n}.npz") for n in (1, 2))
+    return _spec(task), one, two
+
+
+def test_weights_match_one_device(pair):
+    from harness.weights import initial_weights
+
+    spec, one, two = pair
+    tol = TOLERANCE[spec.name]
+    noise_only = _bn_fed_biases(spec.layers)
+    w0 = initial_weights(spec, seed=0)
+    failures = []
+    for i, (entry, initial) in enumerate(zip(spec.params(), w0)):
+        w1, w2 = one[f"w{i:03d}"], two[f"w{i:03d}"]
+        diff = float(np.abs(w2 - w1).max())
+        if entry.name in noise_only:
+            if diff > BN_FED_BIAS_ABS:
+                failures.append(f"{entry.name}: abs {diff:.2e} > {BN_FED_BIAS_ABS:.0e}")
+            continue
+        moved = float(np.linalg.norm(w1 - initial))
+        assert moved > 0, f"{entry.name} did not train: the comparison would be empty"
+        rel = float(np.linalg.norm(w2 - w1)) / moved
+        if rel > tol["rel"] or diff > tol["abs"]:
+            failures.append(f"{entry.name}: rel {rel:.2e} (tol {tol['rel']:.0e}), "
+                            f"abs {diff:.2e} (tol {tol['abs']:.0e})")
+    assert not failures, "N=2 weights differ from N=1:\n" + "\n".join(failures)
+
+
+def test_losses_and_evaluation_match_one_device(pair):
+    _, one, two = pair
+    assert one["losses"].shape == two["losses"].shape and len(one["losses"]) >= 2
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=LOSS_RTOL, atol=0)
+    (loss1, acc1), (loss2, acc2) = one["eval"], two["eval"]
+    np.testing.assert_allclose(loss2, loss1, rtol=EVAL_LOSS_RTOL, atol=0)
+    # One prediction on a near-tie may flip with summation order; none did here.
+    assert abs(acc2 - acc1) <= 1 / EVAL_SAMPLES + 1e-9
+
+
+# Runs in a fresh process (N host devices exist only if set before jax starts): reports
+# what the adapter built with 2 replicas, and the partitioned programs' batch shapes.
+_PROBE = """
+import json, re, sys
+import numpy as np
+from backends import get_backend
+from backends.base import Replicas
+from harness.weights import initial_weights
+from tasks import get_task
+
+spec = get_task("mnist-mlp").with_overrides(batch_size=64)
+backend = get_backend("jax")
+backend.configure(device="cpu", threads=1, precision="fp32", replicas=Replicas(2))
+rng = np.random.default_rng(0)
+data = backend.put_data(rng.random((128, *spec.input_shape), dtype=np.float32), rng.integers(0, 10, 128))
+out = {"environment": backend.environment(), "memory": backend.memory(), "programs": {}}
+for mode in ("eager", "compiled"):
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode=mode)
+    index = backend._index(np.arange(128, dtype=np.int32), 64)
+    state = backend._state(model)
+    if model.fused:
+        text = model.epoch.lower(*state, data.x, data.y, index).compile().as_text()
+    else:
+        text = model.step.lower(*state, backend._loss_buffer(index), data.x, data.y, index, 0).compile().as_text()
+    out["programs"][mode] = {"fused": model.fused, "all_reduce": "all-reduce" in text,
+                             "batch_rows": sorted({int(m) for m in re.findall(r"f32\\[(\\d+),784\\]", text)})}
+    backend.train_epoch(model, data, np.arange(128), 64)
+    out["param_sharding"] = str(next(iter(model.train_params.values())).sharding)
+try:
+    backend.train_epoch(model, data, np.arange(66), 33)
+except ValueError as exc:
+    out["odd_batch"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_two_replicas_split_each_batch():
+    require("jax")
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["environment"]["replica_devices"] == ["cpu:0", "cpu:1"]
+    assert len(out["memory"]["replica_peak_mb"]) == 2  # None on XLA:CPU, which keeps no statistics
+    assert "P()" in out["param_sharding"] and "'data': 2" in out["param_sharding"]  # replicated on the mesh
+    assert out["programs"]["compiled"]["fused"] and not out["programs"]["eager"]["fused"]
+    for mode, program in out["programs"].items():
+        # GSPMD inserted the gradient all-reduce, and each device's program holds 32 of
+        # the batch's 64 rows: the 784-feature input is never whole on one device (the
+        # 128 rows are fc1's transposed kernel, 784 x 128).
+        assert program["all_reduce"], mode
+        assert 32 in program["batch_rows"] and 64 not in program["batch_rows"], (mode, program["batch_rows"])
+    assert "does not split over 2 replicas" in out["odd_batch"]
+
+
+def test_too_few_devices_is_unavailable():
+    """jax started with one CPU device before configure(): 2 replicas cannot be had, and the message says why."""
+    require("jax")
+    code = """
+import jax
+jax.devices()
+from backends import get_backend
+from backends.base import BackendUnavailable, Replicas
+try:
+    get_backend("jax").configure(device="cpu", threads=1, precision="fp32", replicas=Replicas(2))
+except BackendUnavailable as exc:
+    print(exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 replicas need 2 CPU devices" in proc.stdout and "initialised" in proc.stdout, proc.stdout
