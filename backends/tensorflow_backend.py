@@ -36,6 +36,15 @@ def _import_tf():
     return tf, keras
 
 
+@functools.cache
+def _mirrored_strategy(devices: tuple[str, ...]):
+    """One MirroredStrategy per process and device set. Each strategy numbers its collective
+    all-reduces from the same start, and the runtime remembers an instance's shape: a second
+    strategy in the process (a second configure) fails with "Shape mismatch in the collective
+    instance 100" on its first all-reduce of a different model."""
+    return sys.modules["tensorflow"].distribute.MirroredStrategy(list(devices))
+
+
 def _activation(keras, name: str):
     fns = {"linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
            "gelu": lambda v: keras.activations.gelu(v, approximate=False),
@@ -146,8 +155,14 @@ LAYERS = {
     "flatten": _keras_layer(lambda k, s, init: k.layers.Flatten(data_format="channels_last", name=s.name)),
     "reshape": _keras_layer(lambda k, s, init: k.layers.Reshape(s.target_shape, name=s.name)),
     # Keras's momentum is the decay of the running statistics: 1 - the spec's (torch's).
+    # Under MirroredStrategy Keras normalises each replica by its own slice's statistics
+    # (synchronized=False, the default); the project pins the global batch's, so that N
+    # replicas compute what one device does: synchronized=True all-reduces the sums and
+    # counts through the replica context. Only with replicas: its E[x^2] - E[x]^2 variance
+    # is not tf.nn.moments' two-pass one, and one device keeps the latter.
     "batchnorm": _keras_layer(lambda k, s, init: k.layers.BatchNormalization(
-        momentum=1 - s.momentum, epsilon=s.eps, name=s.name)),
+        momentum=1 - s.momentum, epsilon=s.eps, name=s.name,
+        synchronized=sys.modules["tensorflow"].distribute.get_strategy().num_replicas_in_sync > 1)),
     "layernorm": _keras_layer(lambda k, s, init: k.layers.LayerNormalization(epsilon=s.eps, name=s.name)),
     "dropout": _keras_layer(lambda k, s, init: k.layers.Dropout(s.rate, name=s.name)),
     "embedding": _keras_layer(lambda k, s, init: k.layers.Embedding(
@@ -184,6 +199,8 @@ class TensorFlowBackend(Backend):
         self._device_name = None  # "/CPU:0" | "/GPU:0"
         self._threads = None
         self._precision = None
+        self._strategy = None  # MirroredStrategy over the replica devices, when replicas.count > 1
+        self._replica_devices = None  # their names, e.g. ["/device:CPU:0", "/device:CPU:1"]
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -200,6 +217,10 @@ class TensorFlowBackend(Backend):
         self._device = "gpu" if (device == "gpu" or (device == "auto" and gpus)) else "cpu"
         self._device_name = "/GPU:0" if self._device == "gpu" else "/CPU:0"
         self._set_threads(tf, threads)
+        self._strategy = self._replica_devices = None
+        if self.replicas.count > 1:
+            self._replica_devices = self._make_replica_devices(tf, self.replicas.count)
+            self._strategy = _mirrored_strategy(tuple(self._replica_devices))
         # TF32 is on by default in TF on Ampere+; the spec pins one precision per run.
         tf.config.experimental.enable_tensor_float_32_execution(precision == "tf32")
         # Layers compute in bf16 with float32 variables; the loss casts logits to float32.
@@ -219,13 +240,38 @@ class TensorFlowBackend(Backend):
                             "cannot be applied in this process", current, threads)
         self._threads = tf.config.threading.get_intra_op_parallelism_threads() or int(threads)
 
+    def _make_replica_devices(self, tf, count: int) -> list[str]:
+        """The devices of `count` replicas: the first `count` GPUs, or the CPU split into `count` logical CPUs."""
+        if self._device == "gpu":
+            gpus = tf.config.list_physical_devices("GPU")
+            if len(gpus) < count:
+                raise BackendUnavailable(f"{count} data-parallel replicas asked for on GPUs, but tensorflow "
+                                         f"sees {len(gpus)} GPU(s)")
+            return [d.name for d in tf.config.list_logical_devices("GPU")[:count]]
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            # The logical CPUs share the process's one intra-op thread pool: on a CPU,
+            # replicas test the data-parallel arithmetic, not a speed-up.
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+        except RuntimeError:
+            # The runtime has started (TF was used earlier in this process) and its CPU
+            # devices are fixed: a split made by an earlier configure serves, nothing else can.
+            made = len(tf.config.get_logical_device_configuration(cpu) or ())
+            if made < count:
+                raise BackendUnavailable(
+                    f"{count} data-parallel replicas need {count} logical CPU devices, made before the "
+                    f"tensorflow runtime starts; it has already started here with {max(made, 1)} CPU "
+                    "device(s). Configure replicas in a fresh process, before any other tensorflow use."
+                ) from None
+        return [d.name for d in tf.config.list_logical_devices("CPU")[:count]]
+
     def _environment(self) -> dict:
         tf = self._tf
         device_name = "cpu"
         if self._device == "gpu":
             details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
             device_name = details.get("device_name", "unknown gpu")
-        return {
+        env = {
             "framework": "tensorflow",
             "framework_version": f"{tf.__version__} (keras {self._keras.__version__})",
             "device": self._device,
@@ -233,6 +279,9 @@ class TensorFlowBackend(Backend):
             "threads": self._threads,
             "precision": self._precision,
         }
+        if self._strategy is not None:  # absent with one device, as for the other adapters
+            env["replica_devices"] = list(self._strategy.extended.worker_devices)
+        return env
 
     def devices(self) -> list[str]:
         self._require_configured()
@@ -248,9 +297,16 @@ class TensorFlowBackend(Backend):
 
     def _memory(self) -> dict:
         tf = self._tf
-        if self._device != "gpu":
-            return {"device_peak_mb": None}
-        return {"device_peak_mb": tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20}
+
+        def peak_mb(device):
+            # A CPU device answers {"current": 0, "peak": 0}: it keeps no statistics, which is None, not 0.
+            return tf.config.experimental.get_memory_info(device)["peak"] / 2**20 if self._device == "gpu" else None
+
+        # device_peak_mb is the first device's: it holds the data and runs evaluation, as the one device does.
+        out = {"device_peak_mb": peak_mb("GPU:0")}
+        if self._replica_devices:
+            out["replica_peak_mb"] = [peak_mb(d.rsplit("device:", 1)[-1]) for d in self._replica_devices]
+        return out
 
     # -- model ---------------------------------------------------------------------------
 
@@ -262,7 +318,25 @@ class TensorFlowBackend(Backend):
     def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
                trainable: tuple[str, ...] | None, mode: str) -> Any:
         tf, keras = self._tf, self._keras
-        with tf.device(self._device_name):
+        if self._strategy is not None and mode == "compiled" and self._device == "cpu" and any(
+                layer.kind == "batchnorm" and (trainable is None or layer.name in trainable)
+                for layer, _, _ in spec.walk()):
+            # A training BatchNorm all-reduces its batch statistics inside the forward and
+            # backward pass, so that sync point lands inside the per-replica XLA function.
+            # MirroredStrategy on CPUs can only all-reduce through merge_call, which a nested
+            # (jit_compile) tf.function cannot hold: tracing fails with "`merge_call` called
+            # while defining a new graph or a tf.function". One XLA function around
+            # strategy.run fails too, as an XLA cluster lives on one device: "Trying to access
+            # resource dense/kernel/replica_1 located in device CPU:1 from device CPU:0".
+            # On GPUs MirroredStrategy skips merge_call inside XLA (its _use_merge_call), so
+            # this refusal is for CPUs only; the GPU path has not been run here.
+            raise BackendUnavailable("tensorflow: compiled mode cannot train BatchNorm with synchronized "
+                                     f"statistics over {self.replicas.count} CPU replicas (XLA cannot hold "
+                                     "MirroredStrategy's CPU all-reduce); use mode 'eager'")
+        # Under the strategy's scope every variable (weights, running statistics, optimizer
+        # state) is a MirroredVariable: one copy per replica device, kept identical.
+        scope = self._strategy.scope() if self._strategy is not None else tf.device(self._device_name)
+        with scope:
             inputs = keras.Input(shape=tuple(spec.input_shape), dtype="int32" if spec.takes_tokens else "float32")
             model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
             by_layer = {}
@@ -358,6 +432,55 @@ class TensorFlowBackend(Backend):
         # epoch length (warm-up's two steps included) and every dataset size.
         return tf.function(step, jit_compile=model.mode == "compiled")
 
+    def _replicated_step_fn(self, model: _Model, batch_size: int):
+        """One step on the global batch with the strategy's replicas: replica r takes the r-th slice."""
+        tf = self._tf
+        strategy = self._strategy
+        per_replica = batch_size // strategy.num_replicas_in_sync
+        # Each replica's loss is the sum over its slice divided by the global batch's count of
+        # positions (tf.nn.compute_average_loss's rule, per position for per-position labels):
+        # summed over replicas, loss and gradient are the global mean one device computes.
+        global_positions = float(batch_size * int(np.prod(model.spec.layer_shapes()[-1][:-1], dtype=np.int64)))
+
+        def loss_and_grads(xb, yb):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(model.train_vars)  # in replica context: this replica's copies
+                _, losses = self._loss_terms(model, xb, yb, training=True)
+                loss = tf.reduce_sum(losses) / global_positions
+            # Dense before the all-reduce, as _update wants them (an Embedding's gradient is
+            # IndexedSlices): then loss and gradients all-reduce as one batch of tensors.
+            return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.train_vars)]
+
+        update = functools.partial(self._update, model)
+        if model.mode == "compiled":
+            # XLA compiles each replica's forward/backward and its update (traced once per
+            # device); the all-reduce between them stays outside, as on CPUs MirroredStrategy
+            # can only all-reduce through merge_call, which a nested tf.function cannot hold.
+            loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
+            update = tf.function(update, jit_compile=True)
+
+        def replica_step(xb, yb):
+            loss, grads = loss_and_grads(xb, yb)
+            # The strategy's own collective sums loss and gradients over the replicas; every
+            # replica then applies the same update to its own copies (the variables'
+            # aggregation is NONE, so each assign stays local), which keeps them identical:
+            # the same ops on the same values. Clipping sees the summed gradient.
+            loss, grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, (loss, grads))
+            update(grads)
+            return loss
+
+        def split(t):
+            # Sliced where the global batch lies, so each replica device receives only its slice.
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: t[ctx.replica_id_in_sync_group * per_replica:
+                              (ctx.replica_id_in_sync_group + 1) * per_replica])
+
+        def step(xb, yb):
+            loss = strategy.run(replica_step, args=(split(xb), split(yb)))
+            return strategy.experimental_local_results(loss)[0]  # all-reduced: the same on every replica
+
+        return step
+
     def _signatures(self, model: _Model):
         """TensorSpecs of x and y: float32 features or int32 ids; one label per sample or per position."""
         tf = self._tf
@@ -371,7 +494,7 @@ class TensorFlowBackend(Backend):
         if key in model.fns:
             return model.fns[key]
         tf = self._tf
-        step = self._step_fn(model)
+        step = self._step_fn(model) if self._strategy is None else self._replicated_step_fn(model, batch_size)
 
         @tf.function(input_signature=[*self._signatures(model), tf.TensorSpec([None], tf.int32)])
         def epoch(x, y, order):
@@ -436,6 +559,9 @@ class TensorFlowBackend(Backend):
     def _evaluate(self, model: _Model, data: Any, batch_size: int) -> tuple[float, float]:
         tf = self._tf
         x, y = data
+        # With replicas too, evaluation (and logits) runs once, outside strategy.run, on the
+        # first replica's device, which holds the data: there a MirroredVariable reads that
+        # device's copy, bit-equal to the others, so the figures are one device's.
         with tf.device(self._device_name):
             loss, acc = self._eval_fn(model, int(batch_size))(x, y).numpy()
         return float(loss), float(acc)
