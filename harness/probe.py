@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import MODES, Backend
+from backends.base import MODES, Backend, BackendUnavailable
 from tasks.spec import TaskSpec
 
 # A probe round runs each mode for chunks of PROBE_STEPS steps until it has PROBE_ROUND_S seconds
@@ -40,13 +40,19 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
     bs, ebs = spec.batch_size, spec.eval_batch_size
     started = clock()
     order = probe_order(order, bs)
-    models = {}
+    models, unavailable = {}, {}
     for mode in MODES:
-        models[mode] = backend.build(spec, weights, trainable=trainable, mode=mode)
+        try:
+            models[mode] = backend.build(spec, weights, trainable=trainable, mode=mode)
+        except BackendUnavailable as exc:  # e.g. TF compiled BatchNorm over CPU replicas: the other mode only
+            unavailable[mode] = str(exc)
+            continue
         backend.warmup(models[mode], train, order, bs, test, ebs)  # compiles for the probe's length
-    best: dict[str, float] = {}
+    if not models:
+        raise BackendUnavailable("; ".join(unavailable.values()))
+    best: dict[str, float | None] = {mode: None for mode in unavailable}
     for _ in range(PROBE_ROUNDS):
-        for mode in MODES:
+        for mode in models:
             samples, seconds = 0, 0.0
             while seconds < PROBE_ROUND_S:
                 backend.synchronize()
@@ -57,10 +63,10 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
                 samples += len(order)
             best[mode] = max(best.get(mode, 0.0), samples / seconds)  # seconds >= PROBE_ROUND_S
     # Replica processes time their own probes; all must train in the mode rank 0 chose.
-    chosen = backend.rank0_value(max(MODES, key=lambda mode: best[mode]))
+    chosen = backend.rank0_value(max(models, key=lambda mode: best[mode]))
     model = models.pop(chosen)
     models.clear()  # the other mode's model and compiled code are not needed for training
     backend.set_weights(model, weights)
     info = {**{mode: best[mode] for mode in MODES}, "chosen": chosen, "probe_s": clock() - started,
-            "steps": len(order) // bs, "rounds": PROBE_ROUNDS}
+            "steps": len(order) // bs, "rounds": PROBE_ROUNDS, **({"unavailable": unavailable} if unavailable else {})}
     return chosen, model, info

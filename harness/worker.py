@@ -128,6 +128,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["status"] = "ok"
+        except BackendUnavailable as exc:  # the mode asked for cannot run this model here
+            record.update(status="skipped", error=str(exc))
         except Diverged as exc:
             record.update(status="diverged", error=str(exc))
             record["failure"] = {"reason": "diverged", "stage": exc.stage, "epoch": exc.epoch, "step": exc.step}

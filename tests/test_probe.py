@@ -126,6 +126,25 @@ def test_a_forced_mode_runs_no_probe(monkeypatch, fake_backend):
     assert fake.now == pytest.approx(2 + 16)  # the warm-up's 2 steps and the epoch's 16, nothing else
 
 
+def test_a_mode_the_backend_cannot_build_is_left_out_of_the_probe(monkeypatch, fake_backend):
+    """TF cannot compile a training BatchNorm over CPU replicas: best mode trains eager and says why."""
+    from backends.base import BackendUnavailable
+
+    slow_mode(monkeypatch, fake_backend, "eager")  # compiled would win if it could be built
+    real_build = NumpyBackend._build
+
+    def build(self, spec, weights, *, trainable, mode):
+        if mode == "compiled":
+            raise BackendUnavailable("no compiled mode here")
+        return real_build(self, spec, weights, trainable=trainable, mode=mode)
+
+    monkeypatch.setattr(NumpyBackend, "_build", build)
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert m["mode"] == "eager" and m["mode_probe"]["compiled"] is None
+    assert m["mode_probe"]["unavailable"] == {"compiled": "no compiled mode here"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("slow", MODES)
 def test_training_after_the_probe_is_a_forced_run_of_the_chosen_mode(monkeypatch, backend_name, slow):
