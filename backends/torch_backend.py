@@ -1,7 +1,10 @@
-"""PyTorch adapter: a TaskSpec as functional torch ops over parameters in torch layouts."""
+"""PyTorch adapter: a TaskSpec as functional torch ops over parameters in torch layouts; replicas through DDP."""
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +21,21 @@ from tasks.spec import TaskSpec
 # (compiled mode with channels_last was slower still: see _make_steps.)
 CHANNELS_LAST = True
 
+# How long a replica process waits for its peers in a collective (process-group set-up
+# included) before it raises: finite, so a replica that died or hangs cannot block the
+# others forever, and long enough for the slowest peer's first compile (torch.compile on
+# a loaded CPU takes tens of seconds) or a dataset load before the first collective.
+REPLICA_TIMEOUT_S = 300.0
+REPLICA_TIMEOUT_ENV = "TRIBENCH_REPLICA_TIMEOUT_S"  # overrides it (the fault tests set a short one)
+
 
 class _Ctx:
-    """What a layer function may need beyond its input: parameters, mode, frozen layers."""
+    """What a layer function may need beyond its input: parameters, mode, frozen layers, and the
+    data-parallel replicas a training step's batch statistics span (replica_sum: the collective)."""
 
-    def __init__(self, params: dict, *, train: bool, frozen: frozenset):
+    def __init__(self, params: dict, *, train: bool, frozen: frozenset, replicas: int = 1, replica_sum=None):
         self.params, self.train, self.frozen = params, train, frozen
+        self.replicas, self.replica_sum = replicas, replica_sum
 
     def p(self, layer, name: str):
         return self.params[f"{layer.name}.{name}"]
@@ -74,6 +86,48 @@ def _channel_view(h, v):
     return v.view(1, -1, 1, 1) if h.dim() == 4 else v
 
 
+def _replica_sum_op():
+    """A differentiable sum over the replica processes (its backward sums the gradients likewise).
+
+    torch's functional all_reduce, which torch 2.13 gives an autograd formula and which
+    torch.compile traces; torch 2.13 deprecates torch.distributed.nn.functional.all_reduce
+    in its favour, and that one refuses to run under torch.compile. A torch whose
+    functional all_reduce has no gradient would silently drop it: refuse instead.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce", "Autograd"):
+        raise BackendUnavailable(f"torch {torch.__version__}: data-parallel BatchNorm needs a differentiable "
+                                 "functional all_reduce (torch 2.13 has one)")
+    import torch.distributed._functional_collectives as funcol
+
+    group = dist.group.WORLD
+    return lambda t: funcol.all_reduce(t, "sum", group)
+
+
+def _batch_moments(h, reduce, ctx: _Ctx):
+    """(biased variance, mean) per channel over the batch: the GLOBAL batch when replicas > 1.
+
+    torch's default under DDP is per-replica statistics (plain BatchNorm normalises each
+    replica's slice by its own mean and variance; SyncBatchNorm is torch's opt-in). The
+    project pins synchronised statistics, so N replicas compute what one device does:
+    the per-channel sums are all-reduced (differentiably, as SyncBatchNorm does), in two
+    passes (the mean, then squared deviations from it) as var_mean does, because
+    E[x^2] - mean^2 in float32 loses the variance to cancellation.
+    """
+    import torch
+
+    if ctx.replicas == 1:
+        return torch.var_mean(h, dim=reduce, correction=0)
+    total = ctx.replica_sum
+    count = ctx.replicas * (h.numel() // h.shape[1 if h.dim() == 4 else -1])  # equal slices (base checks)
+    # float32 sums whatever autocast made h, so the all-reduced sums keep float32 precision.
+    mean = total(h.sum(dim=reduce, dtype=torch.float32)) / count
+    var = total((h - _channel_view(h, mean)).square().sum(dim=reduce, dtype=torch.float32)) / count
+    return var, mean
+
+
 def _batchnorm(layer, h, ctx):
     import torch
 
@@ -82,7 +136,7 @@ def _batchnorm(layer, h, ctx):
     if ctx.train and layer.name not in ctx.frozen:
         # By hand, not F.batch_norm: torch updates running_var with the unbiased batch
         # variance, the spec (as Keras and flax) with the biased one.
-        batch_var, batch_mean = torch.var_mean(h, dim=reduce, correction=0)
+        batch_var, batch_mean = _batch_moments(h, reduce, ctx)
         with torch.no_grad():
             mean.mul_(1 - layer.momentum).add_(batch_mean.detach(), alpha=layer.momentum)
             var.mul_(1 - layer.momentum).add_(batch_var.detach(), alpha=layer.momentum)
@@ -208,6 +262,12 @@ class _Model:
 
 class TorchBackend(Backend):
     name = "torch"
+    # Data-parallel replicas are processes meeting in a torch.distributed process group;
+    # DistributedDataParallel averages the gradients (see _make_steps). Collective, so
+    # every rank must make them in the same order: configure, build, train_epoch (and
+    # warmup), rank0_value, and memory on CUDA. evaluate, logits, get/set_weights and
+    # environment are each rank's own.
+    REPLICA_PROCESSES = True
 
     def __init__(self):
         self._device = None
@@ -243,6 +303,32 @@ class TorchBackend(Backend):
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
         self._threads = torch.get_num_threads()
         self._precision = precision
+        if self.replicas.count > 1:
+            self._join_replicas()
+
+    def _join_replicas(self) -> None:
+        """Join the process group of the cell's replica processes: gloo on CPU, NCCL with one GPU per rank."""
+        torch = self._torch()
+        import torch.distributed as dist
+
+        count, rank = self.replicas.count, self.replicas.rank
+        if not dist.is_available():
+            raise BackendUnavailable(f"torch {torch.__version__} was built without torch.distributed")
+        if self._device.type == "cuda":
+            if torch.cuda.device_count() < count:
+                raise BackendUnavailable(f"torch: {count} replicas need {count} CUDA devices, "
+                                         f"there are {torch.cuda.device_count()}")
+            self._device = torch.device("cuda", rank)  # one process per GPU, all on this host
+            torch.cuda.set_device(self._device)
+        backend = "nccl" if self._device.type == "cuda" else "gloo"
+        # The timeout bounds every collective (and the rendezvous), so a replica that died
+        # or hangs turns into an error on the others instead of a wait without end.
+        timeout = datetime.timedelta(seconds=float(os.environ.get(REPLICA_TIMEOUT_ENV, REPLICA_TIMEOUT_S)))
+        dist.init_process_group(backend, init_method=f"tcp://{self.replicas.address}", rank=rank,
+                                world_size=count, timeout=timeout,
+                                **({"device_id": self._device} if backend == "nccl" else {}))
+        # NCCL warns (and may leak its communicators) when a process exits with its group alive.
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
     @staticmethod
     def _torch():
@@ -264,7 +350,17 @@ class TorchBackend(Backend):
             "memory_format": "channels_last" if CHANNELS_LAST else "nchw",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if on_cuda else None,
+            **self._replica_environment(),
         }
+
+    def _replica_environment(self) -> dict:
+        if self.replicas.count == 1:
+            return {}
+        import torch.distributed as dist
+
+        # Rank r drives cuda:r (_join_replicas), or the shared CPU.
+        devices = [f"cuda:{r}" if self._device.type == "cuda" else "cpu" for r in range(self.replicas.count)]
+        return {"replica_devices": devices, "process_group": dist.get_backend()}
 
     def _synchronize(self) -> None:
         torch = self._torch()
@@ -273,9 +369,23 @@ class TorchBackend(Backend):
 
     def _memory(self) -> dict:
         torch = self._torch()
-        if self._device.type == "cuda":
-            return {"device_peak_mb": torch.cuda.max_memory_allocated(self._device) / 2**20}
-        return {"device_peak_mb": None}
+        peak = torch.cuda.max_memory_allocated(self._device) / 2**20 if self._device.type == "cuda" else None
+        out = {"device_peak_mb": peak}
+        if self.replicas.count > 1:
+            peaks = [None] * self.replicas.count  # the CPU allocator keeps no peak
+            if self._device.type == "cuda":
+                import torch.distributed as dist
+
+                dist.all_gather_object(peaks, peak)  # every rank calls memory(), in the same order
+            out["replica_peak_mb"] = peaks
+        return out
+
+    def _rank0_value(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # -- data ----------------------------------------------------------------------------
 
@@ -316,7 +426,8 @@ class TorchBackend(Backend):
             if CHANNELS_LAST and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             if spec.trains(entry, trainable):
-                t.requires_grad_(True)
+                # An nn.Parameter, so a module can own it for DistributedDataParallel.
+                t = torch.nn.Parameter(t, requires_grad=True)
                 train_params.append(t)
             params[entry.name] = t
         frozen = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
@@ -361,10 +472,15 @@ class TorchBackend(Backend):
         autocast = self._autocast
         layers, params, frozen = model.spec.layers, model.params, model.frozen
         clip = model.spec.optimizer.clip_norm
+        replicas = self.replicas.count
+        batchnorm = any(layer.kind == "batchnorm" for layer, _, _ in model.spec.walk())
+        replica_sum = _replica_sum_op() if replicas > 1 and batchnorm else None
 
         def forward(x, train):
+            # A training step's batch statistics span the replicas; evaluation needs none.
+            ctx = _Ctx(params, train=train, frozen=frozen, replicas=replicas if train else 1, replica_sum=replica_sum)
             with autocast():
-                return _run(layers, x, _Ctx(params, train=train, frozen=frozen)).float()
+                return _run(layers, x, ctx).float()
 
         def loss_fn(xb, yb):
             logits = forward(xb, True)
@@ -388,8 +504,15 @@ class TorchBackend(Backend):
             # dynamic=False: every batch shape gets its own specialised graph (the last
             # partial eval batch is one more); automatic dynamic shapes would otherwise
             # recompile the whole graph symbolically, which is slower on CPU.
+            # With replicas, the compiled loss is DDP's inner module, as torch's docs advise
+            # ("compile the inner module passed to the wrapper"): dynamo never traces DDP's
+            # hooks, and the compiled backward hands DDP all gradients at its end (no
+            # overlap of all-reduce and backward, which two CPU processes would not gain from).
             loss_fn = torch.compile(loss_fn, dynamic=False)
             eval_fn = torch.compile(eval_fn, dynamic=False)
+
+        replicated = replicas > 1 and bool(model.trainable)
+        step_loss = self._replicated(model, loss_fn) if replicated else loss_fn
 
         def clip_gradients():
             # The spec's form, g *= min(1, clip / ||g||); clip_grad_norm_ would add 1e-6 to the norm.
@@ -398,12 +521,15 @@ class TorchBackend(Backend):
             torch._foreach_mul_(grads, torch.clamp(clip / norm, max=1.0))
 
         def train_step(xb, yb):
-            loss = loss_fn(xb, yb)
-            loss.backward()
+            loss = step_loss(xb, yb)
+            loss.backward()  # with replicas, DDP has all-reduced: .grad is the mean over the global batch
             if clip is not None:
-                clip_gradients()
+                clip_gradients()  # so clipping acts on the global gradient, as on one device
             model.optimizer.step()
-            model.optimizer.zero_grad(set_to_none=True)
+            # DDP's gradients are views into its all-reduce buckets (gradient_as_bucket_view):
+            # zeroed in place they stay so and backward accumulates straight into the buckets;
+            # set to None, every step would allocate new gradients and copy them in.
+            model.optimizer.zero_grad(set_to_none=not replicated)
             if model.scheduler is not None:
                 model.scheduler.step()
             return loss.detach()
@@ -411,6 +537,29 @@ class TorchBackend(Backend):
         model.train_step = train_step
         model.eval_step = eval_fn
         model.forward = forward
+
+    def _replicated(self, model: _Model, loss_fn):
+        """loss_fn under DistributedDataParallel: after backward, every trainable .grad is the replicas' mean."""
+        torch = self._torch()
+        from torch.nn.parallel import DistributedDataParallel
+
+        class Loss(torch.nn.Module):
+            """Owns the trainable Parameters (DDP hooks their gradients); forward is the functional loss."""
+
+            def __init__(self):
+                super().__init__()
+                self.trainable = torch.nn.ParameterList(model.trainable)  # the same objects, not copies
+
+            def forward(self, xb, yb):
+                return loss_fn(xb, yb)
+
+        # The module owns no buffers (BatchNorm's running statistics come out identical on
+        # every rank, from the synchronised batch statistics), so DDP has none to broadcast.
+        # Each rank mean-reduces its slice and DDP divides the summed gradients by N: the
+        # global batch's mean gradient. init_sync (the default) checks the shapes agree and
+        # broadcasts rank 0's weights once, a cheap guard; frozen tensors do not require
+        # grad and are not the module's, so DDP neither syncs nor reduces them.
+        return DistributedDataParallel(Loss(), gradient_as_bucket_view=True)
 
     def _layouts(self, model: _Model):
         """(canonical name, tensor, layout pair or None) in spec order."""
@@ -449,12 +598,24 @@ class TorchBackend(Backend):
         steps = len(order) // batch_size
         if steps == 0:
             return np.zeros(0, np.float32)
+        replicas, rank = self.replicas.count, self.replicas.rank
+        if replicas > 1:  # this rank's contiguous slice of every step's global batch
+            batch_size //= replicas
+            order = order.reshape(steps, replicas, batch_size)[:, rank].reshape(-1)
         order_t = torch.from_numpy(order.astype(np.int64)).to(self._device)
         losses = []
         for i in range(steps):
             xb, yb = self._batch(data, order_t[i * batch_size:(i + 1) * batch_size])
             losses.append(model.train_step(xb, yb))
-        return torch.stack(losses).to("cpu").numpy().astype(np.float32)
+        losses = torch.stack(losses)
+        if replicas > 1:
+            # Reporting only (the gradients went through DDP): the mean of the slices' mean
+            # losses is the global batch's, and after the all-reduce every rank has the same.
+            import torch.distributed as dist
+
+            dist.all_reduce(losses)
+            losses /= replicas
+        return losses.to("cpu").numpy().astype(np.float32)
 
     def _evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
         torch = self._torch()
