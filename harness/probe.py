@@ -54,7 +54,9 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
     for _ in range(PROBE_ROUNDS):
         for mode in models:
             samples, seconds = 0, 0.0
-            while seconds < PROBE_ROUND_S:
+            # Replica processes must make the same number of train_epoch calls (each is collective):
+            # rank 0's clock decides when the round ends.
+            while backend.rank0_value(seconds < PROBE_ROUND_S):
                 backend.synchronize()
                 t0 = clock()
                 backend.train_epoch(models[mode], train, order, bs)
