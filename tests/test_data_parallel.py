@@ -67,10 +67,10 @@ def test_scaling_efficiency_uses_the_medians():
 
 # --- end to end: every backend, N = 2 against N = 1 -------------------------------------------
 
-def _run(out: Path, replicas: int, backends: list[str], *extra: str, env: dict | None = None):
+def _run(out: Path, replicas: int, backends: list[str]):
     return run_cli("run", "--task", "mnist-mlp,cifar-cnn", "--backend", ",".join(backends), "--data", "synthetic",
-                   "--quick", "--epochs", "1", "--mode", "eager", "--device", "cpu", "--threads", "2",
-                   "--data-parallel", str(replicas), "--out", str(out), *extra, env=env, timeout=1200)
+                   "--quick", "--epochs", "1", "--batch-size", str(BATCH), "--mode", "eager", "--device", "cpu",
+                   "--threads", "2", "--data-parallel", str(replicas), "--out", str(out), timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,20 @@ def one_and_two(tmp_path_factory):
     backends = [b for b in BACKENDS if b in INSTALLED]
     root = tmp_path_factory.mktemp("dp")
     done = {n: _run(root / f"n{n}", n, backends) for n in (1, 2)}
-    return root, backends, done
+    return root, done
 
 
-# One epoch of the --quick subsets (93 MLP and 31 CNN Adam steps), N = 2 against N = 1: the
-# replicas only change float32 summation order (the all-reduce, the split batch's reductions).
-# Measured worst per-parameter relative L2 error ||w2 - w1|| / ||w1 - w0||: see the note at
-# REL_L2; 1e-3 leaves room above it and is far below what a wrong split gives (a replica
-# training on its half alone, or gradients summed instead of averaged: order 1).
+# One epoch of the --quick subsets at global batch 512: 23 MLP and 7 CNN Adam steps. N = 2
+# against N = 1 only changes float32 summation order (the all-reduce, the split batch's
+# reductions). Worst per-parameter relative L2 error ||w2 - w1|| / ||w1 - w0|| measured on
+# this 2-core VM: MLP 3.8e-7 (torch, TF), CNN 1.1e-4 (torch) and 9.7e-5 (TF). A wrong split
+# (a replica training on its half alone, gradients summed not averaged) gives order 1.
+# Why batch 512: at batch 128 (31 CNN steps) rounding grows through training to 0.02-0.34
+# between N = 1 and N = 2, and to 0.045-0.49 between two backends at N = 1 on the same 31
+# steps: the CNN's Adam training amplifies float32 noise, so only a short run can be held
+# to a tight tolerance. The adapters' own tests (test_data_parallel_<backend>.py) hold
+# 8 steps to tighter bounds.
+BATCH = 512
 REL_L2 = 1e-3
 
 
@@ -94,12 +100,12 @@ REL_L2 = 1e-3
 @pytest.mark.parametrize("task", ["mnist-mlp", "cifar-cnn"])
 def test_two_replicas_end_where_one_device_ends(one_and_two, backend, task):
     require(backend)
-    root, _, done = one_and_two
-    for n in (1, 2):
-        assert done[n].returncode == 0, done[n].stderr[-3000:]
+    root, done = one_and_two
     records = {n: {r["backend"]: r for r in read_records(root / f"n{n}") if r["task"] == task} for n in (1, 2)}
-    assert records[2][backend]["status"] == "ok", records[2][backend].get("error")
-    assert records[2][backend]["env"]["data_parallel"] == 2 and records[2][backend]["env"]["per_replica_batch"] == 64
+    for n in (1, 2):
+        assert records[n][backend]["status"] == "ok", (records[n][backend].get("error"), done[n].stderr[-2000:])
+    env = records[2][backend]["env"]
+    assert env["data_parallel"] == 2 and env["per_replica_batch"] == BATCH // 2 and len(env["replica_devices"]) == 2
     assert records[1][backend]["env"]["data_parallel"] == 1
     spec = get_task(task)
     w0 = initial_weights(spec, seed=0)
@@ -109,6 +115,7 @@ def test_two_replicas_end_where_one_device_ends(one_and_two, backend, task):
     assert worst < REL_L2, f"{backend} {task}: N=2 vs N=1 relative L2 {worst:.2e}"
     m1, m2 = records[1][backend]["metrics"], records[2][backend]["metrics"]
     assert m2["final_test_accuracy"] == pytest.approx(m1["final_test_accuracy"], abs=2e-3)
+    assert np.allclose(m2["epoch_train_loss"], m1["epoch_train_loss"], rtol=1e-4)
 
 
 # --- faults --------------------------------------------------------------------------------
