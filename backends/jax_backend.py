@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -21,6 +22,17 @@ _MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "defaul
 # The one mesh axis of data parallelism: each step's global batch is split along it.
 DATA_AXIS = "data"
 _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# Eager steps a multi-device CPU run may have dispatched but not finished. XLA's CPU client
+# admits at most 32 computations in flight per device (CpuClientOptions::
+# max_inflight_computations_per_device, which jax does not expose); a step dispatched past
+# that blocks its launch in Semaphore::ScopedAcquire, and with an all-reduce in the step
+# this deadlocks: one device's program waits in the all-reduce rendezvous for the other
+# device's, which never starts, until XLA aborts the process (SIGABRT after 40 s). With 2
+# host devices (jaxlib 0.10.2, 2-core host) a bare GSPMD step loop hung in 3 of 3 runs when
+# it synchronised every 33 or 40 steps or never, and in 0 of 3 every 31 or 16 steps; the
+# harness flow hung in about 1 run in 3. Waiting for the step 16 back keeps far under the
+# limit without ever draining the queue, so dispatch still overlaps compute.
+_CPU_MAX_STEPS_IN_FLIGHT = 16
 
 
 class _Ctx:
@@ -526,8 +538,15 @@ class JaxBackend(Backend):
             *state, losses = exe(*self._state(model), data.x, data.y, index)
         else:
             state, losses = self._state(model), self._loss_buffer(index)
+            # Step counters of the steps still in flight; bounded only with replicas on a CPU.
+            window = collections.deque()
+            bounded = len(self._devices) > 1 and self._device.platform == "cpu"
             for i in range(index.shape[0]):
                 *state, losses = model.step(*state, losses, data.x, data.y, index, i)
+                if bounded:
+                    window.append(state[2])  # the step counter: not donated, so it outlives the next step
+                    if len(window) > _CPU_MAX_STEPS_IN_FLIGHT:
+                        window.popleft().block_until_ready()
         model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
         self._last = losses
         return np.asarray(losses, dtype=np.float32)  # the one host read of the epoch
