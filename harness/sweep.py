@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,13 @@ def plot_sweep(rows: list[tuple], path, *, axis: Axis, title_note: str) -> None:
         ax.set_xticks(values, [str(v) for v in values])
         ax.set_xlabel(f"{axis.label} (log scale)")
         ax.grid(alpha=0.3, which="both")
+    rates = [row[4]["median"] for row in rows if row[4]["median"]]
+    if rates and max(rates) > 30 * min(rates):  # tasks of very different speed: a linear axis hides the slow
+        ax_rate.set_yscale("log")
+    else:
+        ax_rate.set_ylim(0, ax_rate.get_ylim()[1] * 1.12)  # from zero, with room for the legend
+    ax_mem.set_ylim(0, ax_mem.get_ylim()[1] * 1.12)
     for ax in (ax_rate, ax_mem):
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # from zero, with room for the legend
         ax.legend(fontsize=8)
     ax_rate.set_ylabel("training throughput (samples/s)")
     ax_rate.set_title(f"Throughput against {axis.label}")
@@ -160,11 +166,13 @@ def plot_sweep(rows: list[tuple], path, *, axis: Axis, title_note: str) -> None:
     ax_mem.set_title(f"Peak memory against {axis.label}")
     if dp:
         axes[1].axhline(100, color="grey", linestyle=":", linewidth=1, label="perfect scaling")
-        axes[1].set_ylim(0, 110)
+        shown = [100 * e for e in efficiency.values() if e is not None]
+        axes[1].set_ylim(0, max([110.0, *shown]) * 1.05)
         axes[1].set_ylabel("scaling efficiency (%)")
         axes[1].set_title("Throughput at N / (N x throughput at 1)")
         axes[1].legend(fontsize=8)
-    fig.suptitle(f"{'Data-parallel' if dp else 'Batch-size'} sweep: {title_note}", fontsize=10)
+    title = f"{'Data-parallel' if dp else 'Batch-size'} sweep: {title_note}"
+    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
