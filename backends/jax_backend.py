@@ -267,6 +267,7 @@ class JaxBackend(Backend):
         # These only take effect before jax initialises its backends; a worker process
         # configures first, so they do. Tests that imported jax earlier keep its settings.
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # no up-front grab of 75% of GPU memory
+        platforms = os.environ.get("JAX_PLATFORMS")
         if device == "cpu":
             os.environ["JAX_PLATFORMS"] = "cpu"
         elif device == "gpu":
@@ -295,6 +296,11 @@ class JaxBackend(Backend):
             else:
                 devices = jax.devices()
         except (RuntimeError, AssertionError) as exc:  # jax 0.10 asserts when JAX_PLATFORMS names no backend
+            # Child processes inherit the environment: do not leave them a platform that is not here.
+            if platforms is None:
+                os.environ.pop("JAX_PLATFORMS", None)
+            else:
+                os.environ["JAX_PLATFORMS"] = platforms
             raise BackendUnavailable(f"jax: device {device!r} is not available here ({exc or 'no such platform'}); "
                                      "a GPU needs jax[cuda12] and a visible NVIDIA device") from None
         if not devices:
