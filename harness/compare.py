@@ -8,7 +8,15 @@ from pathlib import Path
 
 from harness.comparable import differences
 from harness.results import STATUSES
-from harness.stats import cell_key, format_stat, group_cells, ok_records, spread_interval, summarise_figure
+from harness.stats import (
+    cell_key,
+    format_stat,
+    group_cells,
+    judged_by_loss,
+    ok_records,
+    spread_interval,
+    summarise_figure,
+)
 
 # (figure, higher is better, format, rule). Accuracy is compared as an absolute change in
 # percentage points: a relative change of a fraction near 1 hides what users care about.
@@ -20,6 +28,9 @@ FIGURES = (
     ("time_to_target_s", False, ".3g", "relative"),
     ("peak_rss_mb", False, ",.0f", "relative"),
 )
+# Cells of a task judged by held-out loss (language models) also compare it, right after
+# accuracy: lower is better, relative change (a loss has no natural "points").
+LOSS_FIGURES = (("test_loss", False, ".4f", "relative"),)
 STATUS_FAILURES = ("failed", "diverged")
 FORMATS = ("text", "markdown", "json")
 DEFAULT = "*"  # the thresholds key for every figure not named
@@ -65,7 +76,7 @@ def parse_threshold(text: str, *, points_ok: bool = True) -> float:
 
 def parse_thresholds(text: str) -> dict[str, float]:
     """'5%' (every figure) or 'train_samples_per_s=5%,test_accuracy=0.5pt' (each named figure; the others 5%)."""
-    names = {name: rule for name, _, _, rule in FIGURES}
+    names = {name: rule for name, _, _, rule in FIGURES + LOSS_FIGURES}
     out = {DEFAULT: 0.05}
     for item in (i.strip() for i in str(text).split(",")):
         name, sep, value = item.rpartition("=")
@@ -81,9 +92,14 @@ def _limit(thresholds: dict[str, float], name: str) -> float:
     return thresholds.get(name, thresholds[DEFAULT])
 
 
-def _threshold_text(thresholds: dict[str, float]) -> str:
+def _cell_figures(records: list[dict]) -> tuple:
+    """The figures compared for one cell: the loss-judged ones add the held-out loss after accuracy."""
+    return FIGURES[:1] + LOSS_FIGURES + FIGURES[1:] if judged_by_loss(records) else FIGURES
+
+
+def _threshold_text(thresholds: dict[str, float], figures: tuple = FIGURES) -> str:
     parts = []
-    for name, _, _, rule in FIGURES:
+    for name, _, _, rule in figures:
         value = _limit(thresholds, name)
         parts.append(f"{name} {100 * value:g} points" if rule == "points" else f"{name} {100 * value:g}%")
     return "thresholds: " + ", ".join(parts)
@@ -191,15 +207,16 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
         raise Incomparable(diffs)
     base_cells = group_cells(base)
     new_cells = _align_devices(base_cells, group_cells(new))
+    figures = _cell_figures(base + new)  # the threshold line names test_loss where some cell is judged by it
     lines = [f"tribench compare: base {base_name} vs new {new_name}"]
     if diffs:
         lines += ["NOT COMPARABLE, compared anyway (--force); the runs differ in:", *[f"  - {d}" for d in diffs]]
-    rules = (f"{_threshold_text(thresholds)} (accuracy: absolute change in points; others: relative change). "
+    rules = (f"{_threshold_text(thresholds, figures)} (accuracy: absolute change in points; others: relative change). "
              "A regression needs the change beyond the threshold AND each median outside the other run's "
              "spread (min-max below 5 repeats, IQR from 5; with n=1 on both sides the threshold alone decides).")
     lines += [rules, ""]
     result = {"base": base_name, "new": new_name, "comparable": not diffs, "differences": diffs, "rules": rules,
-              "thresholds": {name: _limit(thresholds, name) for name, *_ in FIGURES}, "cells": []}
+              "thresholds": {name: _limit(thresholds, name) for name, *_ in figures}, "cells": []}
     regressions = []
     only_base = sorted(set(base_cells) - set(new_cells))
     only_new = sorted(set(new_cells) - set(base_cells))
@@ -234,7 +251,7 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
             continue
         rows = [["figure", "base", "new", "ratio", "verdict"]]
         cell = {"cell": label, "base": _provenance(b_rs), "new": _provenance(n_rs), "figures": []}
-        for name, higher, form, rule in FIGURES:
+        for name, higher, form, rule in _cell_figures(b_ok + n_ok):
             bs, ns = summarise_figure(b_ok, name), summarise_figure(n_ok, name)
             if name == "time_to_target_s" and not bs["n"] and not ns["n"]:
                 verdict, bad = "n/a (target never reached in either run)", False

@@ -1,4 +1,4 @@
-"""Matplotlib (Agg) PNG plots of a run: accuracy vs time, per-epoch parity curves, throughput, memory."""
+"""Matplotlib (Agg) PNG plots of a run: accuracy or held-out loss vs time, per-epoch curves, throughput, memory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import io
 import math
 from pathlib import Path
 
-from harness.stats import figure, group_cells, ok_records, spread_interval, spread_kind, summarise_figure
+from harness.stats import (
+    figure,
+    group_cells,
+    judged_by_loss,
+    ok_records,
+    spread_interval,
+    spread_kind,
+    summarise_figure,
+    target_loss,
+)
 from harness.storage import write_atomic
 
 DPI = 110
@@ -66,31 +75,51 @@ def _hide_unused(axes, used: int):
         ax.set_visible(False)
 
 
+class _Metric:
+    """What a task's records are judged by: test accuracy (higher is better) or held-out loss (lower is better)."""
+
+    def __init__(self, records: list[dict]):
+        self.loss = judged_by_loss(records)
+        if self.loss:
+            self.name, self.series, self.initial, self.scale = "test_loss", "epoch_test_loss", "initial_test_loss", 1.0
+            self.label, self.title, unit = "held-out loss (nats, lower is better)", "held-out loss", " nats"
+            target = target_loss(records)
+        else:
+            self.name, self.series, self.initial = "test_accuracy", "epoch_test_accuracy", "initial_test_accuracy"
+            self.scale, self.label, self.title, unit = 100.0, "test accuracy (%)", "test accuracy", "%"
+            target = (records[0].get("spec") or {}).get("target_accuracy") if records else None
+        self.target = None if target is None else self.scale * target
+        self.target_label = None if target is None else f"target {self.target:g}{unit}"
+        # Where the curves are not late in training: low for accuracy, high for a falling loss.
+        self.legend_at = "upper right" if self.loss else "lower right"
+
+
 def _median_repeat(records: list[dict]) -> dict:
-    """The repeat whose final test accuracy is the median (lower middle for even n)."""
-    ranked = sorted(records, key=lambda r: (figure(r, "test_accuracy") or 0.0, r.get("repeat") or 0))
+    """The repeat whose final test accuracy (loss-judged: held-out loss) is the median (lower middle for even n)."""
+    name = _Metric(records).name
+    ranked = sorted(records, key=lambda r: (figure(r, name) or 0.0, r.get("repeat") or 0))
     return ranked[(len(ranked) - 1) // 2]
 
 
-def _accuracy_points(record: dict) -> tuple[list[float], list[float], list[float]]:
-    """(epochs, cumulative training s, test accuracy %) at each evaluation, epoch 0 included."""
+def _metric_points(record: dict, metric: _Metric) -> tuple[list[float], list[float], list[float]]:
+    """(epochs, cumulative training s, the task's metric in plot units) at each evaluation, epoch 0 included."""
     m = record.get("metrics") or {}
-    acc = list(m.get("epoch_test_accuracy") or [])
+    values = list(m.get(metric.series) or [])
     times = list(m.get("epoch_train_time_s") or [])
     every = int(m.get("eval_every_epochs") or 1)
-    epochs, ts, accs = [], [], []
-    if m.get("initial_test_accuracy") is not None:
+    epochs, ts, ys = [], [], []
+    if m.get(metric.initial) is not None:
         epochs.append(0)
         ts.append(0.0)
-        accs.append(100 * m["initial_test_accuracy"])
-    for i, a in enumerate(acc):
+        ys.append(metric.scale * m[metric.initial])
+    for i, v in enumerate(values):
         epoch = min((i + 1) * every, len(times)) if times else (i + 1) * every
-        if a is None:
+        if v is None:
             continue
         epochs.append(epoch)
         ts.append(times[epoch - 1] if times and epoch - 1 < len(times) else float("nan"))
-        accs.append(100 * a)
-    return epochs, ts, accs
+        ys.append(metric.scale * v)
+    return epochs, ts, ys
 
 
 def _shared_repeat(groups) -> int | None:
@@ -114,46 +143,60 @@ def _repeat_note(by_task: dict[str, dict]) -> str:
     n = max((len(rs) for groups in by_task.values() for rs in groups.values()), default=1)
     if n <= 1:
         return "one repeat per backend"
-    bold = ", ".join(f"{task}: repeat {_shared_repeat(groups)} (median of {next(iter(groups))[1]})"
+    bold = ", ".join(f"{task}: repeat {_shared_repeat(groups)} (median of {next(iter(groups))[1]}"
+                     f"{' by held-out loss' if _Metric(_flat(groups)).loss else ''})"
                      for task, groups in by_task.items())
     return (f"bold line: the same repeat for every backend (same seed, weights and batch order), the median repeat "
-            f"by final accuracy of the first backend; {bold}; thin lines: the other repeats")
+            f"by final accuracy (loss-judged tasks: held-out loss) of the first backend; {bold}; "
+            "thin lines: the other repeats")
+
+
+def _flat(groups: dict) -> list[dict]:
+    return [r for cell in groups.values() for r in cell]
 
 
 def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binary file
-    """Test accuracy against cumulative training time, one line per backend, one panel per task."""
+    """Test accuracy (loss-judged tasks: held-out loss) against cumulative training time, a line per backend,
+    a panel per task, the task's target drawn."""
     plt = _pyplot()
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks))
     colors = _colors(records)
     shown: dict[str, dict] = {}
+    losses = []
     for ax, (task, rs) in zip(axes.flat, tasks.items()):
         groups = group_cells(rs)
         shown[task] = groups
+        metric = _Metric(rs)
+        if metric.loss:
+            losses.append(task)
         for key, cell in groups.items():
             color = colors[key[1:]]
             best = _bold(cell, _shared_repeat(groups))
             for r in cell:
-                _, ts, accs = _accuracy_points(r)
+                _, ts, ys = _metric_points(r, metric)
                 main = r is best
-                ax.plot(ts, accs, color=color, marker="o" if main else None, markersize=4,
+                ax.plot(ts, ys, color=color, marker="o" if main else None, markersize=4,
                         linewidth=2.0 if main else 0.8, alpha=1.0 if main else 0.35,
                         label=f"{_label(key)}, n={len(cell)}" if main else None)
-        target = (rs[0].get("spec") or {}).get("target_accuracy")
-        if target:
-            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:g}%")
+        if metric.target:
+            ax.axhline(metric.target, color="grey", linestyle="--", linewidth=1, label=metric.target_label)
         ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
         ax.set_xlabel("cumulative training time (s, evaluation excluded)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(metric.label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc=metric.legend_at)
     _hide_unused(axes, len(tasks))
-    fig.suptitle("Test accuracy vs training time", fontsize=12)
+    title = ("Held-out loss vs training time" if len(losses) == len(tasks) else
+             "Test accuracy vs training time" if not losses else "Test accuracy / held-out loss vs training time")
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return (f"Test accuracy against cumulative training time per backend ({_repeat_note(shown)}; epoch 0 is the "
-            "untrained model).")
+    judged = (f"; {', '.join(losses)}: held-out loss in nats, lower is better, the dashed line the target loss"
+              if losses else "")
+    return (f"Test accuracy against cumulative training time per backend{judged} ({_repeat_note(shown)}; epoch 0 "
+            "is the untrained model).")
 
 
 def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary file
@@ -167,6 +210,7 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
         groups = group_cells(rs)
         shown[task] = groups
         loss_ax, acc_ax = row
+        metric = _Metric(rs)
         for i, (key, cell) in enumerate(groups.items()):
             style = STYLES[i % len(STYLES)]
             color = colors[key[1:]]
@@ -177,22 +221,27 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
                 label = f"{_label(key)}, n={len(cell)}" if main else None
                 loss = (r.get("metrics") or {}).get("epoch_train_loss") or []
                 loss_ax.plot(range(1, len(loss) + 1), loss, label=label, **kw)
-                epochs, _, accs = _accuracy_points(r)
-                acc_ax.plot(epochs, accs, label=label, **kw)
-        for ax, ylabel in ((loss_ax, "training loss (cross-entropy, epoch mean)"), (acc_ax, "test accuracy (%)")):
+                epochs, _, ys = _metric_points(r, metric)
+                acc_ax.plot(epochs, ys, label=label, **kw)
+        if metric.loss and metric.target:
+            acc_ax.axhline(metric.target, color="grey", linestyle="--", linewidth=1, label=metric.target_label)
+        for ax, ylabel in ((loss_ax, "training loss (cross-entropy, epoch mean)"), (acc_ax, metric.label)):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             ax.xaxis.get_major_locator().set_params(integer=True)
         loss_ax.set_title(f"{task}: training loss\n{_source(rs)}", fontsize=10)
-        acc_ax.set_title(f"{task}: test accuracy\n{_source(rs)}", fontsize=10)
+        acc_ax.set_title(f"{task}: {metric.title}\n{_source(rs)}", fontsize=10)
     fig.suptitle("Per-epoch curves, backends overlaid (same weights and batch order: curves should coincide)",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return ("Training loss and test accuracy per epoch with the backends overlaid; with identical initial "
+    losses = [task for task, groups in shown.items() if _Metric(_flat(groups)).loss]
+    judged = (f"test accuracy ({', '.join(losses)}: held-out loss, lower is better, the dashed line the target)"
+              if losses else "test accuracy")
+    return (f"Training loss and {judged} per epoch with the backends overlaid; with identical initial "
             f"weights and batch order the curves should lie on each other ({_repeat_note(shown)}).")
 
 

@@ -15,10 +15,12 @@ from harness.stats import (
     figure,
     format_stat,
     group_cells,
+    judged_by_loss,
     ok_records,
     spread_kind,
     summarise,
     summarise_figure,
+    target_loss,
 )
 from harness.storage import write_atomic
 
@@ -42,11 +44,12 @@ CORE_COLUMNS = (
     ("peak host RSS (MiB)", "peak_rss_mb", ",.0f"),
     ("device peak (MiB)", "device_peak_mb", ",.0f"),
 )
+LOSS_HEADER = "held-out loss (lower is better)"
 # Shown only where some record of the task has them (the finetune task, GPU roofline runs).
 EXTRA_COLUMNS = (
-    # Language models (lower is better): the held-out loss, its bits per byte, per-token rates.
-    ("held-out loss", "test_loss", ".4f"),
-    ("bits/byte", "bits_per_byte", ".3f"),
+    # Tasks judged by loss (language models): the held-out loss, its bits per byte, per-token rates.
+    (LOSS_HEADER, "test_loss", ".4f"),
+    ("bits/byte (lower is better)", "bits_per_byte", ".3f"),
     ("train tokens/s", "train_tokens_per_s", ",.0f"),
     ("eval tokens/s", "eval_tokens_per_s", ",.0f"),
     ("scratch loss", "scratch_loss", ".4f"),  # a staged language model's control, same budget, fresh weights
@@ -162,7 +165,7 @@ def summary_table(records: list[dict]):
             row["device peak (MiB)"] = f"n/a ({device})"
         row["params (total / trainable)"] = _params(ok) if ok else ""
         for header, name, fmt in EXTRA_COLUMNS:
-            if name == "test_loss" and not any(figure(r, "bits_per_byte") is not None for r in ok):
+            if name == "test_loss" and not judged_by_loss(ok):
                 row[header] = ""  # every task has a loss; the column is for those judged by it
                 continue
             s = summarise_figure(ok, name)
@@ -186,9 +189,26 @@ def task_table(table, task: str):
 
 # -- parity and provenance ---------------------------------------------------------------------
 
+def judged_line(records: list[dict]) -> str:
+    """How one task's cells are judged and ranked: by held-out loss (lower is better) or test accuracy (higher)."""
+    by_loss = judged_by_loss(records)
+    name = "test_loss" if by_loss else "test_accuracy"
+    cells = {k: summarise_figure(rs, name) for k, rs in group_cells(records).items()}
+    ranked = sorted((k for k in cells if cells[k]["n"]), key=lambda k: cells[k]["median"], reverse=not by_loss)
+    order = ", ".join(f"{k[1]}/{k[2]} {cells[k]['median']:.4f}" if by_loss else
+                      f"{k[1]}/{k[2]} {100 * cells[k]['median']:.2f}%" for k in ranked) or "no ok cell"
+    if not by_loss:
+        return f"Judged by test accuracy (higher is better); best first (medians): {order}."
+    target = target_loss(records)
+    aim = (f"target {target:g} nats; time to target: training time until the held-out loss first fell to it"
+           if target is not None else "no target loss")
+    return (f"Judged by held-out loss (lower is better; {aim}; test accuracy is next-token accuracy); "
+            f"best first (medians, nats): {order}.")
+
+
 def parity_line(records: list[dict]) -> str:
     """Largest test-accuracy (loss-based tasks: held-out-loss) gap between cells, and initial-loss agreement."""
-    if any(figure(r, "bits_per_byte") is not None for r in ok_records(records)):
+    if judged_by_loss(records):
         return _loss_parity_line(records)
     cells = {k: summarise_figure(rs, "test_accuracy") for k, rs in group_cells(records).items()}
     cells = {k: s for k, s in cells.items() if s["n"]}
@@ -347,7 +367,7 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 # -- terminal --------------------------------------------------------------------------------
 
-TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", "held-out loss", "bits/byte",
+TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", LOSS_HEADER, "bits/byte (lower is better)",
                     "time to target (s)", "train samples/s", "train tokens/s", "eval samples/s", "eval tokens/s",
                     "scratch loss", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
                     "freezing speed-up", "roofline", "mode", "error")
@@ -365,7 +385,7 @@ def render_terminal(records: list[dict]) -> str:
     for task, rs in _by_task(records).items():
         sub = task_table(table, task)
         sub = sub[[c for c in TERMINAL_COLUMNS if c in sub]]
-        lines += [f"== {task} ==", task_source(rs), sub.to_string(index=False), parity_line(rs), ""]
+        lines += [f"== {task} ==", task_source(rs), sub.to_string(index=False), judged_line(rs), parity_line(rs), ""]
     if warning:
         lines.append(f"!!! {warning}")
     return "\n".join(lines).rstrip() + "\n"
@@ -396,7 +416,7 @@ def _render_md(records, table, figures, title) -> str:
     out += ["", LEGEND, ""]
     for task, rs in _by_task(records).items():
         out += [f"## {_md(task)}", "", f"_{_md(task_source(rs))}_", "", _md_table(task_table(table, task)), "",
-                f"**{_md(parity_line(rs))}**", ""]
+                _md(judged_line(rs)), "", f"**{_md(parity_line(rs))}**", ""]
     out += ["## Plots", ""]
     if not figures:
         out += ["No successful cell: nothing to plot.", ""]
@@ -430,7 +450,7 @@ def _render_html(records, table, figures, title) -> str:
     for task, rs in _by_task(records).items():
         out += [f"<h2>{esc(task)}</h2>", f"<p class='src'>{esc(task_source(rs))}</p>",
                 task_table(table, task).to_html(index=False, escape=True, border=0),
-                f"<p class='parity'>{esc(parity_line(rs))}</p>"]
+                f"<p>{esc(judged_line(rs))}</p>", f"<p class='parity'>{esc(parity_line(rs))}</p>"]
     out.append("<h2>Plots</h2>")
     if not figures:
         out.append("<p>No successful cell: nothing to plot.</p>")

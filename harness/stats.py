@@ -119,3 +119,25 @@ def ok_records(records: Iterable[dict]) -> list[dict]:
 def summarise_figure(records: Iterable[dict], name: str) -> dict:
     """Summary of one figure over the ok repeats of a cell."""
     return summarise(figure(r, name) for r in ok_records(records))
+
+
+def judged_by_loss(records: Iterable[dict]) -> bool:
+    """Whether these records' task is judged by held-out loss (lower is better) rather than accuracy.
+
+    The loop's rule (loop.reached_target): a spec with target_loss reaches its target by the
+    loss. Language-model records also carry bits_per_byte, which older records without the
+    spec's target_loss still have.
+    """
+    return any((r.get("spec") or {}).get("target_loss") is not None
+               or any(figure(r, name) is not None for name in ("target_loss", "bits_per_byte"))
+               for r in ok_records(records))
+
+
+def target_loss(records: Iterable[dict]) -> float | None:
+    """The held-out-loss target of a loss-judged task's records (the spec's, else the metrics' copy)."""
+    for r in ok_records(records):
+        value = (r.get("spec") or {}).get("target_loss")
+        value = value if value is not None else figure(r, "target_loss")
+        if value is not None:
+            return float(value)
+    return None

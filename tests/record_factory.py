@@ -18,15 +18,22 @@ TASK_DATA = {
     "mnist-mlp": ("mnist", 60000, 10000, 0.97, 101770, 101770),
     "cifar-cnn": ("cifar10", 50000, 10000, 0.70, 122570, 122570),
     "finetune": ("cifar10", 25000, 5000, 0.70, 122365, 65925),
+    "tiny-gpt": ("fortunes", 18112, 2000, 0.5, 875520, 875520),
 }
+# Tasks judged by held-out loss (lower is better): their target loss, as their spec carries it.
+LOSS_TARGETS = {"tiny-gpt": 1.6}
 
 
 def make_record(task: str = "mnist-mlp", backend: str = "torch", repeat: int = 0, *,
                 status: str = "ok", synthetic: bool = False, device: str = "cpu", gpu_name: str | None = None,
                 epochs: int = 3, seed: int = 0, throughput: float = 20000.0, accuracy: float = 0.975,
                 jitter: float = 0.0, rng_seed: int | None = None, roofline: bool = False,
-                mode: str | None = "compiled") -> dict:
-    """One record of one cell. `jitter` is the relative noise on timings, drawn from `rng_seed`."""
+                mode: str | None = "compiled", test_loss: float | None = None) -> dict:
+    """One record of one cell. `jitter` is the relative noise on timings, drawn from `rng_seed`.
+
+    A task of LOSS_TARGETS gets a language model's record: a held-out-loss curve falling from
+    ln 256 to `test_loss` (default 1.5), bits per byte, tokens/s and the spec's target_loss.
+    """
     cell_seed = zlib.crc32(f"{task}/{backend}/{repeat}/{device}".encode())  # stable across processes, unlike hash()
     rng = random.Random(rng_seed if rng_seed is not None else cell_seed)
     factor, version = BACKENDS.get(backend, (1.0, "1.0"))
@@ -51,7 +58,8 @@ def make_record(task: str = "mnist-mlp", backend: str = "torch", repeat: int = 0
         "status": status, "error": None, "failure": None,
         "data": {"name": name, "source": "synthetic" if synthetic else f"/usr/share/datasets/{name}",
                  "synthetic": synthetic, "n_train": n_train, "n_test": n_test, "subset": None},
-        "metrics": {}, "memory": {}, "env": env, "spec": {"name": task, "target_accuracy": target, "epochs": epochs},
+        "metrics": {}, "memory": {}, "env": env,
+        "spec": {"name": task, "target_accuracy": target, "epochs": epochs, "target_loss": LOSS_TARGETS.get(task)},
         "started_at": "2024-06-01T12:00:00Z", "finished_at": "2024-06-01T12:01:00Z",
     }
     if status == "skipped":
@@ -90,6 +98,17 @@ def make_record(task: str = "mnist-mlp", backend: str = "torch", repeat: int = 0
         "wall_s": sum(epoch_s) + 8.0, "params_total": p_total, "params_trainable": p_train,
         "train_flops_per_sample": 610000,
     }
+    if task in LOSS_TARGETS:
+        final = 1.5 if test_loss is None else test_loss
+        # From ln 256 (uniform guesses) towards `final`, ending on it.
+        curve = [final + (math.log(256) - final) * 0.4 ** (i + 1) - (math.log(256) - final) * 0.4 ** epochs
+                 for i in range(epochs)]
+        reached_loss = [t for t, v in zip(cumulative, curve) if v <= LOSS_TARGETS[task]]
+        record["metrics"].update(
+            initial_test_loss=math.log(256) + 0.11, epoch_test_loss=curve, test_loss=curve[-1],
+            bits_per_byte=curve[-1] / math.log(2), target_loss=LOSS_TARGETS[task], context=128,
+            time_to_target_s=reached_loss[0] if reached_loss else None,
+            train_tokens_per_s=sps * 128, eval_tokens_per_s=sps * 4 * 128)
     if roofline:
         record["metrics"]["roofline_fraction"] = noisy(0.12)
     if task == "finetune":

@@ -190,3 +190,18 @@ def test_cli_refuses_incomparable_runs_with_exit_2_and_forces_with_a_banner(tmp_
     assert main(["compare", str(a), str(b), "--force", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["differences"] == ["spec.epochs: base 3, new 1 (mnist-mlp/torch)"]
     assert main(["compare", str(a), str(b), "--format", "yaml"]) == 2
+
+
+def test_held_out_loss_is_compared_lower_is_better_for_loss_judged_tasks():
+    base = make_run(tasks=("tiny-gpt",), backends=("torch",), repeats=3, test_loss=1.50)
+    worse = make_run(tasks=("tiny-gpt",), backends=("torch",), repeats=3, test_loss=1.80)
+    text, code = compare_records(base, worse, threshold=0.05)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("test_loss"))
+    assert code == 1 and "test_loss (lower better)" in line and "REGRESSION" in line and "+20.0%" in line
+    assert "tiny-gpt/torch/cpu: test_loss" in text.splitlines()[-1] and "test_loss 5%" in text
+    text, code = compare_records(worse, base, threshold=0.05)
+    assert code == 0 and "improved" in next(ln for ln in text.splitlines() if ln.strip().startswith("test_loss"))
+    assert parse_thresholds("test_loss=2%")["test_loss"] == pytest.approx(0.02)
+    # Accuracy-judged cells do not compare their loss (it is not what they are judged by).
+    text, _ = compare_records(make_run(backends=("torch",)), make_run(backends=("torch",)))
+    assert "test_loss" not in text

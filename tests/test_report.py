@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from record_factory import make_record, make_run, write_run
 
@@ -222,3 +223,104 @@ def test_the_mode_column_says_which_mode_each_row_trained_in_and_who_chose_it():
     failed = make_record("mnist-mlp", "tensorflow", 0, status="failed", mode=None)
     failed["env"].update(mode=None, mode_requested="best")  # failed before its metrics were kept
     assert report.summary_table([failed]).loc[0, "mode"] == "? (best)"
+
+
+# -- tasks judged by held-out loss (lower is better) ------------------------------------------
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions draw, kept open for inspection instead of closed after saving."""
+    from harness import plots
+
+    real, kept = plots._pyplot(), []
+
+    class Keep:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def close(self, fig):
+            kept.append(fig)
+
+    monkeypatch.setattr(plots, "_pyplot", Keep)
+    yield kept
+    for fig in kept:
+        real.close(fig)
+
+
+def _loss_run():
+    """tiny-gpt on torch and jax, 3 repeats: torch's held-out losses 2.0, 1.7, 1.9 (median repeat 2), jax 1.5."""
+    records = [make_record("tiny-gpt", "torch", r, test_loss=v) for r, v in ((0, 2.0), (1, 1.7), (2, 1.9))]
+    return records + [make_record("tiny-gpt", "jax", r, test_loss=1.5) for r in range(3)]
+
+
+def test_loss_judged_task_plots_held_out_loss_against_time_with_its_target(kept_figures):
+    import io
+
+    from harness import plots
+
+    records = _loss_run()
+    caption = plots.plot_accuracy_vs_time(records + make_run(backends=("torch",)), io.BytesIO())
+    loss_ax, acc_ax = (ax for ax in kept_figures[0].axes if ax.get_visible())
+    assert loss_ax.get_title().startswith("tiny-gpt") and acc_ax.get_title().startswith("mnist-mlp")
+    assert loss_ax.get_ylabel() == "held-out loss (nats, lower is better)"
+    assert acc_ax.get_ylabel() == "test accuracy (%)"
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    # The bold line of each backend is its held-out loss per evaluation, the untrained model first; bold is
+    # the first backend's (jax's) median repeat by held-out loss: its three tie, so repeat 1, torch's 1.7.
+    torch_r1 = records[1]["metrics"]
+    np.testing.assert_allclose(lines["torch (cpu), n=3"].get_ydata(),
+                               [torch_r1["initial_test_loss"], *torch_r1["epoch_test_loss"]])
+    assert list(lines["target 1.6 nats"].get_ydata()) == [1.6, 1.6]
+    assert "target 97%" in {line.get_label() for line in acc_ax.get_lines()}
+    assert "tiny-gpt: held-out loss in nats, lower is better" in caption
+    assert "tiny-gpt: repeat 1 (median of jax by held-out loss)" in caption
+
+
+def test_loss_judged_bold_repeat_is_the_median_by_held_out_loss():
+    from harness import plots
+
+    torch = [r for r in _loss_run() if r["backend"] == "torch"]
+    # By accuracy every repeat ties (and repeat 1 would be the middle one); by loss 1.7 < 1.9 < 2.0.
+    assert plots._median_repeat(torch)["repeat"] == 2
+
+
+def test_loss_judged_epoch_curves_overlay_held_out_loss_per_epoch(kept_figures):
+    import io
+
+    from harness import plots
+
+    caption = plots.plot_epoch_curves(_loss_run(), io.BytesIO())
+    train_ax, judged_ax = kept_figures[0].axes
+    assert train_ax.get_ylabel().startswith("training loss")
+    assert judged_ax.get_ylabel() == "held-out loss (nats, lower is better)"
+    assert judged_ax.get_title().startswith("tiny-gpt: held-out loss")
+    labels = {line.get_label() for line in judged_ax.get_lines()}
+    assert {"jax (cpu), n=3", "torch (cpu), n=3", "target 1.6 nats"} <= labels
+    assert "tiny-gpt: held-out loss, lower is better" in caption
+
+
+def test_loss_judged_tables_say_lower_is_better_and_rank_lowest_first():
+    records = _loss_run()
+    table = report.task_table(report.summary_table(records), "tiny-gpt").set_index("backend")
+    assert table.loc["jax", "held-out loss (lower is better)"] == "1.5000 [1.5000\u20131.5000]"
+    assert table.loc["torch", "bits/byte (lower is better)"].startswith("2.741")
+    line = report.judged_line(records)
+    assert "Judged by held-out loss (lower is better; target 1.6 nats" in line
+    assert line.endswith("best first (medians, nats): jax/cpu 1.5000, torch/cpu 1.9000.")
+    # Accuracy-judged tasks rank the other way round.
+    acc = make_run(backends=("torch",), accuracy=0.90) + make_run(backends=("jax",), accuracy=0.95)
+    assert report.judged_line(acc).endswith("best first (medians): jax/cpu 95.00%, torch/cpu 90.00%.")
+    assert "held-out loss" not in report.task_table(report.summary_table(acc), "mnist-mlp")
+    text = report.render_terminal(records)
+    assert "held-out loss (lower is better)" in text and "lower is better" in report.parity_line(records)
+
+
+def test_a_task_with_target_loss_but_no_tokens_is_judged_by_its_loss():
+    # A task file may set target_loss on an image model: no bits per byte, still judged by the loss.
+    records = make_run(backends=("torch", "jax"))
+    for r, loss in zip(records, (0.30, 0.25)):
+        r["spec"]["target_loss"] = 0.28
+        r["metrics"]["test_loss"] = loss
+    assert "held-out-loss gap" in report.parity_line(records)
+    assert report.judged_line(records).endswith("jax/cpu 0.2500, torch/cpu 0.3000.")
+    assert "held-out loss (lower is better)" in report.task_table(report.summary_table(records), "mnist-mlp")

@@ -64,12 +64,34 @@ def _rate(row: dict, side: str) -> str:
     return f"{row[side]['median']:,.0f} [{row[side]['min']:,.0f}-{row[side]['max']:,.0f}]"
 
 
+def _tokens(row: dict, side: str) -> str:
+    per = row["tokens_per_sample"]
+    return f"{row[side]['median'] * per:,.0f} [{row[side]['min'] * per:,.0f}-{row[side]['max'] * per:,.0f}]"
+
+
+def token_lines(rows: list[dict]) -> list[str]:
+    """The language-model rows in tokens/s (samples are windows of `tokens_per_sample` tokens)."""
+    if not rows:
+        return []
+    lines = ["| backend | task | steps timed / epoch | mode | harness tokens/s [min-max] "
+                 "| yardstick tokens/s [min-max] | ratio [pairs min-max] | target | met? |", "|" + "---|" * 9]
+    for r in rows:
+        mode = r["mode"] if r.get("ran_in", r["mode"]) == r["mode"] else f"{r['mode']}: {r['ran_in']}"
+        bs = r["samples_timed"] // r["steps_timed"]
+        lines.append(f"| {r['backend']} | {r['task']} | {r['steps_timed']} / {r['samples_per_epoch'] // bs} | {mode} "
+                     f"| {_tokens(r, 'harness')} | {_tokens(r, 'yardstick')} "
+                     f"| {r['ratio']:.2f}x [{r['pair_ratio_min']:.2f}-{r['pair_ratio_max']:.2f}] "
+                     f"| {r['target']:.2f}x | {'yes' if r['met'] else 'NO'} |")
+    return lines
+
+
 def summary_lines(rows: list[dict], *, started: dict) -> list[str]:
     """The yardstick table as markdown lines (printed and, with $TRIBENCH_BENCH_SUMMARY, written)."""
     head = ("| backend | task | samples timed / dataset | mode | harness samples/s [min-max] "
             "| yardstick samples/s [min-max] | ratio [pairs min-max] | target | met? | roofline |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
+    images = [r for r in rows if not r.get("tokens_per_sample")]
+    lines = [head, "|" + "---|" * 10] if images else []
+    for r in images:
         roof = f"{r['roofline_fraction']:.3f}" if r.get("roofline_fraction") is not None else "-"
         mode = r["mode"] if r.get("ran_in", r["mode"]) == r["mode"] else f"{r['mode']}: {r['ran_in']}"
         size = f"{r.get('samples_timed', r['samples_per_epoch']):,} / {r['samples_per_epoch']:,}"
@@ -77,6 +99,8 @@ def summary_lines(rows: list[dict], *, started: dict) -> list[str]:
                      f"| {_rate(r, 'yardstick')} "
                      f"| {r['ratio']:.2f}x [{r['pair_ratio_min']:.2f}-{r['pair_ratio_max']:.2f}] "
                      f"| {r['target']:.2f}x | {'yes' if r['met'] else 'NO'} | {roof} |")
+    tokens = token_lines([r for r in rows if r.get("tokens_per_sample")])
+    lines += ([""] if lines and tokens else []) + tokens
     mlp = [r for r in rows if r.get("roofline_fraction") is not None and r["mode"] == "compiled"]
     if mlp:
         best = max(mlp, key=lambda r: r["harness"]["median"])
