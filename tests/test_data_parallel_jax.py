@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require
+from data_parallel_run import load_spec, weight_mismatches
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "data_parallel_run.py"
@@ -106,23 +107,6 @@ def _result(proc: subprocess.Popen, out: Path) -> dict:
         return {k: npz[k] for k in npz.files}
 
 
-def _spec(task: str):
-    from tasks import get_task
-    from tasks.taskfile import load_task_file
-
-    return load_task_file(ROOT / task) if task.endswith(".toml") else get_task(task)
-
-
-def _bn_fed_biases(layers) -> set[str]:
-    names = set()
-    for layer, following in zip(layers, layers[1:]):
-        if layer.kind in ("conv2d", "dense") and following.kind == "batchnorm":
-            names.add(f"{layer.name}.bias")
-    for layer in layers:
-        names |= _bn_fed_biases(layer.children())
-    return names
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, tmp_path_factory):
     """(spec, N=1 result, N=2 result) of one case, each from its own fresh process."""
@@ -132,30 +116,13 @@ def pair(request, tmp_path_factory):
     # Both at once: most of each run is single-threaded start-up and compilation.
     procs = {n: _start(task, n, tmp / f"n{n}.npz", mode=mode, fused_samples=fused_samples) for n in (1, 2)}
     one, two = (_result(procs[n], tmp / f"n{n}.npz") for n in (1, 2))
-    return _spec(task), one, two
+    return load_spec(task), one, two
 
 
 def test_weights_match_one_device(pair):
-    from harness.weights import initial_weights
-
     spec, one, two = pair
     tol = TOLERANCE[spec.name]
-    noise_only = _bn_fed_biases(spec.layers)
-    w0 = initial_weights(spec, seed=0)
-    failures = []
-    for i, (entry, initial) in enumerate(zip(spec.params(), w0)):
-        w1, w2 = one[f"w{i:03d}"], two[f"w{i:03d}"]
-        diff = float(np.abs(w2 - w1).max())
-        if entry.name in noise_only:
-            if diff > BN_FED_BIAS_ABS:
-                failures.append(f"{entry.name}: abs {diff:.2e} > {BN_FED_BIAS_ABS:.0e}")
-            continue
-        moved = float(np.linalg.norm(w1 - initial))
-        assert moved > 0, f"{entry.name} did not train: the comparison would be empty"
-        rel = float(np.linalg.norm(w2 - w1)) / moved
-        if rel > tol["rel"] or diff > tol["abs"]:
-            failures.append(f"{entry.name}: rel {rel:.2e} (tol {tol['rel']:.0e}), "
-                            f"abs {diff:.2e} (tol {tol['abs']:.0e})")
+    failures = weight_mismatches(spec, one, two, rel_tol=tol["rel"], abs_tol=tol["abs"], noise_abs=BN_FED_BIAS_ABS)
     assert not failures, "N=2 weights differ from N=1:\n" + "\n".join(failures)
 
 

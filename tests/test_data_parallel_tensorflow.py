@@ -39,10 +39,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require
-
-from harness.weights import initial_weights
-from tasks import get_task
-from tasks.taskfile import load_task_file
+from data_parallel_run import load_spec, weight_mismatches
 
 TESTS = Path(__file__).resolve().parent
 BN_TASK = str(TESTS.parent / "examples" / "tasks" / "cifar-resnet-bn.toml")
@@ -113,14 +110,7 @@ def results(tmp_path_factory):
 
 
 def _spec(task):
-    spec = load_task_file(Path(task)) if task.endswith(".toml") else get_task(task)
-    return spec.with_overrides(batch_size=BATCH_SIZE)
-
-
-def _biases_feeding_batchnorm(spec) -> set[str]:
-    """Canonical names of conv biases followed by a BatchNorm: their true gradient is zero."""
-    layers = [layer for layer, _, _ in spec.walk()]
-    return {f"{a.name}.bias" for a, b in zip(layers, layers[1:]) if a.kind == "conv2d" and b.kind == "batchnorm"}
+    return load_spec(task).with_overrides(batch_size=BATCH_SIZE)
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)),
@@ -130,18 +120,9 @@ def test_two_replicas_train_as_one_device(results, index):
     spec = _spec(task)
     rel_tol, abs_tol, loss_tol, eval_tol = TOLERANCES[task]
     one, two = (np.load(results[n] / f"{index}.npz") for n in (1, 2))
-    w0 = initial_weights(spec, seed=0)
-    noisy = _biases_feeding_batchnorm(spec)
     noise_bound = 2 * 1.03 * float(np.sum(spec.optimizer.lr_table()[: len(one["losses"])]))
-    for i, entry in enumerate(spec.params()):
-        w1, w2 = one[f"w{i:03d}"], two[f"w{i:03d}"]
-        diff = np.abs(w2 - w1).max()
-        if entry.name in noisy:
-            assert diff <= noise_bound, f"{entry.name}: max abs {diff:.3g} > {noise_bound:.3g}"
-            continue
-        rel = np.linalg.norm(w2 - w1) / np.linalg.norm(w1 - w0[i])
-        assert rel <= rel_tol, f"{entry.name}: relative L2 error {rel:.3g} > {rel_tol}"
-        assert diff <= abs_tol, f"{entry.name}: max abs {diff:.3g} > {abs_tol}"
+    failures = weight_mismatches(spec, one, two, rel_tol=rel_tol, abs_tol=abs_tol, noise_abs=noise_bound)
+    assert not failures, "N=2 weights differ from N=1:\n" + "\n".join(failures)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=loss_tol)
     assert abs(two["eval"][0] - one["eval"][0]) <= eval_tol
     assert abs(two["eval"][1] - one["eval"][1]) <= 1 / EVAL_SAMPLES + 1e-9

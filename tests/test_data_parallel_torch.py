@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require
-from data_parallel_run import EVAL_SAMPLES, SAMPLES
+from data_parallel_run import EVAL_SAMPLES, SAMPLES, load_spec, weight_mismatches
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "data_parallel_run.py"
@@ -118,10 +118,6 @@ def pair(request, one_device, tmp_path_factory):
     The N=1 process runs beside the two replica processes.
     """
     require("torch")
-    from harness.weights import initial_weights
-    from tasks import get_task
-    from tasks.taskfile import load_task_file
-
     task, mode = request.param
     tmp = tmp_path_factory.mktemp("dp")
     one, two, port = tmp / "n1.npz", tmp / "n2.npz", free_port()
@@ -134,52 +130,25 @@ def pair(request, one_device, tmp_path_factory):
         assert rc == 0, err
     if task not in one_device:
         one_device[task] = dict(np.load(one))
-    spec = load_task_file(Path(task)) if task.endswith(".toml") else get_task(task)
-    spec = spec.with_overrides(batch_size=BATCH)
-    return spec, initial_weights(spec, seed=0), one_device[task], dict(np.load(two)), CASES[request.param]
-
-
-def _zero_gradient_biases(spec) -> set[str]:
-    """Biases of the layers feeding straight into a BatchNorm (its mean subtraction cancels them)."""
-    out = set()
-
-    def walk(layers):
-        for prev, layer in zip(layers, layers[1:]):
-            if layer.kind == "batchnorm" and prev.kind in ("conv2d", "dense"):
-                out.add(f"{prev.name}.bias")
-        for layer in layers:
-            walk(getattr(layer, "body", ()))
-    walk(spec.layers)
-    return out
+    spec = load_spec(task).with_overrides(batch_size=BATCH)
+    return spec, one_device[task], dict(np.load(two)), CASES[request.param]
 
 
 def test_weights_match_one_device(pair):
-    spec, w0, one, two, (rel_tol, abs_tol) = pair
-    noise = _zero_gradient_biases(spec)
+    spec, one, two, (rel_tol, abs_tol) = pair
     noise_bound = 2.1 * sum(spec.optimizer.lr_at(s) for s in range(STEPS))
-    for i, entry in enumerate(spec.params()):
-        a, b = one[f"w{i:03d}"], two[f"w{i:03d}"]
-        diff = np.abs(b - a).max()
-        if entry.name in noise:
-            assert diff <= noise_bound, f"{entry.name}: {diff:.3g} is more than noise-driven Adam steps can move"
-            continue
-        moved = np.linalg.norm(a - w0[i])
-        assert moved > 0, f"{entry.name} did not train"
-        rel = np.linalg.norm(b - a) / moved
-        assert rel <= rel_tol, f"{entry.name}: relative L2 error {rel:.3g} > {rel_tol}"
-        assert diff <= abs_tol, f"{entry.name}: largest difference {diff:.3g} > {abs_tol}"
-        if entry.param.name == "running_var":  # the global batch's variance, not each slice's
-            assert diff <= RUNNING_VAR_TOL, f"{entry.name}: {diff:.3g}: batch statistics are not synchronised"
+    failures = weight_mismatches(spec, one, two, rel_tol=rel_tol, abs_tol=abs_tol, noise_abs=noise_bound)
+    assert not failures, "N=2 weights differ from N=1:\n" + "\n".join(failures)
 
 
 def test_losses_are_global_batch_means(pair):
-    _, _, one, two, _ = pair
+    _, one, two, _ = pair
     assert one["losses"].shape == two["losses"].shape == (STEPS,)
     np.testing.assert_allclose(two["losses"], one["losses"], atol=LOSS_TOL, rtol=0)
 
 
 def test_evaluation_matches_one_device(pair):
-    _, _, one, two, _ = pair
+    _, one, two, _ = pair
     assert abs(two["eval"][0] - one["eval"][0]) <= EVAL_LOSS_TOL
     assert abs(two["eval"][1] - one["eval"][1]) <= 1 / EVAL_SAMPLES + 1e-9
 
