@@ -310,10 +310,11 @@ class JaxBackend(Backend):
         if threads == 1:
             # The only thread setting XLA:CPU honours reliably; larger intra-op counts in
             # XLA_FLAGS are ignored or crash some versions, so >1 means "all cores".
+            # (No "intra_op_parallelism_threads=1": it is no XLA flag, and XLA ignored every
+            # flag written after it, the host device count included.)
             flags = os.environ.get("XLA_FLAGS", "")
-            if "intra_op_parallelism_threads" not in flags:
-                os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
-                                           "intra_op_parallelism_threads=1").strip()
+            if "--xla_cpu_multi_thread_eigen" not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
         try:
             import jax
         except ImportError as exc:
