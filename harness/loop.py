@@ -105,7 +105,8 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
         if m["time_to_target_s"] is None and reached_target(spec, test_loss, test_acc):
             m["time_to_target_s"] = train_clock  # evaluation time is not on this clock
         progress({"event": "epoch", "stage": stage.name, "epoch": epoch + 1, "epochs": spec.epochs,
-                  "train_loss": float(losses.mean()), "test_accuracy": test_acc, "epoch_s": seconds})
+                  "train_loss": float(losses.mean()), "test_loss": test_loss, "test_accuracy": test_acc,
+                  "epoch_s": seconds, "by_loss": spec.target_loss is not None})
 
     trained = len(order) * spec.epochs
     m.update(test_accuracy=m["epoch_test_accuracy"][-1], test_loss=m["epoch_test_loss"][-1],

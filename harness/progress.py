@@ -6,12 +6,23 @@ import contextlib
 import sys
 import time
 
+from harness.stats import judged_by_loss
+
 
 def _outcome(record: dict) -> str:
     metrics = record.get("metrics") or {}
+    if record["status"] == "ok" and judged_by_loss([record]) and metrics.get("test_loss") is not None:
+        return f"ok  held-out loss {metrics['test_loss']:.4f}  {metrics.get('wall_s', 0):.1f} s"
     if record["status"] == "ok" and metrics.get("test_accuracy") is not None:
         return f"ok  test accuracy {metrics['test_accuracy']:.4f}  {metrics.get('wall_s', 0):.1f} s"
     return f"{record['status'].upper()}: {record.get('error')}"
+
+
+def _epoch_result(event: dict, digits: int = 4) -> str:
+    """The epoch's figure that decides the task: held-out loss for a loss-judged task, else test accuracy."""
+    if event.get("by_loss") and event.get("test_loss") is not None:
+        return f"held-out loss {event['test_loss']:.{digits}f}"
+    return f"test accuracy {event['test_accuracy']:.{digits}f}"
 
 
 class _PlainBar:
@@ -30,7 +41,7 @@ class _PlainBar:
     def event(self, event: dict) -> None:
         if event.get("event") == "epoch":
             self._line(f"    {event['stage']} epoch {event['epoch']}/{event['epochs']}: "
-                       f"loss {event['train_loss']:.4f}, test accuracy {event['test_accuracy']:.4f}, "
+                       f"loss {event['train_loss']:.4f}, {_epoch_result(event)}, "
                        f"{event['epoch_s']:.1f} s")
 
     def finish_cell(self, label: str, record: dict) -> None:
@@ -66,7 +77,7 @@ class _RichBar:
         if event.get("event") == "epoch":
             self.progress.update(self.cell, total=event["epochs"], completed=event["epoch"],
                                  description=f"  {self.label}: {event['stage']} epoch {event['epoch']}/"
-                                             f"{event['epochs']}, acc {event['test_accuracy']:.3f}")
+                                             f"{event['epochs']}, {_epoch_result(event, 3)}")
 
     def finish_cell(self, label: str, record: dict) -> None:
         self.progress.console.print(f"{label}: {_outcome(record)}")

@@ -324,3 +324,20 @@ def test_a_task_with_target_loss_but_no_tokens_is_judged_by_its_loss():
     assert "held-out-loss gap" in report.parity_line(records)
     assert report.judged_line(records).endswith("jax/cpu 0.2500, torch/cpu 0.3000.")
     assert "held-out loss (lower is better)" in report.task_table(report.summary_table(records), "mnist-mlp")
+
+
+def test_progress_lines_give_held_out_loss_for_a_loss_task_and_accuracy_otherwise():
+    import io
+
+    from harness.progress import _PlainBar
+
+    out = io.StringIO()
+    bar = _PlainBar(2, out)
+    bar.event({"event": "epoch", "stage": "train", "epoch": 1, "epochs": 1, "train_loss": 2.0, "test_loss": 1.75,
+               "test_accuracy": 0.14, "epoch_s": 1.0, "by_loss": True})
+    bar.finish_cell("tiny-gpt / jax", make_record("tiny-gpt", "jax"))
+    bar.finish_cell("mnist-mlp / jax", make_record("mnist-mlp", "jax"))
+    lines = out.getvalue().splitlines()
+    assert "held-out loss 1.7500" in lines[0] and "accuracy" not in lines[0]
+    assert "ok  held-out loss" in lines[1] and "accuracy" not in lines[1]
+    assert "ok  test accuracy" in lines[2]
