@@ -108,3 +108,23 @@ def test_no_compilation_inside_the_first_timed_epoch(backend, mode, caplog):
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage()[:80] for r in caplog.records if "Compiling" in r.getMessage()]
     assert not compiles, compiles
+
+
+def test_eager_step_on_cpu_donates_nothing_and_keeps_its_inputs(backend):
+    """Issue 13: donation made the CNN's eager step 4.5-7% slower on XLA:CPU (see the adapter).
+
+    The compiled step must alias no input to an output, and the arrays passed in must
+    still be readable after the step (a donated buffer would be deleted).
+    """
+    weights = initial_weights(CIFAR_CNN, 0)
+    x, y = _data(CIFAR_CNN, 32)
+    data = backend.put_data(x, y)
+    model = backend.build(CIFAR_CNN, weights, trainable=None, mode="eager")
+    index = backend._index(np.arange(32), 16)
+    state, losses = backend._state(model), backend._loss_buffer(index)
+    hlo = model.step.lower(*state, losses, data.x, data.y, index, 0).compile().as_text()
+    assert "input_output_alias" not in hlo.splitlines()[0]
+    model.step(*state, losses, data.x, data.y, index, 0)
+    import jax
+
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((state, losses)))
