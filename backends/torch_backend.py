@@ -291,6 +291,13 @@ class TorchBackend(Backend):
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self._device = torch.device("cpu")
+        # Denormals flushed to zero on the CPU, the mode TensorFlow's thread pools and XLA's
+        # CPU runtime train in. Left to the process, it varied: the cifar-cnn's steps run into
+        # denormals, and whether they were flushed depended on whether torch.compile had run
+        # earlier in the process (issue 13, 24-step windows, samples/s: tutorial loop 2,195
+        # without, 3,136 after a compile, 3,249 with this flag; harness 2,912 / 4,677 / 4,823).
+        # Set before the thread pool exists: a new thread inherits the flag, a running one does not.
+        self._flush_denormal = bool(torch.set_flush_denormal(True))
         if threads:
             torch.set_num_threads(int(threads))
         try:
@@ -348,6 +355,7 @@ class TorchBackend(Backend):
             "interop_threads": torch.get_num_interop_threads(),
             "precision": self._precision,
             "memory_format": "channels_last" if CHANNELS_LAST else "nchw",
+            "flush_denormal": self._flush_denormal,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if on_cuda else None,
             **self._replica_environment(),

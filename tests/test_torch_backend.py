@@ -26,3 +26,16 @@ def test_same_padding_puts_the_odd_row_last_as_tensorflow_does(size, k, s, want)
     assert _same_padding(size, k, s) == want
     top, bottom = want
     assert (size + top + bottom - k) // s + 1 == -(-size // s)  # the output size "same" promises
+
+
+def test_cpu_runs_flush_denormals_and_say_so():
+    """Issue 13: a CPU run flushes denormals (the mode XLA and TensorFlow train in) and records it."""
+    import torch
+
+    from backends.torch_backend import TorchBackend
+
+    b = TorchBackend()
+    b.configure(device="cpu", threads=2, precision="fp32")
+    assert b.environment()["flush_denormal"] is True
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
+    assert (tiny * 1.0).item() == 0.0
