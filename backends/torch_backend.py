@@ -291,12 +291,14 @@ class TorchBackend(Backend):
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self._device = torch.device("cpu")
-        # Denormals flushed to zero on the CPU, the mode TensorFlow's thread pools and XLA's
-        # CPU runtime train in. Left to the process, it varied: the cifar-cnn's steps run into
+        # Denormals flushed to zero on the CPU, as TensorFlow's kernels and XLA's matmuls do
+        # (checked: 1e-39 * 1.0 is 0 in TensorFlow; a JAX matmul of 1e-39s gives 0, its fused
+        # element-wise code keeps them). Left to the process, it varied: the cifar-cnn's steps run into
         # denormals, and whether they were flushed depended on whether torch.compile had run
         # earlier in the process (issue 13, 24-step windows, samples/s: tutorial loop 2,195
         # without, 3,136 after a compile, 3,249 with this flag; harness 2,912 / 4,677 / 4,823).
-        # Set before the thread pool exists: a new thread inherits the flag, a running one does not.
+        # Set before the thread pool starts: x86 keeps the flag per thread (MXCSR), and Linux
+        # threads start with their creator's.
         self._flush_denormal = bool(torch.set_flush_denormal(True))
         if threads:
             torch.set_num_threads(int(threads))

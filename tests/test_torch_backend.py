@@ -29,7 +29,7 @@ def test_same_padding_puts_the_odd_row_last_as_tensorflow_does(size, k, s, want)
 
 
 def test_cpu_runs_flush_denormals_and_say_so():
-    """Issue 13: a CPU run flushes denormals (the mode XLA and TensorFlow train in) and records it."""
+    """Issue 13: a CPU run flushes denormals (as TensorFlow's kernels and XLA's matmuls do) and records it."""
     import torch
 
     from backends.torch_backend import TorchBackend
