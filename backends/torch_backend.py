@@ -29,6 +29,42 @@ REPLICA_TIMEOUT_S = 300.0
 REPLICA_TIMEOUT_ENV = "TRIBENCH_REPLICA_TIMEOUT_S"  # overrides it (the fault tests set a short one)
 
 
+def _flush_denormals(torch) -> bool:
+    """Flushes float32 denormals to zero on this thread and every OpenMP worker; True when a probe shows all do."""
+    if not torch.set_flush_denormal(True):
+        return False  # the CPU has no denormals-are-zero mode
+    # The flag lives per thread (x86 MXCSR) and a new thread starts with its creator's, so
+    # workers started before this call keep theirs: measured on 8M denormals over 2 threads,
+    # 4M came out unflushed when any parallel op had run first. Run the flag on each worker.
+    import ctypes
+
+    set_flag = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
+    for runtime in _openmp_runtimes():
+        runtime.GOMP_parallel(set_flag, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
+    return _denormals_survive(torch) == 0
+
+
+def _denormals_survive(torch) -> int:
+    """How many of a parallel multiply's denormal inputs come out non-zero (0 when every worker flushes)."""
+    # Built and compared as bits: a float 1e-39 converted, or compared with 0, on a flushing
+    # thread is 0 already, which would make the probe pass whatever the workers do.
+    tiny = torch.ones(max(torch.get_num_threads(), 1) * 65536, dtype=torch.int32).view(torch.float32)
+    return int((tiny * 1.0).view(torch.int32).count_nonzero())
+
+
+def _openmp_runtimes() -> list:
+    """The OpenMP runtimes loaded in this process (GNU, LLVM and Intel all export GOMP_parallel); none off Linux."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/" in line})
+    except OSError:
+        return []  # not Linux: the calling thread and the workers it starts later are flushed
+    runtimes = [ctypes.CDLL(p) for p in paths if os.path.basename(p).startswith(("libgomp", "libomp", "libiomp5"))]
+    return [r for r in runtimes if hasattr(r, "GOMP_parallel")]
+
+
 class _Ctx:
     """What a layer function may need beyond its input: parameters, mode, frozen layers, and the
     data-parallel replicas a training step's batch statistics span (replica_sum: the collective)."""
@@ -297,9 +333,7 @@ class TorchBackend(Backend):
         # denormals, and whether they were flushed depended on whether torch.compile had run
         # earlier in the process (issue 13, 24-step windows, samples/s: tutorial loop 2,195
         # without, 3,136 after a compile, 3,249 with this flag; harness 2,912 / 4,677 / 4,823).
-        # Set before the thread pool starts: x86 keeps the flag per thread (MXCSR), and Linux
-        # threads start with their creator's.
-        self._flush_denormal = bool(torch.set_flush_denormal(True))
+        self._flush_denormal = _flush_denormals(torch)
         if threads:
             torch.set_num_threads(int(threads))
         try:

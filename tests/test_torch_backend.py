@@ -28,14 +28,39 @@ def test_same_padding_puts_the_odd_row_last_as_tensorflow_does(size, k, s, want)
     assert (size + top + bottom - k) // s + 1 == -(-size // s)  # the output size "same" promises
 
 
-def test_cpu_runs_flush_denormals_and_say_so():
-    """Issue 13: a CPU run flushes denormals (as TensorFlow's kernels and XLA's matmuls do) and records it."""
-    import torch
-
-    from backends.torch_backend import TorchBackend
-
-    b = TorchBackend()
+# Run in a fresh interpreter: the flag is per-thread process state, and the case that matters is
+# a thread pool started, unflushed, before the adapter configures torch.
+_FLUSH_AFTER_THE_POOL = """
+import json, sys, torch
+from backends import torch_backend as tb
+torch.set_num_threads(2)
+before = tb._denormals_survive(torch)  # starts the OpenMP pool with denormals kept
+if sys.argv[1] == "configure":
+    b = tb.TorchBackend()
     b.configure(device="cpu", threads=2, precision="fp32")
-    assert b.environment()["flush_denormal"] is True
-    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
-    assert (tiny * 1.0).item() == 0.0
+    flag = b.environment()["flush_denormal"]
+else:  # the flag on the calling thread only, as torch.set_flush_denormal alone sets it
+    flag = torch.set_flush_denormal(True)
+print(json.dumps({"before": before, "after": tb._denormals_survive(torch), "flag": flag}))
+"""
+
+
+@pytest.mark.parametrize("how", ["configure", "main_thread_only"])
+def test_cpu_runs_flush_denormals_on_every_worker_and_say_so(how):
+    """Issue 13: configure flushes denormals on every thread of a pool started before it, and records it.
+
+    The control (torch's flag on the calling thread alone) leaves the worker's half of the
+    probe's denormals standing: the probe can fail, and would have without the broadcast.
+    """
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FLUSH_AFTER_THE_POOL, how], capture_output=True, text=True,
+                         check=True, timeout=120)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["before"] > 0  # the denormals survive before any flag
+    if how == "configure":
+        assert seen == {**seen, "after": 0, "flag": True}
+    else:
+        assert 0 < seen["after"] < seen["before"]  # the main thread's share flushed, the worker's not
