@@ -128,3 +128,43 @@ def test_eager_step_on_cpu_donates_nothing_and_keeps_its_inputs(backend):
     import jax
 
     assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((state, losses)))
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 30, 8), (3, 13, 13, 5), (2, 7, 9, 3)])
+@pytest.mark.parametrize("values", ["random", "ties", "relu"])
+def test_window_max_is_flax_max_pool_and_its_gradient(shape, values):
+    """The adapter's max pool equals flax's (reduce_window) forward and backward, ties and odd sizes included.
+
+    Rounded and ReLU'd inputs put equal maxima in one window: the gradient must go to the first
+    in row-major order, as select-and-scatter (and torch, and TensorFlow) send it; odd sizes
+    leave a last row/column outside every window, whose gradient is 0.
+    """
+    import flax.linen as nn
+    import jax
+
+    from backends.jax_backend import _window_max
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x = {"random": x, "ties": np.round(x), "relu": np.maximum(x, 0)}[values]
+    g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+
+    def flax_pool(h):
+        return nn.max_pool(h, (2, 2), strides=(2, 2), padding="VALID")
+
+    ours, theirs = jax.vjp(jax.jit(_window_max(2)), x), jax.vjp(flax_pool, x)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_array_equal(ours[1](g)[0], theirs[1](g)[0])
+
+
+def test_cnn_training_step_has_no_scatter(backend):
+    """Issue 13: reduce_window's gradient compiled to iotas and a scatter, a third of the CNN's CPU step."""
+    x, y = _data(CIFAR_CNN, 32)
+    data = backend.put_data(x, y)
+    model = backend.build(CIFAR_CNN, initial_weights(CIFAR_CNN, 0), trainable=None, mode="eager")
+    index = backend._index(np.arange(32), 16)
+    hlo = model.step.lower(*backend._state(model), backend._loss_buffer(index), data.x, data.y, index,
+                           0).compile().as_text()
+    # The loss's integer-label lookup transposes to a scatter-add of (batch,) rows: allowed.
+    big_scatters = [line for line in hlo.splitlines() if " scatter(" in line and "f32[16,10]" not in line]
+    assert not big_scatters and "select-and-scatter" not in hlo, big_scatters[:2]
