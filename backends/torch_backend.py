@@ -203,20 +203,27 @@ def _reshape(layer, h, ctx):
 
 
 def _attention(layer, h, ctx):
+    import torch
     import torch.nn.functional as F
 
     b, t, d = h.shape
+    names = ("query", "key", "value")
 
-    def project(name, x):
-        y = F.linear(x, ctx.p(layer, f"{name}_kernel"), ctx.p(layer, f"{name}_bias"))
-        if layer.lora_rank and name in layer.lora_targets:  # x W + (alpha / r) x A B, A and B canonical
-            a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
-            y = y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
-        return y
+    def lora(name, x, y):  # x W + (alpha / r) x A B, A and B canonical
+        if not (layer.lora_rank and name in layer.lora_targets):
+            return y
+        a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
+        return y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
 
-    q, k, v = (project(n, h).view(b, t, layer.heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
+    # q, k and v as one product with the kernels stacked, as nanoGPT's packed c_attn: three
+    # (b t, d) x (d, d) products spent 11% more time in matmuls than one (d, 3d) on the CPU
+    # (tiny-gpt, torch.profiler over 10 steps: 1.12 s vs nanoGPT's 1.01 s). Stacking copies 3 d^2 floats a step.
+    packed = F.linear(h, torch.cat([ctx.p(layer, f"{n}_kernel") for n in names]),
+                      torch.cat([ctx.p(layer, f"{n}_bias") for n in names]))
+    q, k, v = (lora(n, h, y).view(b, t, layer.heads, -1).transpose(1, 2) for n, y in zip(names, packed.chunk(3, -1)))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)  # scale 1/sqrt(head_dim)
-    return project("out", o.transpose(1, 2).reshape(b, t, -1))
+    o = o.transpose(1, 2).reshape(b, t, -1)
+    return lora("out", o, F.linear(o, ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias")))
 
 
 def _pool(fn_name):
