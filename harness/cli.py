@@ -383,9 +383,9 @@ def cmd_export(args) -> int:
     if args.mlflow:
         from harness import export_mlflow
 
-        parent, children = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
-        print(f"mlflow: {len(children)} runs (one per record) under parent run {parent} in experiment "
-              f"{args.experiment!r} at {args.mlflow}")
+        parent, children, written = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
+        print(f"mlflow: {len(children)} runs (one per record; {written} new) under parent run {parent} in "
+              f"experiment {args.experiment!r} at {args.mlflow}")
     if args.tensorboard:
         from harness import export_tensorboard
 

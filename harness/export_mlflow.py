@@ -22,8 +22,12 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[str, list[str]]:
-    """(parent run id, child run ids, one per record) written into the tracking store at `uri`."""
+def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[str, list[str], int]:
+    """(parent run id, child run ids one per record, how many of those this call wrote) in the store at `uri`.
+
+    Exporting a folder again reuses its parent run and writes only the records not exported
+    before (a resumed run's new cells), so the store never holds a run twice.
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -33,19 +37,26 @@ def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[st
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=_artifact_location(uri))
-    run_info = _run_json(run_dir)
-    parent = client.create_run(experiment_id, run_name=run_dir.name, tags={
-        "tribench.run_dir": str(run_dir.resolve()), "tribench.records": str(len(records)),
-        "tribench.created_at": str(run_info.get("created_at")), "tribench.commit": str(run_info.get("tribench_commit")),
-    }).info.run_id
-    config = run_info.get("config") or {}
-    client.log_batch(parent, params=[Param(k, str(config[k])) for k in sorted(config) if config[k] is not None])
-    for name in ARTIFACTS:
+    parent, exported = _earlier_export(client, experiment_id, run_dir)
+    if parent is None:
+        run_info = _run_json(run_dir)
+        parent = client.create_run(experiment_id, run_name=run_dir.name, tags={
+            "tribench.run_dir": str(run_dir.resolve()), "tribench.created_at": str(run_info.get("created_at")),
+            "tribench.commit": str(run_info.get("tribench_commit")),
+        }).info.run_id
+        config = run_info.get("config") or {}
+        client.log_batch(parent, params=[Param(k, str(config[k])) for k in sorted(config) if config[k] is not None])
+    client.set_tag(parent, "tribench.records", str(len(records)))
+    for name in ARTIFACTS:  # the report as it is now (a re-export overwrites the files)
         if (run_dir / name).is_file():
             client.log_artifact(parent, str(run_dir / name))
-    children = []
+    children, written = [], 0
     now = int(time.time() * 1000)
     for record in records:
+        key = _record_key(cell_name(record), tags(record))
+        if key in exported:
+            children.append(exported[key])
+            continue
         child = client.create_run(experiment_id, run_name=cell_name(record),
                                   tags={"mlflow.parentRunId": parent, **tags(record)}).info.run_id
         metrics = [Metric(k, v, now, 0) for k, v in scalars(record).items()]
@@ -57,8 +68,38 @@ def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[st
                              params=[Param(k, v) for k, v in params(record).items()] if i == 0 else [])
         client.set_terminated(child, status="FINISHED" if record.get("status") == "ok" else "FAILED")
         children.append(child)
+        written += 1
     client.set_terminated(parent, status="FINISHED")
-    return parent, children
+    return parent, children, written
+
+
+def _record_key(name: str, record_tags: dict) -> tuple:
+    """What tells one record's child run from another's: its cell and when it started."""
+    return name, record_tags.get("tribench.started_at")
+
+
+def _earlier_export(client, experiment_id: str, run_dir: Path) -> tuple[str | None, dict]:
+    """The parent run an earlier export of this folder made (or None), and its children by record key."""
+    where = str(run_dir.resolve())
+    # Compared here, not in the filter: a path may hold quotes the filter syntax cannot.
+    runs = [r for r in _search(client, experiment_id, "tags.`tribench.run_dir` LIKE '%'")
+            if r.data.tags.get("tribench.run_dir") == where]
+    if not runs:
+        return None, {}
+    parent = min(runs, key=lambda r: r.info.start_time).info.run_id
+    return parent, {_record_key(c.info.run_name, c.data.tags): c.info.run_id
+                    for c in _search(client, experiment_id, f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+def _search(client, experiment_id: str, filter_string: str):
+    """Every run the filter matches, page after page."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _run_json(run_dir: Path) -> dict:

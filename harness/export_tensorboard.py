@@ -13,11 +13,18 @@ HPARAMS = ("task", "backend", "repeat", "seed", "device", "precision", "mode", "
            "batch_size", "framework_version", "spec_hash")
 
 
+# Our event files end with this, so that a second export of a folder replaces the first's files,
+# and only those (TensorBoard would otherwise show every point twice).
+SUFFIX = ".tribench"
+
+
 def _writer(logdir: Path):
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     logdir.mkdir(parents=True, exist_ok=True)
-    return EventFileWriter(str(logdir))
+    for earlier in logdir.glob(f"events.out.tfevents.*{SUFFIX}"):
+        earlier.unlink()
+    return EventFileWriter(str(logdir), filename_suffix=SUFFIX)
 
 
 def _scalar_event(tag: str, value: float, step: int):

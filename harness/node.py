@@ -8,14 +8,7 @@ import shutil
 import socket
 import subprocess
 
-from harness.results import cpu_name
-
-
-def memory_gb() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):  # not every platform has these sysconf names
-        return None
+from harness.results import cpu_name, total_memory_bytes
 
 
 def nvidia_gpus() -> list[dict]:
@@ -40,7 +33,8 @@ def nvidia_gpus() -> list[dict]:
 def _hardware() -> dict:
     # Cached: a process describes its node once, not once per cell.
     return {"hostname": socket.gethostname(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-            "memory_gb": memory_gb(), "gpus": nvidia_gpus()}
+            "memory_gb": None if (total := total_memory_bytes()) is None else round(total / 2**30, 1),
+            "gpus": nvidia_gpus()}
 
 
 def describe_node(*, executor: str, node_id: str | None = None, **extra) -> dict:

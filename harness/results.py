@@ -62,14 +62,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def memory_facts() -> dict:
-    """Physical cores and total memory from psutil; None where psutil is missing."""
+def total_memory_bytes() -> int | None:
+    """This machine's physical memory: psutil's reading, else POSIX sysconf; None where neither answers."""
     try:
         import psutil
     except ImportError:
-        return {"cpu_physical_cores": None, "memory_total_mb": None}
-    return {"cpu_physical_cores": psutil.cpu_count(logical=False),
-            "memory_total_mb": round(psutil.virtual_memory().total / 2**20)}
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not every platform has these sysconf names
+            return None
+    return psutil.virtual_memory().total
+
+
+def memory_facts() -> dict:
+    """Physical cores (psutil; None where it is missing) and total memory in MiB."""
+    try:
+        import psutil
+    except ImportError:
+        cores = None
+    else:
+        cores = psutil.cpu_count(logical=False)
+    total = total_memory_bytes()
+    return {"cpu_physical_cores": cores, "memory_total_mb": None if total is None else round(total / 2**20)}
 
 
 def host_environment(exclude: Path | None = None) -> dict:

@@ -36,7 +36,7 @@ def test_mlflow_export_gives_one_run_per_record_with_per_epoch_metrics(run_dir, 
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["export", str(run_dir), "--mlflow", uri]) == 0
-    assert "9 runs (one per record)" in capsys.readouterr().out
+    assert "9 runs (one per record; 9 new)" in capsys.readouterr().out
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tribench")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
@@ -89,6 +89,15 @@ def test_tensorboard_export_gives_per_epoch_scalars_and_hparams_per_cell(run_dir
     assert hparams["backend"].string_value == "torch" and hparams["repeat"].string_value == "1"
     assert hparams["spec_hash"].string_value == spec_hash(record)
 
+    # Exported again (into a folder that also holds someone else's event file): the same
+    # points once, and the other file left alone.
+    foreign = logdir / "mnist-mlp" / "torch" / "r1" / "events.out.tfevents.0.someone-else"
+    foreign.write_bytes(b"")
+    assert main(["export", str(run_dir), "--tensorboard", str(logdir)]) == 0
+    again = EventAccumulator(str(logdir / "mnist-mlp" / "torch" / "r1"))
+    again.Reload()
+    assert [e.step for e in again.Scalars("epoch/train_loss")] == [1, 2, 3] and foreign.exists()
+
 
 def test_export_needs_a_destination_and_records(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--mlflow", "sqlite:///x.db"]) == 2
@@ -107,3 +116,25 @@ def test_a_missing_extra_exits_2_with_the_install_hint(tmp_path, capsys, monkeyp
     assert main(["export", str(folder), "--mlflow", "sqlite:///x.db"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == 'tribench: error: mlflow is not installed: pip install "tribench[mlflow]"'
+
+
+def test_mlflow_export_of_the_same_folder_twice_duplicates_nothing(run_dir, tmp_path, capsys):
+    """A second export reuses the parent run and writes only records it has not seen (a resumed run's new cells)."""
+    mlflow = need("mlflow")
+    from harness.results import read_records
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["export", str(run_dir), "--mlflow", uri]) == 0
+    assert main(["export", str(run_dir), "--mlflow", uri]) == 0
+    assert "9 runs (one per record; 0 new)" in capsys.readouterr().out
+    records = read_records(run_dir)
+    records.append(make_record("finetune", "tensorflow", 0))
+    write_run(run_dir, records)
+    assert main(["export", str(run_dir), "--mlflow", uri]) == 0
+    assert "10 runs (one per record; 1 new)" in capsys.readouterr().out
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tribench").experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + 10
+    assert sorted(r.info.run_name for r in runs if r is not parents[0]) == sorted(
+        f"{r['task']}/{r['backend']}/r{r['repeat']}" for r in records)
