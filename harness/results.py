@@ -135,6 +135,10 @@ def append_record(path: Path, record: dict) -> None:
     append_line(path, line)
 
 
+# What every record has from empty_record on, and what every reader of records relies on.
+IDENTITY_KEYS = ("task", "backend", "repeat", "status")
+
+
 def read_records(path: Path, *, history: bool = False) -> list[dict]:
     """The complete records of a records.jsonl, the latest one per cell unless `history`.
 
@@ -160,10 +164,14 @@ def read_records(path: Path, *, history: bool = False) -> list[dict]:
                 log.warning("%s:%d: skipping a line that is not a record (a JSON %s)", path, number,
                             type(record).__name__)
                 continue
+            missing = [key for key in IDENTITY_KEYS if key not in record]
+            if missing:  # an object, but readers (report, sweep, compare) index these keys
+                log.warning("%s:%d: skipping a record without %s", path, number, ", ".join(missing))
+                continue
             records.append(record)
     if history:
         return records
-    latest = {(r.get("task"), r.get("backend"), r.get("repeat")): r for r in records}
+    latest = {(r["task"], r["backend"], r["repeat"]): r for r in records}
     return list(latest.values())
 
 

@@ -199,10 +199,12 @@ def test_a_record_line_that_is_not_an_object_is_skipped_by_name(tmp_path, caplog
     from record_factory import make_record
 
     path = tmp_path / RECORDS_FILE
-    path.write_text("42\n" + json.dumps(make_record()) + "\n[1]\n")
+    no_status = {k: v for k, v in make_record(backend="jax").items() if k != "status"}
+    path.write_text("42\n" + json.dumps(make_record()) + "\n[1]\n" + json.dumps(no_status) + "\n")
     assert [r["task"] for r in read_records(path)] == ["mnist-mlp"]
     assert f"{path}:1: skipping a line that is not a record (a JSON int)" in caplog.text
     assert f"{path}:3:" in caplog.text
+    assert f"{path}:4: skipping a record without status" in caplog.text
     assert main(["report", str(tmp_path)]) == 0
     assert "Traceback" not in capsys.readouterr().err
 
