@@ -6,7 +6,14 @@ import io
 from pathlib import Path
 
 from harness.results import RECORDS_FILE, read_records
-from harness.stats import format_stat, ok_records, spread_interval, spread_kind, summarise_figure
+from harness.stats import (
+    format_stat,
+    judged_by_loss,
+    ok_records,
+    spread_interval,
+    spread_kind,
+    summarise_figure,
+)
 from harness.storage import write_atomic
 
 # (figure, label, format): the figures followed across commits.
@@ -16,6 +23,9 @@ FIGURES = (
     ("time_to_target_s", "time to target (s)", ".3g"),
     ("peak_rss_mb", "peak host RSS (MiB)", ",.0f"),
 )
+# Followed too for the series of a task judged by held-out loss (tiny-gpt), whose accuracy is
+# a token accuracy that says less.
+LOSS_FIGURE = ("test_loss", "test loss (lower is better)", ".4f")
 HISTORY_MD, HISTORY_PNG = "history.md", "history.png"
 
 
@@ -60,6 +70,16 @@ def collect(root: Path) -> tuple[dict, list[str]]:
     return dict(sorted(series.items())), commits
 
 
+def by_loss(series: dict) -> set:
+    """The series keys of tasks judged by held-out loss."""
+    return {k for k, by_commit in series.items() if judged_by_loss(r for rs in by_commit.values() for r in rs)}
+
+
+def figures(series: dict) -> tuple:
+    """FIGURES, with the test loss where any series is judged by it."""
+    return FIGURES + ((LOSS_FIGURE,) if by_loss(series) else ())
+
+
 def render_markdown(series: dict, commits: list[str], root: Path) -> str:
     """Per machine and figure, one table: a row per task/backend/variant, a column per commit (oldest first)."""
     out = [f"# tribench history: {root}", "",
@@ -68,14 +88,18 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
            "`(IQR)` from 5, `(n=1)` for one. Commits oldest first (by their first record); `-dirty`: uncommitted "
            "changes.", ""]
     machines = sorted({k[0] for k in series})
+    loss_keys = by_loss(series)
     for m in machines:
         keys = [k for k in series if k[0] == m]
         used = [c for c in commits if any(c in series[k] for k in keys)]
         out += [f"## {m}", ""]
-        for name, label, form in FIGURES:
+        for name, label, form in figures(series):
+            rows = [k for k in keys if name != LOSS_FIGURE[0] or k in loss_keys]
+            if not rows:
+                continue
             out += [f"### {label}", "", "| task | backend | data, epochs, precision, mode, version | " + " | ".join(
                 f"`{c}`" for c in used) + " |", "|---|---|---|" + "---|" * len(used)]
-            for k in keys:
+            for k in rows:
                 cells = [format_stat(summarise_figure(series[k].get(c, []), name), form) for c in used]
                 out.append(f"| {k[1]} | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
             out.append("")
@@ -88,14 +112,18 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
 
     plt = _pyplot()
     tasks = sorted({k[1] for k in series})
+    columns, loss_tasks = figures(series), {k[1] for k in by_loss(series)}
     legend_in = 0.16 * len(series) + 0.4  # one legend line per series, under the panels
-    fig, axes = plt.subplots(len(tasks), len(FIGURES), squeeze=False,
-                             figsize=(4.6 * len(FIGURES), 3.4 * len(tasks) + 0.8 + legend_in))
+    fig, axes = plt.subplots(len(tasks), len(columns), squeeze=False,
+                             figsize=(4.6 * len(columns), 3.4 * len(tasks) + 0.8 + legend_in))
     colors = {key: plt.get_cmap("tab20")(i % 20) for i, key in enumerate(series)}
     handles = {}
     kinds = set()
     for row, task in zip(axes, tasks):
-        for ax, (name, label, _) in zip(row, FIGURES):
+        for ax, (name, label, _) in zip(row, columns):
+            if name == LOSS_FIGURE[0] and task not in loss_tasks:
+                ax.set_visible(False)  # an accuracy-judged task: no loss panel
+                continue
             for key, by_commit in series.items():
                 if key[1] != task:
                     continue

@@ -49,3 +49,18 @@ def test_history_cli_prints_the_tables_and_refuses_a_folder_without_runs(tmp_pat
     assert main(["history", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no run with an ok record" in err
+
+
+def test_history_follows_the_test_loss_of_a_task_judged_by_it(tmp_path):
+    """tiny-gpt is judged by held-out loss: its rows get a test-loss table; an accuracy-judged task's do not."""
+    root = tmp_path / "results"
+    write_run(root / "a", _at(make_run(tasks=("tiny-gpt", "mnist-mlp"), backends=("torch",)), "a" * 40,
+                              when="2024-06-01T00:00:00Z"))
+    write_run(root / "b", _at(make_run(tasks=("tiny-gpt",), backends=("torch",), test_loss=1.25), "b" * 40,
+                              when="2024-06-02T00:00:00Z"))
+    paths = history.write_history(root, tmp_path / "out")
+    table = paths[0].read_text().split("### test loss (lower is better)")[1].split("###")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ")][1:]
+    assert len(rows) == 1 and rows[0].startswith("| tiny-gpt | torch")
+    assert "1.5000 (n=1)" in rows[0] and "1.2500 (n=1)" in rows[0]
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
