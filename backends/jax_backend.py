@@ -260,7 +260,8 @@ LAYERS = {
 
 SCAN_UNROLL = 1
 # XLA:CPU (jaxlib 0.10.2) runs convolutions inside a while loop ~20x slower than the same
-# convolutions in a straight-line jit (measured: CNN 40 vs 850 samples/s), so on CPU a
+# convolutions in a straight-line jit (measured: CNN 40 vs 850 samples/s; again after the
+# max pool stopped scattering, issue 13: 155 vs 1,492, 5 epochs of 3,072), so on CPU a
 # model with convolutions runs "compiled" as jitted steps over device-resident data.
 SCAN_CONV_ON_CPU = False
 

@@ -111,7 +111,7 @@ def test_resume_refuses_a_changed_spec(tmp_path, fast_backend):
 
 def test_a_torn_last_line_is_skipped_not_fatal(tmp_path):
     path = tmp_path / "records.jsonl"
-    path.write_text('{"task": "a", "status": "ok"}\n{"task": "b", "sta')
+    path.write_text('{"task": "a", "backend": "torch", "repeat": 0, "status": "ok"}\n{"task": "b", "sta')
     assert [r["task"] for r in read_records(path)] == ["a"]
 
 
