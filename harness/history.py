@@ -75,9 +75,9 @@ def by_loss(series: dict) -> set:
     return {k for k, by_commit in series.items() if judged_by_loss(r for rs in by_commit.values() for r in rs)}
 
 
-def figures(series: dict) -> tuple:
-    """FIGURES, with the test loss where any series is judged by it."""
-    return FIGURES + ((LOSS_FIGURE,) if by_loss(series) else ())
+def figures(loss_keys: set) -> tuple:
+    """FIGURES, with the test loss where any series (of `loss_keys`, by_loss's) is judged by it."""
+    return FIGURES + ((LOSS_FIGURE,) if loss_keys else ())
 
 
 def render_markdown(series: dict, commits: list[str], root: Path) -> str:
@@ -93,7 +93,7 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
         keys = [k for k in series if k[0] == m]
         used = [c for c in commits if any(c in series[k] for k in keys)]
         out += [f"## {m}", ""]
-        for name, label, form in figures(series):
+        for name, label, form in figures(loss_keys):
             rows = [k for k in keys if name != LOSS_FIGURE[0] or k in loss_keys]
             if not rows:
                 continue
@@ -112,7 +112,8 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
 
     plt = _pyplot()
     tasks = sorted({k[1] for k in series})
-    columns, loss_tasks = figures(series), {k[1] for k in by_loss(series)}
+    loss_keys = by_loss(series)
+    columns, loss_tasks = figures(loss_keys), {k[1] for k in loss_keys}
     legend_in = 0.16 * len(series) + 0.4  # one legend line per series, under the panels
     fig, axes = plt.subplots(len(tasks), len(columns), squeeze=False,
                              figsize=(4.6 * len(columns), 3.4 * len(tasks) + 0.8 + legend_in))

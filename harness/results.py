@@ -66,12 +66,14 @@ def total_memory_bytes() -> int | None:
     """This machine's physical memory: psutil's reading, else POSIX sysconf; None where neither answers."""
     try:
         import psutil
+
+        return psutil.virtual_memory().total
     except ImportError:
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # not every platform has these sysconf names
-            return None
-    return psutil.virtual_memory().total
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform has these sysconf names
+        return None
 
 
 def memory_facts() -> dict:
