@@ -82,13 +82,14 @@ def _node_here() -> dict:
 def localise_data(cell_cfg: dict, *, allow_download: bool) -> dict:
     """The driver's real-data folder, or this node's own copy of the same dataset when the path is not here."""
     folder = cell_cfg.get("data_folder")
-    if folder is None or Path(folder).is_dir():
+    # A corpus may be a single file, so the driver's path counts if anything is there.
+    if folder is None or Path(folder).exists():
         return cell_cfg
-    from tasks import get_task
+    from tasks.taskfile import spec_from_dict
 
-    kind = get_task(cell_cfg["task"]).dataset
+    accepted = data_mod.accepted_for(spec_from_dict(cell_cfg["task_spec"]))
     # Checksums are verified when the worker loads it, so another copy is the same data.
-    _, here = data_mod.resolve(kind, cell_cfg["data"], allow_download=allow_download)
+    _, here, _ = data_mod.resolve(accepted, cell_cfg["data"], allow_download=allow_download)
     return dict(cell_cfg, data_folder=here)
 
 

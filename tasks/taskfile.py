@@ -99,7 +99,7 @@ def layer_from_dict(table: dict, where: str):
 
 
 def _layers(items, where: str) -> tuple:
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, (list, tuple)) or not items:
         raise TaskFileError(f"{where}: expected a non-empty list of layer tables")
     return tuple(layer_from_dict(t, f"{where}[{i}]") for i, t in enumerate(items))
 
@@ -115,7 +115,7 @@ def _optimizer(table, where: str):
 
 
 def _stages(items, where: str) -> tuple:
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, (list, tuple)) or not items:
         raise TaskFileError(f"{where}: expected a non-empty list of stage tables")
     return tuple(_build(Stage, t, f"{where}[{i}]") for i, t in enumerate(items))
 
