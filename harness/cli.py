@@ -179,13 +179,7 @@ def task_names(value: str) -> list[str]:
 
 def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -> RunConfig:
     tasks = task_names(args.task) if args.task is not None else list(TASKS)
-    if args.backend is not None:
-        backends = names(args.backend, BACKENDS, "backend")
-    else:
-        backends = available_backends()
-        if not backends:
-            raise UsageError(f"no backend installed; install one: pip install \"tribench[all]\" "
-                             f"(or one of {', '.join(BACKENDS)})")
+    backends = names(args.backend, BACKENDS, "backend") if args.backend is not None else available_backends()
     for value in args.data.split(","):
         one_of(value.strip(), DATA_CHOICES, "--data")
     out = args.out or Path("results") / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -205,6 +199,9 @@ def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -
             cfg.shard = parse_shard(args.shard)
         except ValueError as exc:
             raise UsageError(f"--shard {exc}") from None
+    if not backends:  # after the flags are read, so a wrong flag is named first on a machine without any
+        raise UsageError(f"no backend installed; install one: pip install \"tribench[all]\" "
+                         f"(or one of {', '.join(BACKENDS)})")
     check_config(cfg)
     return cfg
 
@@ -263,8 +260,8 @@ def cmd_sweep(args) -> int:
         for n in replicas:  # refuse a count that does not divide before anything runs
             check_config(dataclasses.replace(base, data_parallel=n))
         return run_sweep(base, DATA_PARALLEL, replicas)
-    return run_sweep(run_config(args), BATCH_SIZE, sweep_values(args.batch_size or "32,64,128,256,512,1024",
-                                                                "--batch-size"))
+    sizes = sweep_values(args.batch_size or "32,64,128,256,512,1024", "--batch-size")
+    return run_sweep(run_config(args), BATCH_SIZE, sizes)
 
 
 def cmd_list(args) -> int:

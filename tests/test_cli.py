@@ -23,7 +23,7 @@ def run_cli(*args, env=None, timeout=600):
     (["run", "--device", "tpu"], "tpu", "gpu"),
     (["run", "--mode", "fast"], "fast", "eager"),
     (["run", "--precision", "fp8"], "fp8", "bf16"),
-    (["run", "--task", "mnist-mlp", "--data", "cifar10"], "cifar10", "fashion-mnist"),
+    (["run", "--task", "mnist-mlp", "--backend", "torch", "--data", "cifar10"], "cifar10", "fashion-mnist"),
 ])
 def test_bad_names_exit_2_with_one_line(args, bad, valid, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
@@ -52,12 +52,13 @@ def test_bad_checkpoint_is_refused_up_front(tmp_path, capsys):
     from tasks import get_task
 
     save_checkpoint(tmp_path / "mlp.npz", get_task("mnist-mlp"), initial_weights(get_task("mnist-mlp"), 0))
-    assert main(["run", "--task", "finetune", "--init-from", str(tmp_path / "mlp.npz")]) == 2
+    assert main(["run", "--task", "finetune", "--backend", "torch", "--init-from", str(tmp_path / "mlp.npz")]) == 2
     assert "layer 0" in capsys.readouterr().err
 
 
 def test_missing_real_data_exits_2_naming_the_places(tmp_path):
-    out = run_cli("run", "--task", "cifar-cnn", "--data", "cifar10", "--no-download", "--out", str(tmp_path / "o"),
+    out = run_cli("run", "--task", "cifar-cnn", "--backend", "torch", "--data", "cifar10", "--no-download",
+                  "--out", str(tmp_path / "o"),
                   env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "TRIBENCH_DATA": str(tmp_path / "nothing")})
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and str(tmp_path / "nothing") in out.stderr
@@ -192,7 +193,8 @@ def test_a_data_dir_that_is_not_a_folder_exits_2(tmp_path, capsys, kind):
     target = tmp_path / "data"
     if kind == "file":
         target.write_text("x")
-    assert main(["run", "--task", "mnist-mlp", "--data-dir", str(target), "--out", str(tmp_path / "o")]) == 2
+    assert main(["run", "--task", "mnist-mlp", "--backend", "torch", "--data-dir", str(target),
+                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     state = "is not a folder" if kind == "file" else "does not exist"
     assert len(err.splitlines()) == 1 and f"--data-dir {target} {state}" in err

@@ -21,7 +21,7 @@ BACKENDS = ("torch", "tensorflow", "jax")
 
 
 def test_a_batch_that_does_not_split_is_refused_with_one_line(capsys, tmp_path):
-    assert main(["run", "--task", "mnist-mlp", "--data", "synthetic", "--data-parallel", "3",
+    assert main(["run", "--task", "mnist-mlp", "--backend", "torch", "--data", "synthetic", "--data-parallel", "3",
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "batch size 128 does not split evenly over --data-parallel 3" in err and len(err.splitlines()) == 1
@@ -29,8 +29,8 @@ def test_a_batch_that_does_not_split_is_refused_with_one_line(capsys, tmp_path):
 
 
 def test_the_sweep_refuses_a_count_that_does_not_split_before_running_anything(capsys, tmp_path):
-    assert main(["sweep", "--task", "mnist-mlp", "--data", "synthetic", "--data-parallel", "1,2,3",
-                 "--out", str(tmp_path / "sweep")]) == 2
+    assert main(["sweep", "--task", "mnist-mlp", "--backend", "torch", "--data", "synthetic",
+                 "--data-parallel", "1,2,3", "--out", str(tmp_path / "sweep")]) == 2
     assert "--data-parallel 3" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
