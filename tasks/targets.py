@@ -9,7 +9,7 @@ from tasks.spec import SpecError, TaskSpec
 SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 # Accuracy target per (task, dataset): time-to-target is measured against it. Where it
-# comes from is stated beside each; README's task table repeats them.
+# comes from is stated beside each; docs/tasks.md repeats them.
 TARGETS = {
     ("mnist-mlp", "mnist"): 0.97,  # the Keras/TF MLP tutorials' ~98% after 5 epochs
     # Measured: jax, full Fashion-MNIST, 5 epochs, seed 0 -> 86.96% final (85.31% after
