@@ -13,6 +13,7 @@ from backends import BACKENDS
 from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
+from harness.figures import TEST_ACCURACY, TRAIN_RATE
 from harness.runner import (
     EXIT_CELL_FAILED,
     EXIT_USAGE,
@@ -138,7 +139,7 @@ def build_parser() -> Parser:
     compare.add_argument("new", type=Path)
     compare.add_argument("--threshold", default="5%",
                          help="smallest change called a regression: one for every figure (default 5%%; accuracy in "
-                         "points), or per figure, e.g. train_samples_per_s=5%%,test_accuracy=0.5pt")
+                         f"points), or per figure, e.g. {TRAIN_RATE.name}=5%%,{TEST_ACCURACY.name}=0.5pt")
     compare.add_argument("--format", default="text", help="text, markdown or json (default text)")
     compare.add_argument("--force", action="store_true",
                          help="compare runs that differ in data, sizes, spec, device, versions... under a banner "

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from harness.comparable import differences
+from harness.figures import TIME_TO_TARGET, compared
 from harness.results import STATUSES
 from harness.stats import (
     cell_key,
@@ -18,19 +19,9 @@ from harness.stats import (
     summarise_figure,
 )
 
-# (figure, higher is better, format, rule). Accuracy is compared as an absolute change in
-# percentage points: a relative change of a fraction near 1 hides what users care about.
-FIGURES = (
-    ("test_accuracy", True, lambda v: f"{100 * v:.2f}%", "points"),
-    ("train_samples_per_s", True, ",.0f", "relative"),
-    ("eval_samples_per_s", True, ",.0f", "relative"),
-    ("warmup_s", False, ".3g", "relative"),
-    ("time_to_target_s", False, ".3g", "relative"),
-    ("peak_rss_mb", False, ",.0f", "relative"),
-)
-# Cells of a task judged by held-out loss (language models) also compare it, right after
-# accuracy: lower is better, relative change (a loss has no natural "points").
-LOSS_FIGURES = (("test_loss", False, ".4f", "relative"),)
+# (figure, higher is better, format, rule) from the figures registry; cells of a task judged by
+# held-out loss (language models) also compare the loss (_cell_figures).
+FIGURES = tuple((f.name, f.higher_is_better, f.fmt, f.compare) for f in compared(by_loss=False))
 STATUS_FAILURES = ("failed", "diverged")
 FORMATS = ("text", "markdown", "json")
 DEFAULT = "*"  # the thresholds key for every figure not named
@@ -75,16 +66,15 @@ def parse_threshold(text: str, *, points_ok: bool = True) -> float:
 
 
 def parse_thresholds(text: str) -> dict[str, float]:
-    """'5%' (every figure) or 'train_samples_per_s=5%,test_accuracy=0.5pt' (each named figure; the others 5%)."""
-    names = {name: rule for name, _, _, rule in FIGURES + LOSS_FIGURES}
+    """'5%' (every figure) or 'eval_samples_per_s=5%,test_accuracy=0.5pt' (each named figure; the others 5%)."""
+    names = {f.name: f.compare for f in compared(by_loss=True)}
     out = {DEFAULT: 0.05}
     for item in (i.strip() for i in str(text).split(",")):
         name, sep, value = item.rpartition("=")
         name = name.strip() if sep else DEFAULT
         if name != DEFAULT and name not in names:
             raise ValueError(f"threshold for unknown figure {name!r}; valid: {', '.join(names)}")
-        out[name] = parse_threshold(value, points_ok=name in (DEFAULT, "test_accuracy")
-                                    or names.get(name) == "points")
+        out[name] = parse_threshold(value, points_ok=name == DEFAULT or names.get(name) == "points")
     return out
 
 
@@ -94,7 +84,7 @@ def _limit(thresholds: dict[str, float], name: str) -> float:
 
 def _cell_figures(records: list[dict]) -> tuple:
     """The figures compared for one cell: the loss-judged ones add the held-out loss after accuracy."""
-    return FIGURES[:1] + LOSS_FIGURES + FIGURES[1:] if judged_by_loss(records) else FIGURES
+    return tuple((f.name, f.higher_is_better, f.fmt, f.compare) for f in compared(by_loss=judged_by_loss(records)))
 
 
 def _threshold_text(thresholds: dict[str, float], figures: tuple = FIGURES) -> str:
@@ -119,7 +109,7 @@ def judge(name: str, base: dict, new: dict, *, threshold: float, higher_better: 
     """
     if not base["n"] and not new["n"]:
         return "n/a (no value in either run)", False
-    if name == "time_to_target_s" and base["n"] and not new["n"]:
+    if name == TIME_TO_TARGET.name and base["n"] and not new["n"]:
         return "REGRESSION (rule: target reached in base, never in new)", True
     if not base["n"]:
         return "new value (none in base)", False
@@ -253,7 +243,7 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
         cell = {"cell": label, "base": _provenance(b_rs), "new": _provenance(n_rs), "figures": []}
         for name, higher, form, rule in _cell_figures(b_ok + n_ok):
             bs, ns = summarise_figure(b_ok, name), summarise_figure(n_ok, name)
-            if name == "time_to_target_s" and not bs["n"] and not ns["n"]:
+            if name == TIME_TO_TARGET.name and not bs["n"] and not ns["n"]:
                 verdict, bad = "n/a (target never reached in either run)", False
             else:
                 verdict, bad = judge(name, bs, ns, threshold=_limit(thresholds, name), higher_better=higher,

@@ -6,13 +6,7 @@ import hashlib
 import json
 import re
 
-# Final figures exported as one value each (from metrics or memory).
-SCALARS = ("test_accuracy", "test_loss", "initial_test_loss", "initial_test_accuracy", "time_to_target_s",
-           "train_samples_per_s", "eval_samples_per_s", "warmup_s", "wall_s", "roofline_fraction",
-           "finetuned_accuracy", "scratch_accuracy", "peak_rss_mb", "rss_after_import_mb", "device_peak_mb")
-# Per-epoch series of the primary stage: record key -> exported name; the step is the epoch (1-based).
-EPOCH_SERIES = {"epoch_test_accuracy": "test_accuracy", "epoch_train_loss": "train_loss", "epoch_s": "epoch_s",
-                "epoch_train_time_s": "train_time_s"}
+from harness import figures
 
 
 def spec_hash(record: dict) -> str | None:
@@ -60,9 +54,9 @@ def _number(value) -> float | None:
 
 
 def scalars(record: dict) -> dict[str, float]:
-    """The record's final figures that are finite numbers."""
+    """The record's final figures the registry exports, those that are finite numbers."""
     out = {}
-    for name in SCALARS:
+    for name in figures.exported_scalars():
         for section in ("metrics", "memory"):
             value = _number((record.get(section) or {}).get(name))
             if value is not None:
@@ -72,17 +66,18 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 def epoch_series(record: dict) -> dict[str, list[tuple[int, float]]]:
-    """{exported name: [(epoch, value), ...]}; accuracy at the evaluation cadence, epoch 0 the untrained model."""
+    """The registry's per-epoch series of the primary stage: {exported name: [(epoch, value), ...]}.
+
+    Held-out figures are at the evaluation cadence, with epoch 0 the untrained model.
+    """
     m = record.get("metrics") or {}
     every = int(m.get("eval_every_epochs") or 1)
     out: dict[str, list[tuple[int, float]]] = {}
-    for key, name in EPOCH_SERIES.items():
-        step = every if key == "epoch_test_accuracy" else 1
+    for key, name in figures.epoch_series().items():
+        initial = _number(m.get(f"initial_{name}"))  # only the held-out figures have one
+        step = every if key.startswith("epoch_test_") else 1
         points = [(step * (i + 1), _number(v)) for i, v in enumerate(m.get(key) or [])]
-        out[name] = [(s, v) for s, v in points if v is not None]
-    initial = _number(m.get("initial_test_accuracy"))
-    if initial is not None:
-        out["test_accuracy"].insert(0, (0, initial))
+        out[name] = ([(0, initial)] if initial is not None else []) + [(s, v) for s, v in points if v is not None]
     return out
 
 

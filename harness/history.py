@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from harness.figures import BY_NAME, followed, percent
 from harness.results import RECORDS_FILE, read_records
 from harness.stats import (
     format_stat,
@@ -16,16 +17,6 @@ from harness.stats import (
 )
 from harness.storage import write_atomic
 
-# (figure, label, format): the figures followed across commits.
-FIGURES = (
-    ("test_accuracy", "test accuracy", lambda v: f"{100 * v:.2f}%"),
-    ("train_samples_per_s", "train samples/s", ",.0f"),
-    ("time_to_target_s", "time to target (s)", ".3g"),
-    ("peak_rss_mb", "peak host RSS (MiB)", ",.0f"),
-)
-# Followed too for the series of a task judged by held-out loss (tiny-gpt), whose accuracy is
-# a token accuracy that says less.
-LOSS_FIGURE = ("test_loss", "test loss (lower is better)", ".4f")
 HISTORY_MD, HISTORY_PNG = "history.md", "history.png"
 
 
@@ -76,8 +67,9 @@ def by_loss(series: dict) -> set:
 
 
 def figures(loss_keys: set) -> tuple:
-    """FIGURES, with the test loss where any series (of `loss_keys`, by_loss's) is judged by it."""
-    return FIGURES + ((LOSS_FIGURE,) if loss_keys else ())
+    """(figure, label, format) followed across commits, the held-out loss where any series (of `loss_keys`,
+    by_loss's) is judged by it: a loss-judged task's accuracy is a token accuracy that says less."""
+    return tuple((f.name, f.history, f.fmt) for f in followed(by_loss=bool(loss_keys)))
 
 
 def render_markdown(series: dict, commits: list[str], root: Path) -> str:
@@ -94,7 +86,7 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
         used = [c for c in commits if any(c in series[k] for k in keys)]
         out += [f"## {m}", ""]
         for name, label, form in figures(loss_keys):
-            rows = [k for k in keys if name != LOSS_FIGURE[0] or k in loss_keys]
+            rows = [k for k in keys if not BY_NAME[name].loss_only or k in loss_keys]
             if not rows:
                 continue
             out += [f"### {label}", "", "| task | backend | data, epochs, precision, mode, version | " + " | ".join(
@@ -122,7 +114,7 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
     kinds = set()
     for row, task in zip(axes, tasks):
         for ax, (name, label, _) in zip(row, columns):
-            if name == LOSS_FIGURE[0] and task not in loss_tasks:
+            if BY_NAME[name].loss_only and task not in loss_tasks:
                 ax.set_visible(False)  # an accuracy-judged task: no loss panel
                 continue
             for key, by_commit in series.items():
@@ -135,7 +127,7 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
                         continue
                     kinds.add(spread_kind(s["n"]))
                     a, b = spread_interval(s)
-                    scale = 100 if name == "test_accuracy" else 1
+                    scale = 100 if BY_NAME[name].fmt is percent else 1
                     xs.append(i)
                     ys.append(scale * s["median"])
                     lo.append(scale * (s["median"] - a))
@@ -147,7 +139,7 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
             ax.set_xticks(range(len(commits)), commits, rotation=30, ha="right", fontsize=7)
             ax.set_xlim(-0.5, len(commits) - 0.5)
             ax.grid(alpha=0.3)
-            if name == "test_accuracy":
+            if BY_NAME[name].fmt is percent:
                 ax.set_ylabel("%")
     fig.legend([handles[k] for k in handles], [f"{k[1]} / {k[2]} | {k[3]} | {k[0]}" for k in handles],
                loc="lower center", fontsize=7, ncol=1, frameon=False)

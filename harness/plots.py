@@ -6,6 +6,7 @@ import io
 import math
 from pathlib import Path
 
+from harness.figures import DEVICE_PEAK, PEAK_RSS, RSS_AFTER_IMPORT, TRAIN_RATE, objective
 from harness.stats import (
     figure,
     group_cells,
@@ -80,12 +81,13 @@ class _Metric:
 
     def __init__(self, records: list[dict]):
         self.loss = judged_by_loss(records)
+        judged = objective(by_loss=self.loss)
+        self.name, self.series, self.initial = judged.name, judged.series, f"initial_{judged.name}"
         if self.loss:
-            self.name, self.series, self.initial, self.scale = "test_loss", "epoch_test_loss", "initial_test_loss", 1.0
-            self.label, self.title, unit = "held-out loss (nats, lower is better)", "held-out loss", " nats"
+            self.scale, self.label, unit = 1.0, "held-out loss (nats, lower is better)", " nats"
+            self.title = "held-out loss"
             target = target_loss(records)
         else:
-            self.name, self.series, self.initial = "test_accuracy", "epoch_test_accuracy", "initial_test_accuracy"
             self.scale, self.label, self.title, unit = 100.0, "test accuracy (%)", "test accuracy", "%"
             target = (records[0].get("spec") or {}).get("target_accuracy") if records else None
         self.target = None if target is None else self.scale * target
@@ -287,7 +289,7 @@ def plot_throughput(records, path) -> str:  # path: a file name or a binary file
     for ax, (task, rs) in zip(axes.flat, tasks.items()):
         groups = group_cells(rs)
         labels = [_label(k) for k in groups]
-        sums = [summarise_figure(c, "train_samples_per_s") for c in groups.values()]
+        sums = [summarise_figure(c, TRAIN_RATE.name) for c in groups.values()]
         kinds.update(spread_kind(s["n"]) for s in sums)
         _bars(ax, labels, sums, color=[colors[k[1:]] for k in groups], label="median; whiskers: spread")
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
@@ -310,9 +312,9 @@ def plot_memory(records, path) -> str:  # path: a file name or a binary file
     plt = _pyplot()
     tasks = _by_task(records)
     fig, axes = _grid(plt, len(tasks), width=5.0)
-    series = (("peak_rss_mb", "peak host RSS", None, "#4c72b0"),
-              ("rss_after_import_mb", "host RSS after import", "//", "#a6bddb"),
-              ("device_peak_mb", "device peak (allocator)", "..", "#dd8452"))
+    series = ((PEAK_RSS.name, "peak host RSS", None, "#4c72b0"),
+              (RSS_AFTER_IMPORT.name, "host RSS after import", "//", "#a6bddb"),
+              (DEVICE_PEAK.name, "device peak (allocator)", "..", "#dd8452"))
     for ax, (task, rs) in zip(axes.flat, tasks.items()):
         groups = group_cells(rs)
         labels = [_label(k) for k in groups]

@@ -6,23 +6,29 @@ import contextlib
 import sys
 import time
 
+from harness.figures import TEST_ACCURACY, TEST_LOSS, objective
 from harness.stats import judged_by_loss
+
+# How a progress line names the figure a task is judged by.
+SPOKEN = {TEST_LOSS.name: "held-out loss", TEST_ACCURACY.name: "test accuracy"}
 
 
 def _outcome(record: dict) -> str:
     metrics = record.get("metrics") or {}
-    if record["status"] == "ok" and judged_by_loss([record]) and metrics.get("test_loss") is not None:
-        return f"ok  held-out loss {metrics['test_loss']:.4f}  {metrics.get('wall_s', 0):.1f} s"
-    if record["status"] == "ok" and metrics.get("test_accuracy") is not None:
-        return f"ok  test accuracy {metrics['test_accuracy']:.4f}  {metrics.get('wall_s', 0):.1f} s"
+    judged = objective(by_loss=judged_by_loss([record]))
+    if record["status"] == "ok" and metrics.get(judged.name) is None:
+        judged = TEST_ACCURACY
+    if record["status"] == "ok" and metrics.get(judged.name) is not None:
+        return f"ok  {SPOKEN[judged.name]} {metrics[judged.name]:.4f}  {metrics.get('wall_s', 0):.1f} s"
     return f"{record['status'].upper()}: {record.get('error')}"
 
 
 def _epoch_result(event: dict, digits: int = 4) -> str:
     """The epoch's figure that decides the task: held-out loss for a loss-judged task, else test accuracy."""
-    if event.get("by_loss") and event.get("test_loss") is not None:
-        return f"held-out loss {event['test_loss']:.{digits}f}"
-    return f"test accuracy {event['test_accuracy']:.{digits}f}"
+    judged = objective(by_loss=bool(event.get("by_loss")))
+    if event.get(judged.name) is None:
+        judged = TEST_ACCURACY
+    return f"{SPOKEN[judged.name]} {event[judged.name]:.{digits}f}"
 
 
 class _PlainBar:

@@ -10,6 +10,14 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from harness.figures import (
+    DEVICE_PEAK,
+    FROZEN_RATE,
+    FULL_RATE,
+    TIME_TO_TARGET,
+    report_columns,
+    terminal_headers,
+)
 from harness.stats import (
     cell_key,
     figure,
@@ -34,31 +42,8 @@ MISSING = "\u2014"
 # precision matmuls (TF32, bf16) legitimately move it further.
 INITIAL_LOSS_RTOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}
 
-# (column header, figure name, format) of the figures every task shows.
-CORE_COLUMNS = (
-    ("test accuracy", "test_accuracy", lambda v: f"{100 * v:.2f}%"),
-    ("time to target (s)", "time_to_target_s", ".3g"),
-    ("train samples/s", "train_samples_per_s", ",.0f"),
-    ("eval samples/s", "eval_samples_per_s", ",.0f"),
-    ("warm-up (s)", "warmup_s", ".3g"),
-    ("peak host RSS (MiB)", "peak_rss_mb", ",.0f"),
-    ("device peak (MiB)", "device_peak_mb", ",.0f"),
-)
-LOSS_HEADER = "held-out loss (lower is better)"
-# Shown only where some record of the task has them (the finetune task, GPU roofline runs).
-EXTRA_COLUMNS = (
-    # Tasks judged by loss (language models): the held-out loss, its bits per byte, per-token rates.
-    (LOSS_HEADER, "test_loss", ".4f"),
-    ("bits/byte (lower is better)", "bits_per_byte", ".3f"),
-    ("train tokens/s", "train_tokens_per_s", ",.0f"),
-    ("eval tokens/s", "eval_tokens_per_s", ",.0f"),
-    ("scratch loss", "scratch_loss", ".4f"),  # a staged language model's control, same budget, fresh weights
-    ("finetuned accuracy", "finetuned_accuracy", lambda v: f"{100 * v:.2f}%"),
-    ("scratch accuracy", "scratch_accuracy", lambda v: f"{100 * v:.2f}%"),
-    ("frozen train samples/s", "frozen_train_samples_per_s", ",.0f"),
-    ("full train samples/s", "full_train_samples_per_s", ",.0f"),
-)
-OPTIONAL_HEADERS = tuple(h for h, _, _ in EXTRA_COLUMNS) + ("freezing speed-up", "roofline", "mode", "error")
+# Columns computed here rather than read as one figure; shown where some record of the task has them.
+DERIVED_HEADERS = ("freezing speed-up", "roofline", "mode", "error")
 KEY_HEADERS = ("task", "backend", "device", "status", "n", "data")
 
 
@@ -119,7 +104,7 @@ def _params(records: list[dict]) -> str:
 
 def _time_to_target(records: list[dict]) -> str:
     ok = ok_records(records)
-    s = summarise_figure(ok, "time_to_target_s")
+    s = summarise_figure(ok, TIME_TO_TARGET.name)
     if not ok:
         return ""
     if s["n"] == 0:
@@ -132,11 +117,15 @@ def _time_to_target(records: list[dict]) -> str:
 def _speedup(records: list[dict]) -> str:
     ratios = []
     for r in ok_records(records):
-        frozen, full = figure(r, "frozen_train_samples_per_s"), figure(r, "full_train_samples_per_s")
+        frozen, full = figure(r, FROZEN_RATE.name), figure(r, FULL_RATE.name)
         if frozen and full:
             ratios.append(frozen / full)
     s = summarise(ratios)
     return format_stat(s, lambda v: f"{v:.2f}x") if s["n"] else ""
+
+
+def _optional_headers() -> tuple[str, ...]:
+    return (*(f.label for f in report_columns("extra")), *DERIVED_HEADERS)
 
 
 # -- the summary table -------------------------------------------------------------------------
@@ -158,32 +147,33 @@ def summary_table(records: list[dict]):
         first = (ok or rs)[0]
         row = {"task": task, "backend": backend, "device": device, "status": status,
                "n": len(ok), "data": _data_label(first)}
-        for header, name, fmt in CORE_COLUMNS:
-            row[header] = format_stat(summarise_figure(ok, name), fmt) if ok else ""
-        row["time to target (s)"] = _time_to_target(rs)
-        if ok and _is_cpu(first.get("env") or {}) and summarise_figure(ok, "device_peak_mb")["n"] == 0:
-            row["device peak (MiB)"] = f"n/a ({device})"
+        for f in report_columns("core"):
+            row[f.label] = format_stat(summarise_figure(ok, f.name), f.fmt) if ok else ""
+        row[TIME_TO_TARGET.label] = _time_to_target(rs)
+        if ok and _is_cpu(first.get("env") or {}) and summarise_figure(ok, DEVICE_PEAK.name)["n"] == 0:
+            row[DEVICE_PEAK.label] = f"n/a ({device})"
         row["params (total / trainable)"] = _params(ok) if ok else ""
-        for header, name, fmt in EXTRA_COLUMNS:
-            if name == "test_loss" and not judged_by_loss(ok):
-                row[header] = ""  # every task has a loss; the column is for those judged by it
+        for f in report_columns("extra"):
+            if f.loss_only and not judged_by_loss(ok):
+                row[f.label] = ""  # every task has a loss; the column is for those judged by it
                 continue
-            s = summarise_figure(ok, name)
-            row[header] = format_stat(s, fmt) if s["n"] else ""
+            s = summarise_figure(ok, f.name)
+            row[f.label] = format_stat(s, f.fmt) if s["n"] else ""
         row["freezing speed-up"] = _speedup(rs)
         s = summarise_figure(ok, "roofline_fraction")
         row["roofline"] = format_stat(s, lambda v: f"{100 * v:.1f}%") if s["n"] else ""
         row["mode"] = ", ".join(_unique(mode_text(r.get("env") or {}) for r in rs))
         row["error"] = error
         rows.append(row)
-    columns = [*KEY_HEADERS, *(h for h, _, _ in CORE_COLUMNS), "params (total / trainable)", *OPTIONAL_HEADERS]
+    columns = [*KEY_HEADERS, *(f.label for f in report_columns("core")), "params (total / trainable)",
+               *_optional_headers()]
     return pd.DataFrame(rows, columns=columns)
 
 
 def task_table(table, task: str):
     """The rows of one task, without the task column and without optional columns empty for it."""
     sub = table[table["task"] == task].drop(columns=["task"])
-    empty = [c for c in OPTIONAL_HEADERS if c in sub and (sub[c] == "").all()]
+    empty = [c for c in _optional_headers() if c in sub and (sub[c] == "").all()]
     return sub.drop(columns=empty).reset_index(drop=True)
 
 
@@ -367,10 +357,8 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 # -- terminal --------------------------------------------------------------------------------
 
-TERMINAL_COLUMNS = ("backend", "device", "status", "n", "test accuracy", LOSS_HEADER, "bits/byte (lower is better)",
-                    "time to target (s)", "train samples/s", "train tokens/s", "eval samples/s", "eval tokens/s",
-                    "scratch loss", "warm-up (s)", "peak host RSS (MiB)", "device peak (MiB)",
-                    "freezing speed-up", "roofline", "mode", "error")
+def _terminal_columns() -> tuple[str, ...]:
+    return ("backend", "device", "status", "n", *terminal_headers(), *DERIVED_HEADERS)
 
 
 def render_terminal(records: list[dict]) -> str:
@@ -384,7 +372,7 @@ def render_terminal(records: list[dict]) -> str:
         lines += ["!" * 78, f"!!! {warning}", "!" * 78, ""]
     for task, rs in _by_task(records).items():
         sub = task_table(table, task)
-        sub = sub[[c for c in TERMINAL_COLUMNS if c in sub]]
+        sub = sub[[c for c in _terminal_columns() if c in sub]]
         lines += [f"== {task} ==", task_source(rs), sub.to_string(index=False), judged_line(rs), parity_line(rs), ""]
     if warning:
         lines.append(f"!!! {warning}")

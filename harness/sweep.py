@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.figures import DEVICE_PEAK, PEAK_RSS, TRAIN_RATE
 from harness.report import mode_text
 from harness.results import read_records
 from harness.runner import RunConfig, run_matrix
@@ -60,8 +61,8 @@ def _rows(records: list[dict], axis: Axis) -> list[tuple]:
     for (task, backend, device), cell in group_cells(ok_records(records)).items():
         for value in sorted({axis.value(r) for r in cell}):
             same = [r for r in cell if axis.value(r) == value]
-            rows.append((task, backend, device, value, summarise_figure(same, "train_samples_per_s"),
-                         summarise_figure(same, "peak_rss_mb"), summarise_figure(same, "device_peak_mb"),
+            rows.append((task, backend, device, value, summarise_figure(same, TRAIN_RATE.name),
+                         summarise_figure(same, PEAK_RSS.name), summarise_figure(same, DEVICE_PEAK.name),
                          ", ".join(sorted({mode_text(r["env"]) for r in same}))))
     return sorted(rows, key=lambda row: row[:4])
 

@@ -138,3 +138,26 @@ def test_mlflow_export_of_the_same_folder_twice_duplicates_nothing(run_dir, tmp_
     assert len(parents) == 1 and len(runs) == 1 + 10
     assert sorted(r.info.run_name for r in runs if r is not parents[0]) == sorted(
         f"{r['task']}/{r['backend']}/r{r['repeat']}" for r in records)
+
+
+def test_a_loss_judged_task_exports_its_held_out_loss_curve_to_both_trackers(tmp_path, capsys):
+    """tiny-gpt is judged by held-out loss: its per-epoch test loss (epoch 0 the untrained model) reaches both."""
+    mlflow = need("mlflow")
+    need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record = make_record("tiny-gpt", "jax", 0, epochs=3)
+    folder = write_run(tmp_path / "run", [record])
+    expected = [record["metrics"]["initial_test_loss"], *record["metrics"]["epoch_test_loss"]]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["export", str(folder), "--mlflow", uri, "--tensorboard", str(tmp_path / "tb")]) == 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tribench")
+    child = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "tiny-gpt/jax/r0")
+    history = sorted(client.get_metric_history(child.info.run_id, "epoch/test_loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(expected)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tiny-gpt" / "jax" / "r0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("epoch/test_loss")] == [0, 1, 2, 3]
+    assert [e.value for e in acc.Scalars("epoch/test_loss")] == pytest.approx(expected)
