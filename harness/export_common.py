@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 # Final figures exported as one value each (from metrics or memory).
 SCALARS = ("test_accuracy", "test_loss", "initial_test_loss", "initial_test_accuracy", "time_to_target_s",
@@ -85,7 +84,3 @@ def epoch_series(record: dict) -> dict[str, list[tuple[int, float]]]:
         out["test_accuracy"].insert(0, (0, initial))
     return out
 
-
-def safe_key(text: str) -> str:
-    """A metric or folder name trackers accept: letters, digits and _-./ only."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
