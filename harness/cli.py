@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from backends import BACKENDS
 from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
+from harness.confine import UntrustedInput
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
 from harness.runner import (
     EXIT_CELL_FAILED,
@@ -134,7 +136,8 @@ def build_parser() -> Parser:
     export.add_argument("--mlflow", metavar="URI", help="tracking store, e.g. sqlite:///mlflow.db or http://host:5000")
     export.add_argument("--experiment", default="tribench", help="MLflow experiment name (default tribench)")
     export.add_argument("--tensorboard", type=Path, metavar="LOGDIR", help="write event files under LOGDIR")
-    compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression")
+    compare = sub.add_parser("compare", help="compare two results folders; exit 1 on a regression, "
+                             "3 when new left a cell or repeat unmeasured")
     compare.add_argument("base", type=Path)
     compare.add_argument("new", type=Path)
     compare.add_argument("--threshold", default="5%",
@@ -300,7 +303,7 @@ def cmd_report(args) -> int:
     from harness import report
     from harness.results import RECORDS_FILE
 
-    if not (args.dir / RECORDS_FILE).exists():
+    if not os.path.lexists(args.dir / RECORDS_FILE):
         raise UsageError(f"{args.dir}: no {RECORDS_FILE} there")
     for path in report.write_report(args.dir):
         print(path)
@@ -381,7 +384,10 @@ def cmd_export(args) -> int:
     if args.mlflow:
         from harness import export_mlflow
 
-        parent, children, written = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
+        try:
+            parent, children, written = export_mlflow.export(args.dir, args.mlflow, experiment=args.experiment)
+        except export_mlflow.ExportError as exc:
+            raise UsageError(f"--mlflow {exc}") from None
         print(f"mlflow: {len(children)} runs (one per record; {written} new) under parent run {parent} in "
               f"experiment {args.experiment!r} at {args.mlflow}")
     if args.tensorboard:
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (UsageError, data_mod.DataError) as exc:
+    except (UsageError, data_mod.DataError, UntrustedInput) as exc:
         print(f"tribench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk or a vanished folder under report or sweep: one line

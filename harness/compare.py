@@ -1,4 +1,4 @@
-"""Regression check between two comparable runs: matched cells, per-figure verdicts, exit code 1 on regression."""
+"""Regression check between two comparable runs: matched cells, per-figure verdicts, exit 1 or 3 (incomplete)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from harness.stats import (
 # held-out loss (language models) also compare the loss (_cell_figures).
 FIGURES = tuple((f.name, f.higher_is_better, f.fmt, f.compare) for f in compared(by_loss=False))
 STATUS_FAILURES = ("failed", "diverged")
+# Exit codes: a regression; else a cell new did not measure (skipped, missing or failed repeats).
+EXIT_REGRESSION, EXIT_INCOMPLETE = 1, 3
+INCOMPLETE_RULE = "rule: every cell and repeat of base measured ok in new"
 FORMATS = ("text", "markdown", "json")
 DEFAULT = "*"  # the thresholds key for every figure not named
 
@@ -141,6 +144,26 @@ def judge(name: str, base: dict, new: dict, *, threshold: float, higher_better: 
     return f"improved ({change_text}; {spread_note})", False
 
 
+def _repeat_gaps(base: list[dict], new: list[dict]) -> list[tuple[str, bool]]:
+    """(note, is a regression) for each repeat of a cell that new did not measure as base did.
+
+    A repeat failed or diverged in new that base did not is a regression; one missing
+    from new, skipped in new, or failed in both is incomplete: the cell was not measured.
+    """
+    base_by = {r.get("repeat"): r.get("status") for r in base}
+    new_by = {r.get("repeat"): r.get("status") for r in new}
+    gaps = []
+    for repeat in sorted(set(base_by) | set(new_by), key=str):
+        status = new_by.get(repeat)
+        if status is None:
+            gaps.append((f"INCOMPLETE ({INCOMPLETE_RULE}): repeat {repeat} missing in new", False))
+        elif status in STATUS_FAILURES and base_by.get(repeat) not in STATUS_FAILURES:
+            gaps.append((f"REGRESSION (rule: every repeat ok in new): repeat {repeat} {status} in new", True))
+        elif status != "ok":
+            gaps.append((f"INCOMPLETE ({INCOMPLETE_RULE}): repeat {repeat} {status} in new", False))
+    return gaps
+
+
 def _fmt(summary: dict, fmt) -> str:
     return format_stat(summary, fmt) if summary["n"] else "\u2014"
 
@@ -186,7 +209,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 def compare_records(base: list[dict], new: list[dict], *, threshold: float | dict[str, float] = 0.05,
                     base_name: str = "base", new_name: str = "new", force: bool = False,
                     fmt: str = "text") -> tuple[str, int]:
-    """The comparison of two runs' records as text, markdown or JSON, and 1 if any regression was found else 0.
+    """The comparison of two runs' records as text, markdown or JSON, and its exit code.
+
+    1 (EXIT_REGRESSION) if any regression was found, else 3 (EXIT_INCOMPLETE) if new left a
+    cell or repeat of base unmeasured (skipped, missing, failed in both), else 0.
 
     Raises Incomparable when the runs differ in what they measured (comparable.differences)
     unless `force`, which compares under a banner naming each difference.
@@ -207,7 +233,7 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
     lines += [rules, ""]
     result = {"base": base_name, "new": new_name, "comparable": not diffs, "differences": diffs, "rules": rules,
               "thresholds": {name: _limit(thresholds, name) for name, *_ in figures}, "cells": []}
-    regressions = []
+    regressions, incomplete = [], []
     only_base = sorted(set(base_cells) - set(new_cells))
     only_new = sorted(set(new_cells) - set(base_cells))
     # A record with no known status says nothing about its cell: never count it as a pass.
@@ -229,11 +255,15 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
             if b_ok and any(r.get("status") != "skipped" for r in n_rs):
                 note = f"REGRESSION (rule: cell ok in base, {status} in new)"
                 regressions.append(f"{label}: status")
-            else:
-                note = f"no ok repeat in new: {status}; base: {_status_text(b_rs)}"
+            else:  # never measured in new (a backend not installed): not a pass
+                note = f"INCOMPLETE ({INCOMPLETE_RULE}): no ok repeat in new: {status}; base: {_status_text(b_rs)}"
+                incomplete.append(f"{label}: no ok repeat")
             lines += [f"  {note}", ""]
             result["cells"].append({"cell": label, "note": note})
             continue
+        for note, is_regression in _repeat_gaps(b_rs, n_rs):
+            lines.append(f"  {note}")
+            (regressions if is_regression else incomplete).append(f"{label}: {note.split(': ', 1)[1]}")
         if not b_ok:
             note = f"no ok repeat in base ({_status_text(b_rs)}); nothing to compare against"
             lines += [f"  {note}", ""]
@@ -265,11 +295,15 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
             lines.append("")
     regressions += [f"{'/'.join(k)}: missing from new" for k in only_base]
     if regressions:
-        lines.append(f"RESULT: {len(regressions)} regression(s): {'; '.join(regressions)}")
+        also = f" (and {len(incomplete)} incomplete: {'; '.join(incomplete)})" if incomplete else ""
+        lines.append(f"RESULT: {len(regressions)} regression(s): {'; '.join(regressions)}{also}")
+    elif incomplete:
+        lines.append(f"RESULT: INCOMPLETE: {len(incomplete)} cell(s) not fully measured in new: "
+                     f"{'; '.join(incomplete)}")
     else:
         lines.append("RESULT: no regression")
-    code = 1 if regressions else 0
-    result.update(regressions=regressions, only_base=["/".join(k) for k in only_base],
+    code = EXIT_REGRESSION if regressions else EXIT_INCOMPLETE if incomplete else 0
+    result.update(regressions=regressions, incomplete=incomplete, only_base=["/".join(k) for k in only_base],
                   only_new=["/".join(k) for k in only_new], result=lines[-1])
     if fmt == "json":
         return json.dumps(result, indent=2, default=str, allow_nan=False) + "\n", code
@@ -295,7 +329,8 @@ def _markdown(result: dict) -> str:
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         out.append("")
-    for title, cells in (("Cells in base missing from new (regression)", result["only_base"]),
+    for title, cells in (("Not fully measured in new (incomplete)", result["incomplete"]),
+                         ("Cells in base missing from new (regression)", result["only_base"]),
                          ("Cells only in new", result["only_new"])):
         if cells:
             out += [f"**{title}:** {', '.join(cells)}", ""]
@@ -305,7 +340,7 @@ def _markdown(result: dict) -> str:
 
 def compare_runs(base_dir, new_dir, *, threshold: float | dict[str, float] = 0.05, force: bool = False,
                  fmt: str = "text") -> tuple[str, int]:
-    """Compare the records.jsonl of two run folders; (text to print, exit code 1 on regression else 0).
+    """Compare the records.jsonl of two run folders; (text to print, exit code as compare_records gives it).
 
     Raises FileNotFoundError for a folder without records.jsonl and EmptyRun for one with no record.
     """

@@ -180,12 +180,16 @@ def _cifar_batch(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
 
+# The files of cifar-10-batches-py that hold batches; nothing else in that folder is read.
+CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
 def _cifar_batches(members) -> tuple[np.ndarray, ...]:
     """members: iterable of (name, bytes) of the cifar-10-batches-py files."""
     train, test = {}, None
     for name, blob in members:
         base = os.path.basename(name)
-        if base.startswith("data_batch_") or base == "test_batch":
+        if base in CIFAR_BATCHES:  # exactly the published names: data_batch_1.orig is never unpickled
             x, y = _cifar_batch(blob)
             if base == "test_batch":
                 test = (x, y)
@@ -204,9 +208,11 @@ def load_cifar(path: Path) -> tuple[np.ndarray, ...]:
     path = Path(path)
     try:
         if path.is_dir():
-            return _cifar_batches((p.name, p.read_bytes()) for p in sorted(path.iterdir()) if p.is_file())
+            return _cifar_batches((name, (path / name).read_bytes()) for name in CIFAR_BATCHES
+                                  if (path / name).is_file())
         with tarfile.open(path, "r:gz") as tar:
-            return _cifar_batches((m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile())
+            return _cifar_batches((m.name, tar.extractfile(m).read()) for m in tar.getmembers()
+                                  if m.isfile() and os.path.basename(m.name) in CIFAR_BATCHES)
     except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: cannot read CIFAR-10 ({type(exc).__name__}: {exc})") from None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 from harness import figures
 
@@ -80,7 +79,3 @@ def epoch_series(record: dict) -> dict[str, list[tuple[int, float]]]:
         out[name] = ([(0, initial)] if initial is not None else []) + [(s, v) for s, v in points if v is not None]
     return out
 
-
-def safe_key(text: str) -> str:
-    """A metric or folder name trackers accept: letters, digits and _-./ only."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import time
 from pathlib import Path
 
+from harness import confine
+from harness.confine import UntrustedInput
 from harness.export_common import cell_name, epoch_series, params, scalars, tags
 from harness.results import read_records
+from harness.schema import load_run_file
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "tribench"
 ARTIFACTS = ("report.md", "report.html", "run.json", "accuracy_vs_time.png", "epoch_curves.png", "throughput.png",
@@ -22,16 +28,48 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+# An unreachable tracking server: MLflow's defaults (7 retries with backoff, 120 s timeouts)
+# take minutes before failing; these make it a few seconds. Set only where the user has not.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class ExportError(RuntimeError):
+    """The tracking store refused or could not be reached; the message is one line."""
+
+
 def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[str, list[str], int]:
     """(parent run id, child run ids one per record, how many of those this call wrote) in the store at `uri`.
 
     Exporting a folder again reuses its parent run and writes only the records not exported
-    before (a resumed run's new cells), so the store never holds a run twice.
+    before (a resumed run's new cells), so the store never holds a run twice. Any failure of
+    the store is an ExportError with one line.
     """
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise ExportError(f"{uri}: the folder {Path(uri[len('sqlite:///'):]).parent} does not exist; "
+                          "tribench creates no folder for a tracking store")
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    from mlflow.exceptions import MlflowException
+
+    failures: tuple = (MlflowException, OSError)
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures += (SQLAlchemyError,)
+    except ImportError:  # an http store needs no sqlalchemy
+        pass
+    try:
+        return _export(Path(run_dir), uri, experiment)
+    except failures as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ExportError(f"{uri}: {type(exc).__name__}: {lines[0] if lines else 'failed'}") from None
+
+
+def _export(run_dir: Path, uri: str, experiment: str) -> tuple[str, list[str], int]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    run_dir = Path(run_dir)
     records = read_records(run_dir)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
@@ -48,7 +86,7 @@ def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[st
         client.log_batch(parent, params=[Param(k, str(config[k])) for k in sorted(config) if config[k] is not None])
     client.set_tag(parent, "tribench.records", str(len(records)))
     for name in ARTIFACTS:  # the report as it is now (a re-export overwrites the files)
-        if (run_dir / name).is_file():
+        if confine.is_regular(run_dir / name):  # never a symlink: it could upload any readable file
             client.log_artifact(parent, str(run_dir / name))
     children, written = [], 0
     now = int(time.time() * 1000)
@@ -104,7 +142,7 @@ def _search(client, experiment_id: str, filter_string: str):
 
 def _run_json(run_dir: Path) -> dict:
     try:
-        value = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_run_file(run_dir / "run.json", str(run_dir))
+    except UntrustedInput as exc:
+        log.warning("%s; the parent run gets no config", exc)
         return {}
-    return value if isinstance(value, dict) else {}

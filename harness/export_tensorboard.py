@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness.export_common import cell_name, epoch_series, params, safe_key, scalars
+from harness import confine
+from harness.export_common import cell_name, epoch_series, params, scalars
 from harness.results import read_records
 
 # The hyper-parameters shown in TensorBoard's HParams dashboard (the rest are in the text of params()).
@@ -18,13 +19,15 @@ HPARAMS = ("task", "backend", "repeat", "seed", "device", "precision", "mode", "
 SUFFIX = ".tribench"
 
 
-def _writer(logdir: Path):
+def _writer(logdir: Path, *names: str):
+    """An event writer in logdir/names (confine.make_dir: no symlink below LOGDIR), our earlier files there removed."""
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    logdir.mkdir(parents=True, exist_ok=True)
-    for earlier in logdir.glob(f"events.out.tfevents.*{SUFFIX}"):
-        earlier.unlink()
-    return EventFileWriter(str(logdir), filename_suffix=SUFFIX)
+    folder = confine.make_dir(logdir, *names)
+    for earlier in folder.glob(f"events.out.tfevents.*{SUFFIX}"):
+        if confine.is_regular(earlier):
+            earlier.unlink()
+    return folder, EventFileWriter(str(folder), filename_suffix=SUFFIX)
 
 
 def _scalar_event(tag: str, value: float, step: int):
@@ -51,15 +54,16 @@ def export(run_dir: Path, logdir: Path) -> list[Path]:
     logdir = Path(logdir)
     metric_names = sorted({f"epoch/{n}" for r in records for n in epoch_series(r)} |
                           {f"final/{n}" for r in records for n in scalars(r)})
-    root = _writer(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    _, root = _writer(logdir)
     root.add_event(_summary_event(hp.experiment_pb(
         hparam_infos=[api_pb2.HParamInfo(name=h) for h in HPARAMS],
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metric_names])))
     root.close()
     folders = []
     for record in records:
-        folder = logdir / safe_key(cell_name(record))
-        writer = _writer(folder)
+        # task and backend are safe names (harness.schema checked every record read): one folder each.
+        folder, writer = _writer(logdir, record["task"], record["backend"], f"r{record['repeat']}")
         values = params(record)
         writer.add_event(_summary_event(hp.session_start_pb(
             hparams={h: values[h] for h in HPARAMS if h in values}, group_name=cell_name(record))))

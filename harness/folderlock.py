@@ -6,6 +6,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from harness.confine import open_file
+
 LOCK_FILE = ".tribench.lock"
 
 
@@ -35,7 +37,8 @@ def hold(folder: Path):
         yield
         return
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # A symlink planted as the lock would have its target truncated: refused (confine.open_file).
+    fd = open_file(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,7 +55,7 @@ def hold(folder: Path):
 
 def check_free(folder: Path) -> None:
     """Raise FolderBusy if a live process holds `folder`; for reads that come before the run takes the lock."""
-    if (Path(folder) / LOCK_FILE).exists():
+    if os.path.lexists(Path(folder) / LOCK_FILE):
         try:
             with hold(folder):
                 pass

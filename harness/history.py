@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
+from harness.confine import is_regular
 from harness.figures import BY_NAME, followed, percent
 from harness.results import RECORDS_FILE, read_records
 from harness.stats import (
@@ -21,8 +23,13 @@ HISTORY_MD, HISTORY_PNG = "history.md", "history.png"
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every folder under `root` (itself included) holding a records.jsonl, sorted."""
-    return sorted(p.parent for p in Path(root).rglob(RECORDS_FILE) if p.is_file())
+    """Every folder under `root` (itself included) holding a records.jsonl that is a regular file, sorted.
+
+    Symlinked folders are not entered and symlinked or special records files not read:
+    history reads what is under `root`, nothing it points elsewhere.
+    """
+    return sorted(Path(folder) for folder, _, files in os.walk(root, followlinks=False)
+                  if RECORDS_FILE in files and is_regular(Path(folder) / RECORDS_FILE))
 
 
 def machine(record: dict) -> str:

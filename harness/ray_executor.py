@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import confine
 from harness import data as data_mod
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
@@ -27,6 +28,7 @@ from harness.runner import (
     skipped_record,
     stop_process,
 )
+from harness.storage import write_atomic
 from harness.worker import utc_now
 
 INSTALL_HINT = 'pip install "tribench[ray]"'
@@ -267,13 +269,34 @@ def _signals_between_waits():
             signal.signal(sig, handler)
 
 
-def _probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a HOST:PORT that nothing listens on: ray.init retries such an address for many minutes."""
+# The start of an HTTP/2 connection (gRPC, which a Ray cluster's GCS speaks): the client
+# preface, then an empty SETTINGS frame. A gRPC server answers with a SETTINGS frame at once.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+
+
+def _probe(address: str, timeout_s: float = 3.0) -> None:
+    """Refuse within a few seconds a HOST:PORT that is no Ray cluster: ray.init retries such an address
+    for many minutes. Something must listen there and answer the HTTP/2 preface as gRPC does."""
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit():
         return  # "auto" or a ray:// client address: Ray's own lookup answers quickly
-    with socket.create_connection((host, int(port)), timeout=timeout_s):
-        pass
+    deadline = time.monotonic() + timeout_s
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(HTTP2_PREFACE)
+        answer = b""
+        while len(answer) < 9:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                block = sock.recv(9 - len(answer))
+            except TimeoutError:
+                block = b""
+            if not block:
+                break
+            answer += block
+    if len(answer) < 9 or answer[3] != HTTP2_SETTINGS:
+        raise ConnectionError(f"what listens there did not answer as a Ray cluster's gRPC server within "
+                              f"{timeout_s:g} s")
 
 
 def _runtime_env() -> dict | None:
@@ -282,7 +305,6 @@ def _runtime_env() -> dict | None:
 
 
 def _save_checkpoints(out: Path, checkpoints: dict[str, bytes]) -> None:
-    if checkpoints:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    """Checkpoints a cell sent back, each under out/checkpoints by a name checked to stay there."""
     for name, blob in checkpoints.items():
-        (out / "checkpoints" / name).write_bytes(blob)
+        write_atomic(confine.inside(confine.make_dir(out, "checkpoints"), name), blob)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
+from harness.confine import UntrustedInput
 from harness.figures import (
     DEVICE_PEAK,
     FROZEN_RATE,
@@ -18,6 +18,7 @@ from harness.figures import (
     report_columns,
     terminal_headers,
 )
+from harness.schema import load_run_file
 from harness.stats import (
     cell_key,
     figure,
@@ -408,8 +409,8 @@ def _render_md(records, table, figures, title) -> str:
     out += ["## Plots", ""]
     if not figures:
         out += ["No successful cell: nothing to plot.", ""]
-    for path, caption in figures:
-        out += [f"![{caption}]({path.name})", "", f"_{caption}_", ""]
+    for path, caption in figures:  # captions name tasks, which come from records: escaped like the tables
+        out += [f"![{_md(caption)}]({path.name})", "", f"_{_md(caption)}_", ""]
     return "\n".join(out)
 
 
@@ -466,8 +467,8 @@ def run_stamp(run_dir: Path, records: list[dict]) -> str:
     ends = [t for t in (_parse_time(r.get("finished_at")) for r in records if r.get("finished_at")) if t]
     if not starts:
         try:
-            created = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("created_at")
-        except (OSError, ValueError, AttributeError):
+            created = load_run_file(Path(run_dir) / "run.json", str(run_dir)).get("created_at")
+        except UntrustedInput:
             created = None
         starts = [t for t in (_parse_time(created),) if t] if created else []
     if not starts:

@@ -9,11 +9,12 @@ import platform
 import subprocess
 from pathlib import Path
 
+from harness.confine import open_text
+from harness.schema import STATUSES, record_problem  # noqa: F401 - STATUSES re-exported for readers
 from harness.storage import append_line, write_atomic
 
 SCHEMA_VERSION = 1
 RECORDS_FILE = "records.jsonl"
-STATUSES = ("ok", "failed", "skipped", "diverged")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger(__name__)
@@ -137,40 +138,40 @@ def append_record(path: Path, record: dict) -> None:
     append_line(path, line)
 
 
-# What every record has from empty_record on, and what every reader of records relies on.
-IDENTITY_KEYS = ("task", "backend", "repeat", "status")
+def iter_records(path: Path):
+    """(line number, record) of every valid record of a records.jsonl, in file order.
 
-
-def read_records(path: Path, *, history: bool = False) -> list[dict]:
-    """The complete records of a records.jsonl, the latest one per cell unless `history`.
-
-    A resumed run appends a new record for a cell that failed before; readers want the
-    latest. A torn line, or one that is not a JSON object, is skipped with a warning naming it.
+    Every line is checked against harness.schema.Record: a torn line, or one that is not a
+    valid record, is skipped with a warning naming the file and the line. The file must be
+    a regular file, not a symlink (confine.open_text).
     """
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
-    records = []
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8", errors="replace") as f:
+    if not os.path.lexists(path):
+        return
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 log.warning("%s:%d: skipping an incomplete record", path, number)
                 continue
-            if not isinstance(record, dict):  # e.g. a line "42": valid JSON, not a record
-                log.warning("%s:%d: skipping a line that is not a record (a JSON %s)", path, number,
-                            type(record).__name__)
+            problem = record_problem(record)
+            if problem:  # readers (report, sweep, compare, merge, export) rely on every checked field
+                log.warning("%s:%d: skipping %s", path, number, problem)
                 continue
-            missing = [key for key in IDENTITY_KEYS if key not in record]
-            if missing:  # an object, but readers (report, sweep, compare) index these keys
-                log.warning("%s:%d: skipping a record without %s", path, number, ", ".join(missing))
-                continue
-            records.append(record)
+            yield number, record
+
+
+def read_records(path: Path, *, history: bool = False) -> list[dict]:
+    """The valid records of a records.jsonl (iter_records), the latest one per cell unless `history`.
+
+    A resumed run appends a new record for a cell that failed before; readers want the latest.
+    """
+    records = [record for _, record in iter_records(path)]
     if history:
         return records
     latest = {(r["task"], r["backend"], r["repeat"]): r for r in records}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,8 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 from backends import BACKENDS, backend_info
+from harness import confine, folderlock, schema
 from harness import data as data_mod
-from harness import folderlock
+from harness.confine import UntrustedInput
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
 from harness.results import (
@@ -30,6 +32,7 @@ from harness.results import (
     empty_record,
     git_state,
     read_records,
+    total_memory_bytes,
     tribench_version,
 )
 from harness.shard import in_shard
@@ -146,11 +149,10 @@ def check_resume(cfg: RunConfig, saved: dict) -> None:
 def check_resumed_data(cfg: RunConfig, sources: dict[str, tuple[str, str, str]]) -> None:
     """A resume trains each task on the dataset, and with the spec built for it, that the run started with."""
     try:
-        saved = json.loads((cfg.out / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = schema.load_run_file(cfg.out / RUN_FILE, f"--resume {cfg.out}")
+    except UntrustedInput:
         saved = {}
-    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    specs = saved.get("specs") if isinstance(saved.get("specs"), dict) else {}
+    data, specs = saved.get("data") or {}, saved.get("specs") or {}
     for task, (name, _, _) in sources.items():
         if data.get(task, name) != name:
             raise UsageError(f"--resume {cfg.out}: task {task!r} started on {data[task]} but would now get {name}; "
@@ -165,20 +167,11 @@ def _commit() -> str | None:
     return git_state()["git_commit"]
 
 
-# run.json config field -> the JSON types it may hold (None where the flag is optional). A
-# RunConfig field missing here is accepted unchecked: add it when it can carry a path or a name.
-CONFIG_TYPES = {
-    "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
-    "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
-    "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
-    "allow_download": bool, "override": (str, type(None)), "data_parallel": int,
-}
-
-
 def config_from_saved(saved, out: Path) -> RunConfig:
     """The RunConfig a run.json describes, refused with one line when anything in it is off.
 
-    A results folder may come from someone else: every value is type- and name-checked,
+    A results folder may come from someone else: every value is checked against
+    harness.schema.Config (types and bounds), names against the registries,
     and paths in it (data_dir, init_from) are taken relative to the folder, not to
     wherever the user happens to stand.
     """
@@ -187,15 +180,10 @@ def config_from_saved(saved, out: Path) -> RunConfig:
     if not isinstance(config, dict) or not isinstance(saved.get("specs"), dict) \
             or not isinstance(saved.get("versions"), dict):
         raise UsageError(f"{where} is not a tribench run file (no config, specs and versions objects)")
-    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(RunConfig)})
-    if unknown:
-        raise UsageError(f"{where}: unknown config field {unknown[0]!r}")
-    for name, types in CONFIG_TYPES.items():
-        if name not in config and name not in ("tasks", "backends"):
-            continue  # the default, as for a run.json from before the field existed
-        value = config.get(name)
-        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-            raise UsageError(f"{where}: config.{name} is {json.dumps(value)}, not a valid value")
+    try:
+        schema.check_config(config, where)
+    except UntrustedInput as exc:
+        raise UsageError(str(exc)) from None
     args = {k: v for k, v in config.items() if k != "out"}
     for name in ("data_dir", "init_from"):
         if args.get(name):
@@ -245,7 +233,12 @@ def check_config(cfg: RunConfig) -> None:
             raise UsageError(f"{name} {value} is below {low}")
     if cfg.timeout is not None and not cfg.timeout > 0:
         raise UsageError(f"timeout {cfg.timeout} is not positive")
+    try:  # the same types and bounds whether the config came from flags or from run.json
+        schema.check_config(cfg.to_json(), "run settings")
+    except UntrustedInput as exc:
+        raise UsageError(str(exc).replace("run settings: config.", "")) from None
     for task in cfg.tasks:
+        check_fits_memory(get_task(task))
         batch = cfg.batch_size or get_task(task).batch_size
         if batch % cfg.data_parallel:
             raise UsageError(f"task {task!r}: batch size {batch} does not split evenly over --data-parallel "
@@ -270,6 +263,21 @@ def check_config(cfg: RunConfig) -> None:
                 raise UsageError(f"--init-from: {exc}") from None
 
 
+# fp32 weights and their gradients: the least any backend holds while training (optimizer
+# state, activations and the framework's own copies come on top).
+BYTES_PER_PARAMETER = 8
+
+
+def check_fits_memory(spec) -> None:
+    """Refuse, before anything is allocated, a model whose parameters alone outgrow this machine's memory."""
+    total = total_memory_bytes()
+    need = spec.param_count() * BYTES_PER_PARAMETER
+    if total is not None and need > total:
+        raise UsageError(f"task {spec.name!r}: {spec.param_count():,} parameters need at least {need / 2**30:,.1f} "
+                         f"GiB ({BYTES_PER_PARAMETER} bytes each: weights and gradients), more than this machine's "
+                         f"{total / 2**30:,.1f} GiB")
+
+
 def load_resume(out: Path) -> RunConfig:
     try:
         folderlock.check_free(out)  # a live run's folder: say so, rather than judge its run.json
@@ -277,9 +285,9 @@ def load_resume(out: Path) -> RunConfig:
         raise UsageError(str(exc)) from None
     path = Path(out) / RUN_FILE
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--resume {out}: no readable {RUN_FILE} there ({exc})") from None
+        saved = schema.load_run_file(path, f"--resume {out}")
+    except UntrustedInput as exc:
+        raise UsageError(str(exc)) from None
     register_task_files(saved, path)
     cfg = config_from_saved(saved, Path(out))
     check_resume(cfg, saved)
@@ -359,7 +367,8 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
         "data_parallel": cfg.data_parallel,
-        "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
+        "checkpoint_prefix": str(confine.inside(cfg.out, "checkpoints",
+                                                f"{cell.task}-{cell.backend}-r{cell.repeat}")),
         "out": str(cfg.out),  # git_dirty leaves the run's own output out
     }
 
@@ -509,12 +518,25 @@ def run_matrix(cfg: RunConfig, *, resume: bool = False, ui=None, write_report: b
     from harness.progress import Progress
 
     ui = ui or Progress()
+    created = not os.path.lexists(cfg.out)
     prepare_out_dir(cfg.out)
     try:
         with folderlock.hold(cfg.out):
             return _run_locked(cfg, resume=resume, ui=ui, write_report=write_report, executor=executor)
     except folderlock.FolderBusy as exc:
         raise UsageError(str(exc)) from None
+    except (UsageError, UntrustedInput, data_mod.DataError):
+        if created:  # refused before anything was written: leave no folder holding only the lock
+            remove_if_only_lock(cfg.out)
+        raise
+
+
+def remove_if_only_lock(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but the lock (a run refused before its first write)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [folderlock.LOCK_FILE]:
+            (folder / folderlock.LOCK_FILE).unlink()
+            folder.rmdir()
 
 
 def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executor) -> int:
@@ -525,6 +547,8 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executo
                 ui.info(f"--resume: {name} from {cfg.out / RUN_FILE}: {getattr(cfg, name)}")
     sources = resolve_data(cfg)
     try:
+        confine.inside(cfg.out, RECORDS_FILE)  # a symlink there is refused, never appended through
+        confine.inside(cfg.out, "checkpoints")  # workers write checkpoints there: never through a symlink
         side = set_aside_torn_tail(records_path)
         if not resume:
             if records_path.exists() and records_path.stat().st_size:

@@ -9,6 +9,8 @@ import os
 import secrets
 from pathlib import Path
 
+from harness.confine import open_file
+
 
 def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is down.
@@ -36,7 +38,7 @@ def append_line(path: Path, line: bytes) -> None:
     left by something else can never swallow it.
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_file(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # never through a symlink planted there
     try:
         size = os.fstat(fd).st_size
         prefix = b"" if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n"
@@ -57,7 +59,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     # Not mkstemp: its files are 0600, and results are shared; 0666 less the umask, like open().
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         try:
             write_all(fd, data)
@@ -75,20 +77,31 @@ def set_aside_torn_tail(path: Path) -> Path | None:
     """Move bytes after the last newline (half a record) into a side file; return it, or None.
 
     Called before anything is appended: the fragment is kept for the curious, and the
-    file ends on a whole line again.
+    file ends on a whole line again. Only the tail is read, block by block from the end.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    with open(path, "r+b") as f:
-        content = f.read()
-        end = content.rfind(b"\n") + 1
-        if end == len(content):
+    fd = open_file(path, os.O_RDWR)  # a symlink or a FIFO here is refused, never followed
+    try:
+        size = os.fstat(fd).st_size
+        end, tail = size, b""
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            block = os.pread(fd, end - start, start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                tail = block[cut + 1:] + tail
+                end = start + cut + 1
+                break
+            tail, end = block + tail, start
+        if not tail:
             return None
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         side = path.with_name(f"{path.name}.torn-{stamp}-{os.getpid()}")
-        write_atomic(side, content[end:])
-        f.truncate(end)
-        f.flush()
-        os.fsync(f.fileno())
+        write_atomic(side, tail)
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return side

@@ -1,5 +1,7 @@
 """The task registry: every benchmark task by name, and task files registered at run time; framework-free."""
 
+import math
+import typing
 from pathlib import Path
 
 from tasks.cifar_cnn import CIFAR_CNN
@@ -58,6 +60,9 @@ def parse_override(text: str) -> dict:
                 break
             except ValueError:
                 continue
+        number = changes[key.strip()]
+        if isinstance(number, float) and not math.isfinite(number):
+            raise SpecError(f"--override: {item!r}: not a finite number")
     return changes
 
 
@@ -71,12 +76,23 @@ def override_task(name: str, changes: dict) -> TaskSpec:
         raise SpecError(f"--override: task {name!r} has no size parameters; tasks that do: {', '.join(BUILDERS)}")
     import inspect
 
+    from tasks.taskfile import fits_type
+
     valid = list(dict.fromkeys(p for b in (builder, tiny_gpt) for p in inspect.signature(b).parameters
                                if p not in ("name", "spec_fields")))
-    fields = set(TaskSpec.__dataclass_fields__) - {"name", "layers", "optimizer", "input_shape", "dataset", "loss"}
+    # Scalar spec fields only: the structures (layers, optimizer, stages) come from the builder.
+    fields = set(TaskSpec.__dataclass_fields__) - {"name", "layers", "optimizer", "input_shape", "dataset", "loss",
+                                                   "stages"}
     unknown = sorted(set(changes) - set(valid) - fields)
     if unknown:
         raise SpecError(f"--override: unknown key {unknown[0]!r} for {name}; "
                         f"valid: {', '.join(valid + sorted(fields))}")
-    TASKS[name] = builder(name=name, **changes)
+    hints = {**typing.get_type_hints(TaskSpec), **typing.get_type_hints(tiny_gpt), **typing.get_type_hints(builder)}
+    for key, value in changes.items():
+        if key in hints and not fits_type(value, hints[key]):
+            raise SpecError(f"--override: {key}={value!r} is not a valid {key}")
+    try:
+        TASKS[name] = builder(name=name, **changes)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise SpecError(f"--override: {exc}") from None
     return TASKS[name]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task modules import from
@@ -29,6 +31,11 @@ from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task
     require,
 )
 from tasks.optim import SGD, Adam, AdamW, Constant, Optimizer, WarmupCosine  # noqa: F401 - re-exported
+
+# A name that may become a file name (checkpoints, export folders): letters, digits, '-', '_',
+# '.' not leading, so never '..', a hidden file or a path separator. harness.confine uses it too.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+MAX_SEED = 2**32 - 1  # every framework's generator takes a 32-bit seed
 
 
 class WeightsError(ValueError):
@@ -95,9 +102,15 @@ class TaskSpec:
     target_loss: float | None = None
 
     def __post_init__(self):
+        # The task and stage names become file names (checkpoints, report folders): safe names only.
+        require(isinstance(self.name, str) and SAFE_NAME.fullmatch(self.name) is not None,
+                f"task name {self.name!r} is not a safe name (letters, digits, '-', '_', '.' not leading; "
+                "at most 128)")
         require(bool(self.layers), f"task {self.name!r}: no layers")
-        names = [layer.name for layer, _, _ in self.walk()]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        require(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
+                f"task {self.name!r}: seed must be in [0, {MAX_SEED}], got {self.seed!r}")
+        counts = collections.Counter(layer.name for layer, _, _ in self.walk())  # linear: specs can be long
+        dupes = sorted(n for n, c in counts.items() if c > 1)
         require(not dupes, f"task {self.name!r}: layer name used twice: {', '.join(dupes)}")
         require(self.batch_size > 0, f"task {self.name!r}: batch_size must be positive")
         require(self.eval_batch_size > 0, f"task {self.name!r}: eval_batch_size must be positive")
@@ -109,6 +122,8 @@ class TaskSpec:
                  f"task {self.name!r}: the last layer must be a linear Dense (logits); "
                  "the loss applies softmax itself")
         stage_names = [s.name for s in self.stages]
+        bad = [n for n in stage_names if not (isinstance(n, str) and SAFE_NAME.fullmatch(n))]
+        require(not bad, f"task {self.name!r}: stage name {bad[0]!r} is not a safe name" if bad else "")
         require(len(set(stage_names)) == len(stage_names), f"task {self.name!r}: stage name used twice")
         require(self.primary_stage in stage_names,
                  f"task {self.name!r}: primary_stage {self.primary_stage!r} is not a stage")

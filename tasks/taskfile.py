@@ -22,15 +22,15 @@ class TaskFileError(ValueError):
     """A task file that cannot be read as a TaskSpec; the message names the file, the layer and the field."""
 
 
-def _type_ok(value, hint) -> bool:
+def fits_type(value, hint) -> bool:
     """Whether a TOML/JSON value fits a dataclass field's annotation (lists stand for tuples)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
+        return any(fits_type(value, a) for a in args)
     if hint is type(None):
         return value is None
     if origin is tuple:
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+        return isinstance(value, (list, tuple)) and all(fits_type(v, args[0]) for v in value)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -65,7 +65,7 @@ def _build(cls, table: dict, where: str, nested: dict | None = None, path: str |
         if nested and key in nested:
             kwargs[key] = nested[key](value, f"{path}.{key}" if path else key)
             continue
-        if not _type_ok(value, hints[key]):
+        if not fits_type(value, hints[key]):
             raise TaskFileError(f"{where}: field {key!r} must be {_describe(hints[key])}, got {value!r}")
         kwargs[key] = _convert(value)
     missing = [n for n, f in fields.items() if n not in kwargs
@@ -120,21 +120,54 @@ def _stages(items, where: str) -> tuple:
     return tuple(_build(Stage, t, f"{where}[{i}]") for i, t in enumerate(items))
 
 
+# Bounds on a task description from someone else, checked before it is read: a real task
+# is a few KiB and nests a residual block or two.
+MAX_TASK_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+
+
+def nesting_depth(value) -> int:
+    """How deep tables and lists nest in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
+        if children is None:
+            continue
+        depth += 1
+        if depth > MAX_DEPTH:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
 def spec_from_dict(table: dict, where: str = "task") -> TaskSpec:
     """A TaskSpec from a dict shaped like TaskSpec.to_dict() (a record's or checkpoint's spec, or a TOML file)."""
+    if not isinstance(table, dict):
+        raise TaskFileError(f"{where}: expected a table, got a {type(table).__name__}")
+    if nesting_depth(table) > MAX_DEPTH:
+        raise TaskFileError(f"{where}: nested deeper than {MAX_DEPTH} tables and lists")
     table = {k: v for k, v in table.items() if k != "loss"}  # fixed, written out for readers only
     return _build(TaskSpec, table, where, nested={"layers": _layers, "optimizer": _optimizer, "stages": _stages})
 
 
 def load_task_file(path: Path) -> TaskSpec:
     """The TaskSpec a TOML file describes; TaskFileError("<file>: ...") on any problem."""
+    from harness.confine import UntrustedInput, read_bytes
+
     path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text())
+    try:  # a regular file of bounded size: a FIFO or a huge file is refused before it is read
+        text = read_bytes(path, limit=MAX_TASK_FILE_BYTES).decode("utf-8")
+        table = tomllib.loads(text)
     except OSError as exc:
         raise TaskFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UntrustedInput, UnicodeDecodeError) as exc:
+        raise TaskFileError(f"{path}: {str(exc).removeprefix(f'{path} ')}") from None
     except tomllib.TOMLDecodeError as exc:
         raise TaskFileError(f"{path}: TOML syntax: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise TaskFileError(f"{path}: nested deeper than {MAX_DEPTH} tables and lists") from None
     try:
         return spec_from_dict(table, where="")
     except TaskFileError as exc:

@@ -113,7 +113,7 @@ def make_record(task: str = "mnist-mlp", backend: str = "torch", repeat: int = 0
         record["metrics"]["roofline_fraction"] = noisy(0.12)
     if task == "finetune":
         record["metrics"].update({
-            "finetuned_accuracy": accuracy + 0.05, "scratch_accuracy": accuracy - 0.1,
+            "finetuned_accuracy": min(0.999, accuracy + 0.05), "scratch_accuracy": accuracy - 0.1,
             "frozen_train_samples_per_s": sps * 1.8, "full_train_samples_per_s": sps,
         })
     record["memory"] = {"rss_after_import_mb": 250.0 + 150 * factor, "peak_rss_mb": noisy(900.0 * factor),
