@@ -64,7 +64,8 @@ def _positional_embedding(keras):
             self.table = self.add_weight(shape=(self.max_len, input_shape[-1]), initializer="zeros", name="table")
 
         def call(self, x):
-            return x + keras.ops.cast(self.table[: x.shape[1]], x.dtype)
+            # The dynamic length: a model built for any length up to max_len (logits of a shorter window).
+            return x + keras.ops.cast(self.table[: keras.ops.shape(x)[1]], x.dtype)
 
     return PositionalEmbedding
 
@@ -110,7 +111,7 @@ def _spec_attention_class():
                        for n in ("query", "key", "value"))
             scores = ops.einsum("bqhk,bshk->bhqs", q, k) / float(np.sqrt(q.shape[-1]))
             if self.spec_layer.causal:
-                t = x.shape[1]
+                t = ops.shape(x)[1]
                 scores = ops.where(ops.tril(ops.ones((t, t), "bool")), scores, float(np.finfo(np.float32).min))
             o = ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), v)
             return self.project("out", o, "bqhk,hkd->bqd", "bqhk,hkr->bqr", "bqr,rd->bqd")
@@ -350,7 +351,10 @@ class TensorFlowBackend(Backend):
         # state) is a MirroredVariable: one copy per replica device, kept identical.
         scope = self._strategy.scope() if self._strategy is not None else tf.device(self._device_name)
         with scope:
-            inputs = keras.Input(shape=tuple(spec.input_shape), dtype="int32" if spec.takes_tokens else "float32")
+            # Token models take any length up to the context (logits of a shorter window); the
+            # training and evaluation functions still trace the full context, a static shape.
+            shape = (None,) if spec.takes_tokens else tuple(spec.input_shape)
+            inputs = keras.Input(shape=shape, dtype="int32" if spec.takes_tokens else "float32")
             model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
             by_layer = {}
             for layer in spec.param_layer_names():
@@ -553,9 +557,12 @@ class TensorFlowBackend(Backend):
     def _logits_fn(self, model: _Model):
         if "logits" not in model.fns:
             tf = self._tf
+            x_spec = self._signatures(model)[0]
+            if model.spec.takes_tokens:  # any window length up to the context
+                x_spec = tf.TensorSpec((None, None), x_spec.dtype)
             model.fns["logits"] = tf.function(
                 lambda x: tf.cast(model.keras_model(x, training=False), tf.float32),
-                input_signature=self._signatures(model)[:1],
+                input_signature=[x_spec],
                 jit_compile=model.mode == "compiled")
         return model.fns["logits"]
 

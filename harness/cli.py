@@ -76,7 +76,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
     p.add_argument("--override", metavar="KEY=VALUE,...", help="model sizes and spec fields of tasks that have "
                    "sizes, e.g. --override d_model=768,layers=12,heads=12,context=1024 (tiny-gpt: d_model, layers, "
-                   "heads, context, batch_size, epochs, lr, steps_per_epoch, and TaskSpec fields)")
+                   "heads, context, batch_size, epochs, lr, and TaskSpec fields)")
     if sweep:
         p.add_argument("--data-parallel", metavar="N,N,...", help="sweep data-parallel replicas instead of the "
                        "batch size, e.g. 1,2,4,8, at one batch size; reports scaling efficiency")
@@ -99,7 +99,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
                    help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                   help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
+                   help="start from a checkpoint (.safetensors, or .npz) written by any backend; for finetune, "
+                   "skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:

@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from harness.checkpoint import NPZ_SUFFIX, SUFFIX
 from harness.results import RECORDS_FILE, append_record, read_records, write_json_atomic
 from harness.runner import RUN_FILE, RunConfig, UsageError, plan, prepare_out_dir
 from harness.worker import utc_now
@@ -78,7 +79,7 @@ def merge_runs(folders: list[Path], out: Path) -> tuple[list[dict], list[str]]:
     for record in records:
         append_record(out / RECORDS_FILE, record)
     for folder in folders:
-        for checkpoint in sorted((folder / "checkpoints").glob("*.npz")):
+        for checkpoint in sorted(p for p in (folder / "checkpoints").glob("*") if p.suffix in (SUFFIX, NPZ_SUFFIX)):
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copy2(checkpoint, out / "checkpoints" / checkpoint.name)
     present = {(r["task"], r["backend"], r["repeat"]) for r in records}

@@ -34,6 +34,9 @@ class Constant:
     def factor(self, step: int) -> float:
         return 1.0
 
+    def sized(self, total_steps: int) -> Constant:
+        return self
+
 
 @dataclass(frozen=True)
 class WarmupCosine:
@@ -41,19 +44,35 @@ class WarmupCosine:
 
     factor(s) = (s + 1) / warmup_steps for s < warmup_steps, else
     0.5 (1 + cos(pi min(s - warmup_steps, decay) / decay)), decay = total_steps - warmup_steps.
+
+    total_steps None (the default): the run sizes it, epochs x the steps per epoch of the
+    data a stage actually trains on (`sized`), so the cosine ends with the last step
+    whatever --epochs, --quick or --data-dir say; warmup_steps None: warmup_fraction of it.
     """
 
-    warmup_steps: int
-    total_steps: int
+    warmup_steps: int | None = None
+    total_steps: int | None = None
+    warmup_fraction: float = 0.05
     kind: str = field(default="warmup_cosine", init=False)
 
     def __post_init__(self):
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+        require(self.warmup_steps is None or isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
                 f"schedule: warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
-        require(isinstance(self.total_steps, int) and self.total_steps > self.warmup_steps,
+        require(self.total_steps is None or isinstance(self.total_steps, int)
+                and self.total_steps > (self.warmup_steps or 0),
                 f"schedule: total_steps must be an int above warmup_steps, got {self.total_steps!r}")
+        require(isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1,
+                f"schedule: warmup_fraction must lie in [0, 1), got {self.warmup_fraction!r}")
+
+    def sized(self, total_steps: int) -> WarmupCosine:
+        """This schedule with its open lengths filled in for a run of total_steps (fixed ones are kept)."""
+        total = self.total_steps or max(total_steps, (self.warmup_steps or 1) + 1)
+        warmup = self.warmup_steps or min(max(1, int(total * self.warmup_fraction)), total - 1)
+        return WarmupCosine(warmup_steps=warmup, total_steps=total, warmup_fraction=self.warmup_fraction)
 
     def factor(self, step: int) -> float:
+        require(self.total_steps is not None and self.warmup_steps is not None,
+                "schedule: warmup_cosine is not sized for a run yet (TaskSpec.sized_for)")
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         decay = self.total_steps - self.warmup_steps

@@ -201,6 +201,11 @@ class TaskSpec:
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
 
+    def sized_for(self, steps_per_epoch: int) -> TaskSpec:
+        """This spec with its schedule's open lengths filled in: epochs x steps_per_epoch steps in all."""
+        schedule = self.optimizer.schedule.sized(self.epochs * steps_per_epoch)
+        return dataclasses.replace(self, optimizer=dataclasses.replace(self.optimizer, schedule=schedule))
+
     def with_overrides(self, **changes) -> TaskSpec:
         return dataclasses.replace(self, **changes)
 

@@ -52,24 +52,21 @@ def gpt_layers(*, d_model: int, layers: int, heads: int, context: int, lora_rank
 
 def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
              heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
-             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 566, lora_rank: int = 0,
+             epochs: int = 2, lr: float = 1e-3, lora_rank: int = 0,
              lora_alpha: float = 1.0, **spec_fields) -> TaskSpec:
-    """The spec at these sizes. The schedule's length is epochs x steps_per_epoch, fixed in the spec
-    (every backend steps the same table); the default 566 is fortunes' 2,318,984 training bytes in
-    windows of 128, batches of 32. Another corpus or size: pass steps_per_epoch in --override, or
-    the rate reaches 0 early (and stays there) or never finishes its decay."""
+    """The spec at these sizes. The schedule's length is left to the run: epochs x the steps per
+    epoch of the data each stage trains on (TaskSpec.sized_for), 5% of it warm-up."""
     for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context)):
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
     if d_model % heads:
         raise SpecError(f"tiny-gpt: d_model {d_model} is not a multiple of heads {heads}")
-    total = epochs * steps_per_epoch
     return TaskSpec(
         name=name, dataset="text", input_shape=(context,),
         layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context, lora_rank=lora_rank,
                           lora_alpha=lora_alpha),
         optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0,
-                        schedule=WarmupCosine(warmup_steps=max(1, total // 20), total_steps=total)),
+                        schedule=WarmupCosine()),
         batch_size=batch_size, epochs=epochs,
         # target_accuracy is next-byte accuracy; the loss is the target that counts here.
         **{"target_accuracy": 0.5, "target_loss": TARGET_LOSS, "eval_batch_size": max(batch_size, 64),
@@ -90,8 +87,8 @@ CORPUS_B = "licenses"  # legal English (/usr/share/common-licenses) after fortun
 def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS_B,
                       d_model: int = FINETUNE_SIZES["d_model"], layers: int = FINETUNE_SIZES["layers"],
                       heads: int = FINETUNE_SIZES["heads"], context: int = FINETUNE_SIZES["context"],
-                      batch_size: int = FINETUNE_SIZES["batch_size"], steps_per_epoch: int = 1132,
-                      lora_rank: int = 4, lora_alpha: float = 8.0, **spec_fields) -> TaskSpec:
+                      batch_size: int = FINETUNE_SIZES["batch_size"], lora_rank: int = 4, lora_alpha: float = 8.0,
+                      **spec_fields) -> TaskSpec:
     """Pretrain on the run's corpus (A); then on corpus B: finetune with the embeddings and the lower
     half of the blocks frozen, lora (from the pretrained weights) training only rank-`lora_rank`
     adapters on every attention projection, and a scratch control from fresh weights, same budget.
@@ -99,12 +96,10 @@ def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS
     The adapters sit in the model from the start (B = 0: they add nothing) and train only in
     the lora stage; the other stages name the arrays they train, adapters excluded.
 
-    Every stage steps the same schedule, sized for pretraining on fortunes (1,132 steps of
-    64-byte windows per epoch); licenses' 104 steps per epoch then run warm-up and the early,
-    near-peak part of the cosine.
+    Each stage's schedule spans its own steps: a full warm-up and cosine on corpus B too.
     """
     base = tiny_gpt(name=name, d_model=d_model, layers=layers, heads=heads, context=context, batch_size=batch_size,
-                    steps_per_epoch=steps_per_epoch, lora_rank=lora_rank, lora_alpha=lora_alpha, **spec_fields)
+                    lora_rank=lora_rank, lora_alpha=lora_alpha, **spec_fields)
     lora = tuple(e.name for e in base.params() if "_lora_" in e.param.name)
     pretrained = tuple(e.name for e in base.params() if e.name not in lora)
     upper = tuple(n for n in pretrained if n.startswith("block") and int(n[5:].split("_")[0]) >= layers // 2
