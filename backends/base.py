@@ -185,12 +185,12 @@ class Backend(abc.ABC):
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks).
 
-        A token model takes windows of any length up to its context: causal logits of a prefix
-        are the full window's first positions."""
+        A language model (spec.any_length) takes windows of any length up to its context: causal
+        logits of a prefix are the full window's first positions."""
         self._require_configured()
         x = np.asarray(x)
         spec = model.spec
-        if spec.takes_tokens:  # a window of any length from 1 up to the context, on every backend
+        if spec.any_length:  # a window of any length from 1 up to the context, on every backend
             if x.ndim != 2 or not 1 <= x.shape[1] <= spec.input_shape[0]:
                 raise ValueError(f"token logits need (batch, length) ids with 1 <= length <= {spec.input_shape[0]}, "
                                  f"got shape {x.shape}")

@@ -25,7 +25,7 @@ from harness.runner import (
     run_matrix,
 )
 from harness.shard import parse_shard
-from tasks import TASKS, get_task, is_task_file, load_task
+from tasks import DEFAULT_TASKS, TASKS, get_task, is_task_file, load_task
 from tasks.targets import TARGETS, accepted
 
 DATA_CHOICES = ["auto", *data_mod.text.SYSTEM_CORPORA, *data_mod.SOURCES, "synthetic"]
@@ -65,7 +65,8 @@ def positive(kind, *, zero_ok: bool = False):
 
 
 def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    p.add_argument("--task", help=f"comma-separated names or task files (.toml); default all: {','.join(TASKS)}")
+    p.add_argument("--task", help=f"comma-separated names or task files (.toml); default: {','.join(DEFAULT_TASKS)} "
+                   f"(every task but {', '.join(t for t in TASKS if t not in DEFAULT_TASKS)})")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
     p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: per task "
                    "the first real dataset found that fits it, its own first (MNIST, then Fashion-MNIST for the MLP; "
@@ -179,7 +180,7 @@ def task_names(value: str) -> list[str]:
 
 
 def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -> RunConfig:
-    tasks = task_names(args.task) if args.task is not None else list(TASKS)
+    tasks = task_names(args.task) if args.task is not None else list(DEFAULT_TASKS)
     if args.backend is not None:
         backends = names(args.backend, BACKENDS, "backend")
     else:

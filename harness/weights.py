@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 
-from tasks.layers import EMBEDDING_STD, Param
+from tasks.layers import Param
 from tasks.spec import TaskSpec
 
 
 def draw(param: Param, rng: np.random.Generator) -> np.ndarray:
-    """One canonical array: Glorot-uniform kernels, N(0, 0.02) embeddings, zeros or ones otherwise.
+    """One canonical array: Glorot-uniform kernels, N(0, param.std) (embeddings: 0.02), zeros or ones otherwise.
 
     Only the random inits consume the layer's stream, in parameter order, so a Dense or
     Conv2D layer's kernel is the first draw of its stream, as it always was.
@@ -20,7 +20,7 @@ def draw(param: Param, rng: np.random.Generator) -> np.ndarray:
         limit = math.sqrt(6.0 / sum(param.fans))
         return rng.uniform(-limit, limit, size=param.shape).astype(np.float32)
     if param.init == "normal":
-        return (rng.standard_normal(param.shape) * EMBEDDING_STD).astype(np.float32)
+        return (rng.standard_normal(param.shape) * param.std).astype(np.float32)
     return np.full(param.shape, 1.0 if param.init == "ones" else 0.0, np.float32)
 
 

@@ -29,34 +29,47 @@ TARGET_LOSS = 1.6
 
 
 def gpt_layers(*, d_model: int, layers: int, heads: int, context: int, lora_rank: int = 0,
-               lora_alpha: float = 1.0) -> tuple:
-    """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head."""
+               lora_alpha: float = 1.0, vocab: int = VOCAB, gpt2: bool = False) -> tuple:
+    """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head.
+
+    gpt2: GPT-2 exactly: the head tied to the token embedding without a bias, GELU's tanh
+    approximation, kernels N(0, 0.02) with the residual projections (attention output, MLP
+    projection) N(0, 0.02 / sqrt(2 layers)). Otherwise tiny-gpt's own: an untied head with a
+    bias, exact GELU, Glorot kernels.
+    """
+    init = {"kernel_init": "normal"} if gpt2 else {}
+    residual_std = 0.02 / math.sqrt(2 * layers)
     blocks = []
     for i in range(layers):
         blocks += [
             Residual(name=f"block{i}_attn", body=(
                 LayerNorm(name=f"block{i}_ln1"),
                 MultiHeadSelfAttention(heads=heads, causal=True, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                       name=f"block{i}_attn_mhsa"))),
+                                       name=f"block{i}_attn_mhsa",
+                                       **({**init, "out_init_std": residual_std} if gpt2 else {})))),
             Residual(name=f"block{i}_mlp", body=(
                 LayerNorm(name=f"block{i}_ln2"),
-                Dense(units=4 * d_model, activation="gelu", name=f"block{i}_fc"),
-                Dense(units=d_model, name=f"block{i}_proj"))),
+                Dense(units=4 * d_model, activation="gelu_tanh" if gpt2 else "gelu", name=f"block{i}_fc", **init),
+                Dense(units=d_model, name=f"block{i}_proj", **({**init, "init_std": residual_std} if gpt2 else {})))),
         ]
-    return (Embedding(vocab_size=VOCAB, dim=d_model, name="tok_emb"),
+    head = (Dense(units=vocab, name="head", tied_to="tok_emb", use_bias=False) if gpt2
+            else Dense(units=vocab, name="head"))
+    return (Embedding(vocab_size=vocab, dim=d_model, name="tok_emb"),
             PositionalEmbedding(max_len=context, name="pos_emb"),
             *blocks,
             LayerNorm(name="ln_f"),
-            Dense(units=VOCAB, name="head"))
+            head)
 
 
 def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
              heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
              epochs: int = 2, lr: float = 1e-3, lora_rank: int = 0,
-             lora_alpha: float = 1.0, **spec_fields) -> TaskSpec:
+             lora_alpha: float = 1.0, vocab: int = VOCAB, gpt2: bool = False, **spec_fields) -> TaskSpec:
     """The spec at these sizes. The schedule's length is left to the run: epochs x the steps per
-    epoch of the data each stage trains on (TaskSpec.sized_for), 5% of it warm-up."""
-    for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context)):
+    epoch of the data each stage trains on (TaskSpec.sized_for), 5% of it warm-up. gpt2: GPT-2's
+    exact architecture (gpt_layers) and its weight-decay groups (the weight matrices only)."""
+    for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context),
+                       ("vocab", vocab)):
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
     if d_model % heads:
@@ -64,13 +77,13 @@ def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers:
     return TaskSpec(
         name=name, dataset="text", input_shape=(context,),
         layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context, lora_rank=lora_rank,
-                          lora_alpha=lora_alpha),
-        optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0,
+                          lora_alpha=lora_alpha, vocab=vocab, gpt2=gpt2),
+        optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0, decay="matrices" if gpt2 else "all",
                         schedule=WarmupCosine()),
         batch_size=batch_size, epochs=epochs,
         # target_accuracy is next-byte accuracy; the loss is the target that counts here.
         **{"target_accuracy": 0.5, "target_loss": TARGET_LOSS, "eval_batch_size": max(batch_size, 64),
-           "num_classes": VOCAB, **spec_fields})
+           "num_classes": vocab, **spec_fields})
 
 
 def untrained_loss() -> float:
