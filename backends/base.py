@@ -183,9 +183,20 @@ class Backend(abc.ABC):
         return self._evaluate(model, data, int(batch_size))
 
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks)."""
+        """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks).
+
+        A language model (spec.any_length) takes windows of any length up to its context: causal
+        logits of a prefix are the full window's first positions."""
         self._require_configured()
         x = np.asarray(x)
+        spec = model.spec
+        if spec.any_length:  # a window of any length from 1 up to the context, on every backend
+            if x.ndim != 2 or not 1 <= x.shape[1] <= spec.input_shape[0]:
+                raise ValueError(f"token logits need (batch, length) ids with 1 <= length <= {spec.input_shape[0]}, "
+                                 f"got shape {x.shape}")
+        elif tuple(x.shape[1:]) != tuple(spec.input_shape):
+            raise ValueError(f"logits need inputs of shape (batch, {', '.join(map(str, spec.input_shape))}), "
+                             f"got {x.shape}")
         x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
         return self._logits(model, x)
 

@@ -63,7 +63,11 @@ def _activation(name: str, h):
 
 
 def _dense(layer, h, ctx):
-    y = h @ ctx.p(layer, "kernel").astype(h.dtype) + ctx.p(layer, "bias").astype(h.dtype)
+    # A tied head multiplies by its embedding's (vocab, dim) table, transposed.
+    kernel = ctx.params[f"{layer.tied_to}.table"].T if layer.tied_to else ctx.p(layer, "kernel")
+    y = h @ kernel.astype(h.dtype)
+    if layer.use_bias:
+        y = y + ctx.p(layer, "bias").astype(h.dtype)
     return _activation(layer.activation, y)
 
 
@@ -266,8 +270,10 @@ SCAN_UNROLL = 1
 SCAN_CONV_ON_CPU = False
 
 
-def _optimizer(o):
-    """optax for the spec's optimizer: the same formulas tasks/optim.py pins (optax's own forms)."""
+def _optimizer(o, decays: dict[str, bool]):
+    """optax for the spec's optimizer: the same formulas tasks/optim.py pins (optax's own forms).
+
+    decays: trainable array name -> whether AdamW's weight decay applies to it (optax's mask)."""
     import jax.numpy as jnp
     import optax
 
@@ -280,7 +286,8 @@ def _optimizer(o):
         opt = optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov)
     elif o.kind == "adamw":
         # optax.adamw: p -= lr * (adam + weight_decay * p), torch's decoupled decay.
-        opt = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0, weight_decay=o.weight_decay)
+        opt = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0, weight_decay=o.weight_decay,
+                          mask=decays)
     else:
         # optax.adam: p -= lr * m_hat / (sqrt(v_hat) + eps), the spec's "sqrt_v_hat"; eps_root stays 0.
         opt = optax.adam(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0)
@@ -483,7 +490,7 @@ class JaxBackend(Backend):
         train_names = tuple(e.name for e in spec.params()
                             if spec.trains(e, trainable))
         frozen_layers = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
-        opt = _optimizer(spec.optimizer)
+        opt = _optimizer(spec.optimizer, {e.name: spec.decays(e) for e in spec.params() if e.name in train_names})
         fns = self._functions(spec, opt, frozen_layers)
         fused = mode == "compiled" and (SCAN_CONV_ON_CPU or self._device.platform != "cpu"
                                         or not any(layer.kind == "conv2d" for layer, _, _ in spec.walk()))

@@ -64,16 +64,60 @@ def _positional_embedding(keras):
             self.table = self.add_weight(shape=(self.max_len, input_shape[-1]), initializer="zeros", name="table")
 
         def call(self, x):
-            return x + keras.ops.cast(self.table[: x.shape[1]], x.dtype)
+            # The dynamic length: a model built for any length up to max_len (logits of a shorter window).
+            return x + keras.ops.cast(self.table[: keras.ops.shape(x)[1]], x.dtype)
 
     return PositionalEmbedding
+
+
+# The Keras layers of the model being built, by spec name (reset by each build): a tied head reads
+# its embedding's table from here.
+_BUILT: dict = {}
 
 
 def _keras_layer(factory):
     """A table entry that applies one Keras layer made by factory(keras, spec layer, zero-init kwargs)."""
     def apply(layer, h):
-        return factory(sys.modules["keras"], layer, {"kernel_initializer": "zeros", "bias_initializer": "zeros"})(h)
+        keras_layer = factory(sys.modules["keras"], layer, {"kernel_initializer": "zeros", "bias_initializer": "zeros"})
+        _BUILT[layer.name] = keras_layer
+        return keras_layer(h)
     return apply
+
+
+@functools.cache
+def _tied_dense_class():
+    """A Dense whose kernel is an Embedding's table transposed (GPT-2's head); only its bias is its own."""
+    keras = sys.modules["keras"]
+
+    class TiedDense(keras.layers.Layer):
+        def __init__(self, spec_layer, embedding, **kwargs):
+            super().__init__(name=spec_layer.name, **kwargs)
+            self.spec_layer = spec_layer
+            # A function, not the layer: an attribute holding the Embedding would make its table
+            # this layer's weight too, and the canonical weights would count it twice.
+            self.table = lambda: embedding.embeddings
+
+        def build(self, input_shape):
+            if self.spec_layer.use_bias:
+                self.bias = self.add_weight(name="bias", shape=(self.spec_layer.units,), initializer="zeros")
+
+        def call(self, x):
+            y = keras.ops.matmul(x, keras.ops.transpose(keras.ops.cast(self.table(), x.dtype)))
+            if self.spec_layer.use_bias:
+                y = y + keras.ops.cast(self.bias, x.dtype)
+            return keras.activations.get(_activation(keras, self.spec_layer.activation))(y)
+
+    return TiedDense
+
+
+_plain_dense = _keras_layer(lambda k, s, init: k.layers.Dense(
+    s.units, activation=_activation(k, s.activation), use_bias=s.use_bias, name=s.name, **init))
+
+
+def _dense(layer, h):
+    if layer.tied_to:
+        return _tied_dense_class()(layer, _BUILT[layer.tied_to])(h)
+    return _plain_dense(layer, h)
 
 
 def _residual(layer, h):
@@ -110,7 +154,7 @@ def _spec_attention_class():
                        for n in ("query", "key", "value"))
             scores = ops.einsum("bqhk,bshk->bhqs", q, k) / float(np.sqrt(q.shape[-1]))
             if self.spec_layer.causal:
-                t = x.shape[1]
+                t = ops.shape(x)[1]
                 scores = ops.where(ops.tril(ops.ones((t, t), "bool")), scores, float(np.finfo(np.float32).min))
             o = ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), v)
             return self.project("out", o, "bqhk,hkd->bqd", "bqhk,hkr->bqr", "bqr,rd->bqd")
@@ -152,8 +196,7 @@ def _apply(layers, h):
 # always decide. Each layer's `weights` come in the canonical parameter order, in the
 # canonical layouts (Dense (in, out), Conv2D HWIO, attention (dim, heads, head_dim)).
 LAYERS = {
-    "dense": _keras_layer(lambda k, s, init: k.layers.Dense(
-        s.units, activation=_activation(k, s.activation), name=s.name, **init)),
+    "dense": _dense,
     "activation": _keras_layer(lambda k, s, init: k.layers.Activation(
         _activation(k, s.activation) or "linear", name=s.name)),
     "conv2d": _keras_layer(lambda k, s, init: k.layers.Conv2D(
@@ -199,6 +242,7 @@ class _Model:
     step: Any  # tf.Variable int64: steps taken
     lr_table: Any  # tf.constant float32: lr per step, the last entry holding
     mode: str
+    decays: list = field(default_factory=list)  # per train var: whether AdamW's weight decay applies
     fns: dict = field(default_factory=dict)  # traced tf.functions keyed by (kind, batch_size)
 
 
@@ -350,7 +394,11 @@ class TensorFlowBackend(Backend):
         # state) is a MirroredVariable: one copy per replica device, kept identical.
         scope = self._strategy.scope() if self._strategy is not None else tf.device(self._device_name)
         with scope:
-            inputs = keras.Input(shape=tuple(spec.input_shape), dtype="int32" if spec.takes_tokens else "float32")
+            # Language models take any length up to the context (logits of a shorter window); the
+            # training and evaluation functions still trace the full context, a static shape.
+            shape = (None,) if spec.any_length else tuple(spec.input_shape)
+            inputs = keras.Input(shape=shape, dtype="int32" if spec.takes_tokens else "float32")
+            _BUILT.clear()
             model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
             by_layer = {}
             for layer in spec.param_layer_names():
@@ -366,7 +414,8 @@ class TensorFlowBackend(Backend):
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             table = tf.constant(spec.optimizer.lr_table(), tf.float32)
         handle = _Model(spec=spec, trainable_layers=trainable, keras_model=model, variables=variables,
-                        train_vars=train_vars, slots=slots, step=step, lr_table=table, mode=mode)
+                        train_vars=train_vars, slots=slots, step=step, lr_table=table, mode=mode,
+                        decays=[spec.decays(e) for e in spec.params() if spec.trains(e, trainable)])
         self._set_weights(handle, weights)
         return handle
 
@@ -418,8 +467,8 @@ class TensorFlowBackend(Backend):
             return
         t = tf.cast(steps_before + 1, tf.float32)
         bc1, bc2 = 1.0 - tf.pow(o.beta1, t), 1.0 - tf.pow(o.beta2, t)
-        for p, g, (m, v) in zip(model.train_vars, grads, model.slots):
-            if o.kind == "adamw":
+        for p, g, (m, v), decays in zip(model.train_vars, grads, model.slots, model.decays):
+            if decays:
                 p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
             # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
             # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
@@ -553,9 +602,12 @@ class TensorFlowBackend(Backend):
     def _logits_fn(self, model: _Model):
         if "logits" not in model.fns:
             tf = self._tf
+            x_spec = self._signatures(model)[0]
+            if model.spec.any_length:  # any window length up to the context
+                x_spec = tf.TensorSpec((None, None), x_spec.dtype)
             model.fns["logits"] = tf.function(
                 lambda x: tf.cast(model.keras_model(x, training=False), tf.float32),
-                input_signature=self._signatures(model)[:1],
+                input_signature=[x_spec],
                 jit_compile=model.mode == "compiled")
         return model.fns["logits"]
 

@@ -94,7 +94,9 @@ def _activation(name: str, h):
 def _dense(layer, h, ctx):
     import torch.nn.functional as F
 
-    return _activation(layer.activation, F.linear(h, ctx.p(layer, "kernel"), ctx.p(layer, "bias")))
+    # A tied head: the embedding's (vocab, dim) table is already F.linear's (out, in) weight.
+    weight = ctx.params[f"{layer.tied_to}.table"] if layer.tied_to else ctx.p(layer, "kernel")
+    return _activation(layer.activation, F.linear(h, weight, ctx.p(layer, "bias") if layer.use_bias else None))
 
 
 def _same_padding(size: int, k: int, s: int) -> tuple[int, int]:
@@ -500,9 +502,14 @@ class TorchBackend(Backend):
             # fused=True: one kernel over all parameters (CPU and CUDA). MNIST-MLP step,
             # 40 interleaved chunks of 20 steps on the loaded 2-core CPU, samples/s best /
             # median: fused 51.8k / 15.6k, foreach 41.5k / 13.4k, default 37.6k / 14.2k.
-            cls, extra = ((torch.optim.AdamW, {"weight_decay": o.weight_decay}) if o.kind == "adamw"
-                          else (torch.optim.Adam, {}))
-            opt = cls(model.trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True, **extra)
+            cls, groups = torch.optim.Adam, [{"params": model.trainable}]
+            if o.kind == "adamw":  # two groups: the arrays that decay and those that do not (AdamW.decay)
+                spec = model.spec
+                named = [(e, model.params[e.name]) for e in spec.params() if spec.trains(e, model.trainable_layers)]
+                cls, groups = torch.optim.AdamW, [
+                    {"params": [t for e, t in named if spec.decays(e)], "weight_decay": o.weight_decay},
+                    {"params": [t for e, t in named if not spec.decays(e)], "weight_decay": 0.0}]
+            opt = cls([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         table = o.lr_table()
         if len(table) == 1:
             return opt, None

@@ -28,7 +28,7 @@ from harness.runner import (
     run_matrix,
 )
 from harness.shard import parse_shard
-from tasks import TASKS, get_task, is_task_file, load_task
+from tasks import DEFAULT_TASKS, TASKS, get_task, is_task_file, load_task
 from tasks.targets import TARGETS, accepted
 
 DATA_CHOICES = ["auto", *data_mod.text.SYSTEM_CORPORA, *data_mod.SOURCES, "synthetic"]
@@ -68,7 +68,8 @@ def positive(kind, *, zero_ok: bool = False):
 
 
 def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    p.add_argument("--task", help=f"comma-separated names or task files (.toml); default all: {','.join(TASKS)}")
+    p.add_argument("--task", help=f"comma-separated names or task files (.toml); default: {','.join(DEFAULT_TASKS)} "
+                   f"(every task but {', '.join(t for t in TASKS if t not in DEFAULT_TASKS)})")
     p.add_argument("--backend", help=f"comma-separated; default every installed one of: {','.join(BACKENDS)}")
     p.add_argument("--data", default="auto", help=f"one of {', '.join(DATA_CHOICES)} (default auto: per task "
                    "the first real dataset found that fits it, its own first (MNIST, then Fashion-MNIST for the MLP; "
@@ -79,7 +80,7 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--epochs", type=positive(int), help="override every task's epochs")
     p.add_argument("--override", metavar="KEY=VALUE,...", help="model sizes and spec fields of tasks that have "
                    "sizes, e.g. --override d_model=768,layers=12,heads=12,context=1024 (tiny-gpt: d_model, layers, "
-                   "heads, context, batch_size, epochs, lr, steps_per_epoch, and TaskSpec fields)")
+                   "heads, context, batch_size, epochs, lr, and TaskSpec fields)")
     if sweep:
         p.add_argument("--data-parallel", metavar="N,N,...", help="sweep data-parallel replicas instead of the "
                        "batch size, e.g. 1,2,4,8, at one batch size; reports scaling efficiency")
@@ -102,7 +103,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
                    help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                   help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
+                   help="start from a checkpoint (.safetensors, or .npz) written by any backend; for finetune, "
+                   "skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
@@ -182,7 +184,7 @@ def task_names(value: str) -> list[str]:
 
 
 def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -> RunConfig:
-    tasks = task_names(args.task) if args.task is not None else list(TASKS)
+    tasks = task_names(args.task) if args.task is not None else list(DEFAULT_TASKS)
     backends = names(args.backend, BACKENDS, "backend") if args.backend is not None else available_backends()
     for value in args.data.split(","):
         one_of(value.strip(), DATA_CHOICES, "--data")

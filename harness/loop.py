@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from backends.base import BEST, Backend
+from harness.checkpoint import SUFFIX, save_checkpoint
 from harness.data import Dataset
 from harness.probe import probe_modes
-from harness.weights import initial_weights, reinitialise, save_checkpoint
+from harness.weights import initial_weights, reinitialise
 from tasks.spec import TaskSpec
 
 
@@ -68,6 +70,8 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     data = data.classes(stage.classes)
     bs, ebs = spec.batch_size, spec.eval_batch_size
     n = len(data.y_train)
+    # The schedule spans this stage's steps: epochs x the steps per epoch of the data it trains on.
+    spec = spec.sized_for(n // bs)
     train, test = backend.put_data(data.x_train, data.y_train), backend.put_data(data.x_test, data.y_test)
     probe = None
     if mode == BEST:  # probe time is reported as metrics.mode_probe.probe_s, on neither clock below
@@ -84,6 +88,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
          "epoch_train_time_s": [], "eval_s": [], "time_to_target_s": None,
          "eval_every_epochs": 1,  # the loop below evaluates after every epoch; plots read the cadence
          "n_train": n, "n_test": int(len(data.y_test)), "batch_size": bs, "trainable": stage.trainable,
+         "schedule": dataclasses.asdict(spec.optimizer.schedule),
          "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable),
          "mode": mode, "mode_probe": probe}
     train_clock = 0.0
@@ -167,7 +172,7 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
         own = (stage_data or {}).get(spec.stages[index].name, data)
         result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress)
         if checkpoint_prefix is not None:
-            path = Path(f"{checkpoint_prefix}-{result.name}.npz")
+            path = Path(f"{checkpoint_prefix}-{result.name}{SUFFIX}")
             save_checkpoint(path, spec, result.weights, meta={"stage": result.name, "backend": backend.name})
             result.metrics["checkpoint"] = str(path)
         results[result.name] = result

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from harness import confine, folderlock, schema
+from harness.checkpoint import NPZ_SUFFIX, SUFFIX
 from harness.confine import UntrustedInput
 from harness.results import RECORDS_FILE, append_record, iter_records, read_records, write_json_atomic
 from harness.runner import RUN_FILE, RunConfig, UsageError, plan, prepare_out_dir
@@ -149,7 +150,7 @@ def _write(folders: list[Path], runs: list[dict], cfg: RunConfig, records: list[
         source = folder / "checkpoints"
         if not source.is_dir() or source.is_symlink():
             continue
-        for checkpoint in sorted(source.glob("*.npz")):
+        for checkpoint in sorted(p for p in source.iterdir() if p.suffix in (SUFFIX, NPZ_SUFFIX)):
             if not (confine.is_safe_name(checkpoint.name) and confine.is_regular(checkpoint)):
                 log.warning("%s: not copied (a symlink or not a regular file)", checkpoint)
                 continue

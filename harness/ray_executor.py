@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness import confine
 from harness import data as data_mod
+from harness.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
 from harness.results import empty_record
@@ -109,8 +110,8 @@ def run_cell_task(cell_cfg: dict, *, timeout: float | None, threads: int, init_f
         prefix = Path(cell_cfg["checkpoint_prefix"]).name
         cell_cfg = dict(cell_cfg, checkpoint_prefix=str(tmp / "checkpoints" / prefix))
         if init_from is not None:
-            (tmp / "init-from.npz").write_bytes(init_from)
-            cell_cfg["init_from"] = str(tmp / "init-from.npz")
+            (tmp / "init-from").write_bytes(init_from)  # read by its content: safetensors or npz
+            cell_cfg["init_from"] = str(tmp / "init-from")
         state: dict = {"proc": None}
         try:
             record = run_worker(cell_cfg, tmp, timeout=timeout, threads=threads, on_event=lambda event: None,
@@ -122,7 +123,7 @@ def run_cell_task(cell_cfg: dict, *, timeout: float | None, threads: int, init_f
                 stop_process(state["proc"])
             raise
         record["node"] = node
-        checkpoints = {p.name: p.read_bytes() for p in sorted((tmp / "checkpoints").glob("*.npz"))}
+        checkpoints = {p.name: p.read_bytes() for p in sorted((tmp / "checkpoints").glob(f"*{CHECKPOINT_SUFFIX}"))}
     if (record.get("failure") or {}).get("signal") in RETRY_SIGNALS:
         raise CellProcessKilled(record)
     return record, checkpoints

@@ -254,7 +254,7 @@ def check_config(cfg: RunConfig) -> None:
         state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:
-        from harness.weights import CheckpointError, load_checkpoint_for
+        from harness.checkpoint import CheckpointError, load_checkpoint_for
 
         for task in cfg.tasks:
             try:

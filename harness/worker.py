@@ -65,11 +65,11 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from backends import get_backend
     from backends.base import BEST, BackendUnavailable, Replicas
     from harness import data as data_mod
+    from harness.checkpoint import load_checkpoint_for
     from harness.loop import Diverged, flatten_metrics, run_stages
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
     from harness.replicas import replica_threads
     from harness.results import host_environment
-    from harness.weights import load_checkpoint_for
     from tasks import get_task
     from tasks.targets import for_dataset
     from tasks.taskfile import spec_from_dict

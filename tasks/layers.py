@@ -26,6 +26,7 @@ LORA_TARGETS = ("query", "key", "value", "out")  # the attention projections LoR
 ACTIVATIONS = ("linear", "relu", "gelu", "gelu_tanh", "tanh", "silu")
 PADDINGS = ("valid", "same")
 INITS = ("glorot_uniform", "zeros", "ones", "normal")
+KERNEL_INITS = ("glorot_uniform", "normal")  # "normal": N(0, init_std), GPT-2's initialisation
 EMBEDDING_STD = 0.02  # N(0, 0.02) for embedding tables (GPT-2's choice); frameworks differ
 
 
@@ -42,6 +43,7 @@ class Param:
     init: str = "zeros"
     fans: tuple[int, int] = (0, 0)  # (fan_in, fan_out) for glorot_uniform
     trainable: bool = True
+    std: float = EMBEDDING_STD  # for init "normal"
 
 
 def _positive_int(layer, attr: str) -> None:
@@ -60,6 +62,17 @@ def _in_range(layer, attr: str, low: float, high: float, says: str) -> None:
 def _one_of(layer, attr: str, valid) -> None:
     value = getattr(layer, attr)
     require(value in valid, f"layer {layer.name!r}: unknown {attr} {value!r}; valid: {', '.join(valid)}")
+
+
+def _kernel_init(layer, *stds: str) -> None:
+    _one_of(layer, "kernel_init", KERNEL_INITS)
+    for attr in stds:
+        _in_range(layer, attr, 0, math.inf, "be positive")
+
+
+def _kernel(layer, name: str, shape, fans, std: float) -> Param:
+    """A kernel drawn as the layer's kernel_init says: Glorot over `fans`, or N(0, std)."""
+    return Param(name, tuple(shape), layer.kernel_init, fans, std=std)
 
 
 def _rank(layer, shape, ranks, what: str) -> None:
@@ -89,22 +102,33 @@ class LayerBase:
 
 @dataclass(frozen=True)
 class Dense(LayerBase):
+    """x W + b. `tied_to` names an Embedding whose (vocab, dim) table is W transposed (GPT-2's
+    head): no kernel of its own, and the table's gradient sums both uses."""
+
     units: int
     name: str
     activation: str = "linear"
+    use_bias: bool = True
+    tied_to: str = ""
+    kernel_init: str = "glorot_uniform"
+    init_std: float = EMBEDDING_STD  # with kernel_init "normal"
     kind: str = field(default="dense", init=False)
 
     def __post_init__(self):
         _positive_int(self, "units")
         _one_of(self, "activation", ACTIVATIONS)
+        require(isinstance(self.use_bias, bool), f"layer {self.name!r}: use_bias must be true or false")
+        require(isinstance(self.tied_to, str), f"layer {self.name!r}: tied_to must be a layer name")
+        _kernel_init(self, "init_std")
 
     def out_shape(self, x):
         _rank(self, x, (1, 2), "a flat (features,) or (seq, features) input; add a Flatten")
         return (*x[:-1], self.units)
 
     def params(self, x):
-        return (Param("kernel", (x[-1], self.units), "glorot_uniform", (x[-1], self.units)),
-                Param("bias", (self.units,)))
+        kernel = () if self.tied_to else (_kernel(self, "kernel", (x[-1], self.units), (x[-1], self.units),
+                                                  self.init_std),)
+        return kernel + ((Param("bias", (self.units,)),) if self.use_bias else ())
 
     def flops(self, x):
         return 2 * math.prod(x) * self.units
@@ -337,6 +361,9 @@ class MultiHeadSelfAttention(LayerBase):
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    kernel_init: str = "glorot_uniform"
+    init_std: float = EMBEDDING_STD  # q, k, v kernels with kernel_init "normal"
+    out_init_std: float = EMBEDDING_STD  # the output kernel's (GPT-2: 0.02 / sqrt(2 layers), a residual projection)
     kind: str = field(default="multiheadselfattention", init=False)
 
     def __post_init__(self):
@@ -350,6 +377,7 @@ class MultiHeadSelfAttention(LayerBase):
         require(bool(self.lora_targets) and set(self.lora_targets) <= set(LORA_TARGETS)
                 and len(set(self.lora_targets)) == len(self.lora_targets),
                 f"layer {self.name!r}: lora_targets must be distinct names of {', '.join(LORA_TARGETS)}")
+        _kernel_init(self, "init_std", "out_init_std")
 
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
@@ -369,9 +397,9 @@ class MultiHeadSelfAttention(LayerBase):
     def params(self, x):
         d, h, hd = self.dims(x)
         qkv = [p for part in ("query", "key", "value")
-               for p in (Param(f"{part}_kernel", (d, h, hd), "glorot_uniform", (d, h * hd)),
+               for p in (_kernel(self, f"{part}_kernel", (d, h, hd), (d, h * hd), self.init_std),
                          Param(f"{part}_bias", (h, hd)))]
-        base = (*qkv, Param("out_kernel", (h, hd, d), "glorot_uniform", (h * hd, d)), Param("out_bias", (d,)))
+        base = (*qkv, _kernel(self, "out_kernel", (h, hd, d), (h * hd, d), self.out_init_std), Param("out_bias", (d,)))
         return base + self.lora_params(x)
 
     def lora_params(self, x) -> tuple[Param, ...]:

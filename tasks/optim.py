@@ -8,9 +8,10 @@ lr_s = optimizer.lr * schedule.factor(s) and g the (clipped) gradient:
 - Adam: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= lr_s m_hat / (sqrt(v_hat) + eps)
   (Kingma & Ba's Algorithm 1, as torch and optax; Keras puts eps before bias correction).
 - AdamW: p -= lr_s * weight_decay * p, then the Adam step (decay decoupled from the
-  gradient and multiplied by the learning rate, as torch and optax; every trainable
-  array decays, biases and norms included). Defaults differ (torch 0.01, Keras 0.004,
-  optax 1e-4); the spec's default is 0, so a task states its decay.
+  gradient and multiplied by the learning rate, as torch and optax; `decay` says which
+  arrays: every trainable one by default, biases and norms included, or "matrices", or
+  names). Defaults differ (torch 0.01, Keras 0.004, optax 1e-4); the spec's default is 0,
+  so a task states its decay.
 - SGD: buf = momentum buf + g (buf starts at 0); p -= lr_s (g + momentum buf) with
   nesterov, else p -= lr_s buf (torch's and optax's form; Keras keeps lr inside the
   velocity, v = momentum v - lr g, which differs once the learning rate changes).
@@ -34,6 +35,9 @@ class Constant:
     def factor(self, step: int) -> float:
         return 1.0
 
+    def sized(self, total_steps: int) -> Constant:
+        return self
+
 
 @dataclass(frozen=True)
 class WarmupCosine:
@@ -41,19 +45,35 @@ class WarmupCosine:
 
     factor(s) = (s + 1) / warmup_steps for s < warmup_steps, else
     0.5 (1 + cos(pi min(s - warmup_steps, decay) / decay)), decay = total_steps - warmup_steps.
+
+    total_steps None (the default): the run sizes it, epochs x the steps per epoch of the
+    data a stage actually trains on (`sized`), so the cosine ends with the last step
+    whatever --epochs, --quick or --data-dir say; warmup_steps None: warmup_fraction of it.
     """
 
-    warmup_steps: int
-    total_steps: int
+    warmup_steps: int | None = None
+    total_steps: int | None = None
+    warmup_fraction: float = 0.05
     kind: str = field(default="warmup_cosine", init=False)
 
     def __post_init__(self):
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
+        require(self.warmup_steps is None or isinstance(self.warmup_steps, int) and self.warmup_steps >= 1,
                 f"schedule: warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
-        require(isinstance(self.total_steps, int) and self.total_steps > self.warmup_steps,
+        require(self.total_steps is None or isinstance(self.total_steps, int)
+                and self.total_steps > (self.warmup_steps or 0),
                 f"schedule: total_steps must be an int above warmup_steps, got {self.total_steps!r}")
+        require(isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1,
+                f"schedule: warmup_fraction must lie in [0, 1), got {self.warmup_fraction!r}")
+
+    def sized(self, total_steps: int) -> WarmupCosine:
+        """This schedule with its open lengths filled in for a run of total_steps (fixed ones are kept)."""
+        total = self.total_steps or max(total_steps, (self.warmup_steps or 1) + 1)
+        warmup = self.warmup_steps or min(max(1, int(total * self.warmup_fraction)), total - 1)
+        return WarmupCosine(warmup_steps=warmup, total_steps=total, warmup_fraction=self.warmup_fraction)
 
     def factor(self, step: int) -> float:
+        require(self.total_steps is not None and self.warmup_steps is not None,
+                "schedule: warmup_cosine is not sized for a run yet (TaskSpec.sized_for)")
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         decay = self.total_steps - self.warmup_steps
@@ -103,14 +123,33 @@ class Adam(_Common):
                 f"unknown epsilon_placement {self.epsilon_placement!r}; valid: {', '.join(EPSILON_PLACEMENTS)}")
 
 
+DECAY_RULES = ("all", "matrices")
+
+
 @dataclass(frozen=True)
 class AdamW(Adam):
     weight_decay: float = 0.0
+    # Which trainable arrays decay: "all"; "matrices", the weight matrices (kernels, embedding
+    # tables, LoRA adapters: 2-D or more, biases excluded, as an attention bias's canonical
+    # (heads, head_dim) is a vector), GPT-2's and nanoGPT's groups; or the layer and
+    # `<layer>.<param>` names listed.
+    decay: str | tuple[str, ...] = "all"
     kind: str = field(default="adamw", init=False)
 
     def __post_init__(self):
         super().__post_init__()
         require(self.weight_decay >= 0, f"AdamW weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.decay in DECAY_RULES or isinstance(self.decay, tuple) and all(isinstance(n, str)
+                                                                                    for n in self.decay),
+                f"AdamW decay must be one of {', '.join(DECAY_RULES)} or a list of names, got {self.decay!r}")
+
+    def decays(self, name: str, layer: str, shape: tuple[int, ...]) -> bool:
+        """Whether the trainable array `name` (of `layer`, this shape) decays."""
+        if self.decay == "all":
+            return True
+        if self.decay == "matrices":
+            return len(shape) >= 2 and not name.endswith("bias")
+        return layer in self.decay or name in self.decay
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,9 @@ class TaskSpec:
         require(self.primary_stage in stage_names,
                  f"task {self.name!r}: primary_stage {self.primary_stage!r} is not a stage")
         param_names = set(self.param_layer_names()) | {e.name for e in self.params()}
+        decay = getattr(self.optimizer, "decay", "all")
+        require(not isinstance(decay, tuple) or set(decay) <= param_names,
+                f"task {self.name!r}: optimizer decay names unknown arrays {sorted(set(decay) - param_names)}")
         for i, stage in enumerate(self.stages):
             n_out = len(stage.classes) if stage.classes is not None else self.num_classes
             require(last.units == n_out,
@@ -146,8 +149,16 @@ class TaskSpec:
                 require(not unknown,
                          f"stage {stage.name!r}: {group} names unknown parameter layers {sorted(unknown)}; "
                          f"valid: {sorted(valid)}")
-        for layer, _, out in self.walk():
+        tables = {}
+        for layer, shape, out in self.walk():
             require(all(d > 0 for d in out), f"layer {layer.name!r}: output shape {out} is empty")
+            if isinstance(layer, Embedding):
+                tables[layer.name] = (layer.vocab_size, layer.dim)
+            if isinstance(layer, Dense) and layer.tied_to:
+                want = (layer.units, shape[-1])
+                require(tables.get(layer.tied_to) == want,
+                        f"layer {layer.name!r}: tied_to must name an earlier Embedding with a {want} table, "
+                        f"got {layer.tied_to!r}" + (f" {tables[layer.tied_to]}" if layer.tied_to in tables else ""))
 
     # -- derived facts, computed by walking the layers ------------------------------------
 
@@ -159,6 +170,12 @@ class TaskSpec:
     def takes_tokens(self) -> bool:
         """Whether the input is int32 token ids (an Embedding first) rather than float32 features."""
         return isinstance(self.layers[0], Embedding)
+
+    @property
+    def any_length(self) -> bool:
+        """Whether the model takes token windows of any length up to the context: a language model
+        (token ids in, logits per position out) whose layers keep the sequence axis throughout."""
+        return self.takes_tokens and all(len(out) == 2 and out[0] == self.input_shape[0] for _, _, out in self.walk())
 
     def layer_shapes(self) -> list[tuple[int, ...]]:
         """Output shape (without batch) of every top-level layer."""
@@ -184,6 +201,11 @@ class TaskSpec:
     def trains(entry: ParamEntry, trainable: tuple[str, ...] | None) -> bool:
         """Whether a stage with this `trainable` updates the array: learned, and its layer or itself named."""
         return entry.param.trainable and (trainable is None or entry.layer in trainable or entry.name in trainable)
+
+    def decays(self, entry: ParamEntry) -> bool:
+        """Whether AdamW's weight decay applies to this (trainable) array; False for other optimizers."""
+        o = self.optimizer
+        return o.kind == "adamw" and o.weight_decay > 0 and o.decays(entry.name, entry.layer, entry.param.shape)
 
     def param_count(self, trainable: tuple[str, ...] | None = None) -> int:
         """Learned parameters (running statistics excluded) of the named layers or arrays (None: all)."""
@@ -215,6 +237,11 @@ class TaskSpec:
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
+
+    def sized_for(self, steps_per_epoch: int) -> TaskSpec:
+        """This spec with its schedule's open lengths filled in: epochs x steps_per_epoch steps in all."""
+        schedule = self.optimizer.schedule.sized(self.epochs * steps_per_epoch)
+        return dataclasses.replace(self, optimizer=dataclasses.replace(self.optimizer, schedule=schedule))
 
     def with_overrides(self, **changes) -> TaskSpec:
         return dataclasses.replace(self, **changes)

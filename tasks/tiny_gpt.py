@@ -29,51 +29,61 @@ TARGET_LOSS = 1.6
 
 
 def gpt_layers(*, d_model: int, layers: int, heads: int, context: int, lora_rank: int = 0,
-               lora_alpha: float = 1.0) -> tuple:
-    """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head."""
+               lora_alpha: float = 1.0, vocab: int = VOCAB, gpt2: bool = False) -> tuple:
+    """Token + learned position embeddings, pre-LayerNorm blocks (attention, then a 4x GELU MLP), LayerNorm, head.
+
+    gpt2: GPT-2 exactly: the head tied to the token embedding without a bias, GELU's tanh
+    approximation, kernels N(0, 0.02) with the residual projections (attention output, MLP
+    projection) N(0, 0.02 / sqrt(2 layers)). Otherwise tiny-gpt's own: an untied head with a
+    bias, exact GELU, Glorot kernels.
+    """
+    init = {"kernel_init": "normal"} if gpt2 else {}
+    residual_std = 0.02 / math.sqrt(2 * layers)
     blocks = []
     for i in range(layers):
         blocks += [
             Residual(name=f"block{i}_attn", body=(
                 LayerNorm(name=f"block{i}_ln1"),
                 MultiHeadSelfAttention(heads=heads, causal=True, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                       name=f"block{i}_attn_mhsa"))),
+                                       name=f"block{i}_attn_mhsa",
+                                       **({**init, "out_init_std": residual_std} if gpt2 else {})))),
             Residual(name=f"block{i}_mlp", body=(
                 LayerNorm(name=f"block{i}_ln2"),
-                Dense(units=4 * d_model, activation="gelu", name=f"block{i}_fc"),
-                Dense(units=d_model, name=f"block{i}_proj"))),
+                Dense(units=4 * d_model, activation="gelu_tanh" if gpt2 else "gelu", name=f"block{i}_fc", **init),
+                Dense(units=d_model, name=f"block{i}_proj", **({**init, "init_std": residual_std} if gpt2 else {})))),
         ]
-    return (Embedding(vocab_size=VOCAB, dim=d_model, name="tok_emb"),
+    head = (Dense(units=vocab, name="head", tied_to="tok_emb", use_bias=False) if gpt2
+            else Dense(units=vocab, name="head"))
+    return (Embedding(vocab_size=vocab, dim=d_model, name="tok_emb"),
             PositionalEmbedding(max_len=context, name="pos_emb"),
             *blocks,
             LayerNorm(name="ln_f"),
-            Dense(units=VOCAB, name="head"))
+            head)
 
 
 def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers: int = SIZES["layers"],
              heads: int = SIZES["heads"], context: int = SIZES["context"], batch_size: int = SIZES["batch_size"],
-             epochs: int = 2, lr: float = 1e-3, steps_per_epoch: int = 566, lora_rank: int = 0,
-             lora_alpha: float = 1.0, **spec_fields) -> TaskSpec:
-    """The spec at these sizes. The schedule's length is epochs x steps_per_epoch, fixed in the spec
-    (every backend steps the same table); the default 566 is fortunes' 2,318,984 training bytes in
-    windows of 128, batches of 32. Another corpus or size: pass steps_per_epoch in --override, or
-    the rate reaches 0 early (and stays there) or never finishes its decay."""
-    for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context)):
+             epochs: int = 2, lr: float = 1e-3, lora_rank: int = 0,
+             lora_alpha: float = 1.0, vocab: int = VOCAB, gpt2: bool = False, **spec_fields) -> TaskSpec:
+    """The spec at these sizes. The schedule's length is left to the run: epochs x the steps per
+    epoch of the data each stage trains on (TaskSpec.sized_for), 5% of it warm-up. gpt2: GPT-2's
+    exact architecture (gpt_layers) and its weight-decay groups (the weight matrices only)."""
+    for key, value in (("d_model", d_model), ("layers", layers), ("heads", heads), ("context", context),
+                       ("vocab", vocab)):
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
     if d_model % heads:
         raise SpecError(f"tiny-gpt: d_model {d_model} is not a multiple of heads {heads}")
-    total = epochs * steps_per_epoch
     return TaskSpec(
         name=name, dataset="text", input_shape=(context,),
         layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context, lora_rank=lora_rank,
-                          lora_alpha=lora_alpha),
-        optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0,
-                        schedule=WarmupCosine(warmup_steps=max(1, total // 20), total_steps=total)),
+                          lora_alpha=lora_alpha, vocab=vocab, gpt2=gpt2),
+        optimizer=AdamW(lr=lr, weight_decay=0.1, clip_norm=1.0, decay="matrices" if gpt2 else "all",
+                        schedule=WarmupCosine()),
         batch_size=batch_size, epochs=epochs,
         # target_accuracy is next-byte accuracy; the loss is the target that counts here.
         **{"target_accuracy": 0.5, "target_loss": TARGET_LOSS, "eval_batch_size": max(batch_size, 64),
-           "num_classes": VOCAB, **spec_fields})
+           "num_classes": vocab, **spec_fields})
 
 
 def untrained_loss() -> float:
@@ -90,8 +100,8 @@ CORPUS_B = "licenses"  # legal English (/usr/share/common-licenses) after fortun
 def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS_B,
                       d_model: int = FINETUNE_SIZES["d_model"], layers: int = FINETUNE_SIZES["layers"],
                       heads: int = FINETUNE_SIZES["heads"], context: int = FINETUNE_SIZES["context"],
-                      batch_size: int = FINETUNE_SIZES["batch_size"], steps_per_epoch: int = 1132,
-                      lora_rank: int = 4, lora_alpha: float = 8.0, **spec_fields) -> TaskSpec:
+                      batch_size: int = FINETUNE_SIZES["batch_size"], lora_rank: int = 4, lora_alpha: float = 8.0,
+                      **spec_fields) -> TaskSpec:
     """Pretrain on the run's corpus (A); then on corpus B: finetune with the embeddings and the lower
     half of the blocks frozen, lora (from the pretrained weights) training only rank-`lora_rank`
     adapters on every attention projection, and a scratch control from fresh weights, same budget.
@@ -99,12 +109,10 @@ def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS
     The adapters sit in the model from the start (B = 0: they add nothing) and train only in
     the lora stage; the other stages name the arrays they train, adapters excluded.
 
-    Every stage steps the same schedule, sized for pretraining on fortunes (1,132 steps of
-    64-byte windows per epoch); licenses' 104 steps per epoch then run warm-up and the early,
-    near-peak part of the cosine.
+    Each stage's schedule spans its own steps: a full warm-up and cosine on corpus B too.
     """
     base = tiny_gpt(name=name, d_model=d_model, layers=layers, heads=heads, context=context, batch_size=batch_size,
-                    steps_per_epoch=steps_per_epoch, lora_rank=lora_rank, lora_alpha=lora_alpha, **spec_fields)
+                    lora_rank=lora_rank, lora_alpha=lora_alpha, **spec_fields)
     lora = tuple(e.name for e in base.params() if "_lora_" in e.param.name)
     pretrained = tuple(e.name for e in base.params() if e.name not in lora)
     upper = tuple(n for n in pretrained if n.startswith("block") and int(n[5:].split("_")[0]) >= layers // 2

@@ -49,8 +49,13 @@ def _act_forward(name, z):
 # P(name) reads the layer's parameter; grads[name] accumulates its gradient; state updates go to P.new_state.
 
 
+def _kernel(layer, P):
+    """The Dense's (in, out) kernel: its own, or its tied embedding's table transposed."""
+    return P.net.params[f"{layer.tied_to}.table"].T if layer.tied_to else P("kernel")
+
+
 def _dense_f(layer, P, x, train):
-    z = x @ P("kernel") + P("bias")
+    z = x @ _kernel(layer, P) + (P("bias") if layer.use_bias else 0.0)
     y, d = _act_forward(layer.activation, z)
     return y, (x, d)
 
@@ -58,9 +63,14 @@ def _dense_f(layer, P, x, train):
 def _dense_b(layer, P, cache, dy, grads):
     x, d = cache
     dz = dy * d
-    grads["kernel"] += x.reshape(-1, x.shape[-1]).T @ dz.reshape(-1, dz.shape[-1])
-    grads["bias"] += dz.reshape(-1, dz.shape[-1]).sum(0)
-    return dz @ P("kernel").T
+    dk = x.reshape(-1, x.shape[-1]).T @ dz.reshape(-1, dz.shape[-1])
+    if layer.tied_to:  # the table's gradient sums its use as the embedding and as this kernel
+        P.net.grads[f"{layer.tied_to}.table"] += dk.T
+    else:
+        grads["kernel"] += dk
+    if layer.use_bias:
+        grads["bias"] += dz.reshape(-1, dz.shape[-1]).sum(0)
+    return dz @ _kernel(layer, P).T
 
 
 def _activation_f(layer, P, x, train):
@@ -395,7 +405,7 @@ def train(spec, weights, batches, *, trainable=None):
         lr = o.lr_at(step)
         it = iter(grads)
         new = []
-        for a, s, on, st in zip(w, slots, learns, stated):
+        for a, s, on, st, e in zip(w, slots, learns, stated, spec.params()):
             if not on:
                 new.append(st)  # running statistics move in training; frozen arrays keep st == a
                 continue
@@ -404,7 +414,7 @@ def train(spec, weights, batches, *, trainable=None):
                 s[0] = o.momentum * s[0] + g
                 new.append(a - lr * ((g + o.momentum * s[0]) if o.nesterov else s[0]))
                 continue
-            if o.kind == "adamw":
+            if spec.decays(e):
                 a = a - lr * o.weight_decay * a
             s[0] = o.beta1 * s[0] + (1 - o.beta1) * g
             s[1] = o.beta2 * s[1] + (1 - o.beta2) * g * g

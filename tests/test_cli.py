@@ -48,7 +48,8 @@ def test_unwritable_out_fails_before_any_cell(tmp_path, capsys):
 
 
 def test_bad_checkpoint_is_refused_up_front(tmp_path, capsys):
-    from harness.weights import initial_weights, save_checkpoint
+    from harness.checkpoint import save_checkpoint
+    from harness.weights import initial_weights
     from tasks import get_task
 
     save_checkpoint(tmp_path / "mlp.npz", get_task("mnist-mlp"), initial_weights(get_task("mnist-mlp"), 0))

@@ -11,10 +11,11 @@ from conftest import INSTALLED, require
 from record_factory import make_record
 from test_cli import run_cli
 
+from harness.checkpoint import load_checkpoint
 from harness.cli import main
 from harness.results import read_records
 from harness.sweep import DATA_PARALLEL, scaling_efficiency, write_sweep
-from harness.weights import initial_weights, load_checkpoint
+from harness.weights import initial_weights
 from tasks import get_task
 
 BACKENDS = ("torch", "tensorflow", "jax")
@@ -109,7 +110,7 @@ def test_two_replicas_end_where_one_device_ends(one_and_two, backend, task):
     assert records[1][backend]["env"]["data_parallel"] == 1
     spec = get_task(task)
     w0 = initial_weights(spec, seed=0)
-    (c1,), (c2,) = (sorted((root / f"n{n}" / "checkpoints").glob(f"{task}-{backend}-r0-*.npz")) for n in (1, 2))
+    (c1,), (c2,) = (sorted((root / f"n{n}" / "checkpoints").glob(f"{task}-{backend}-r0-*.safetensors")) for n in (1, 2))
     (_, w1), (_, w2) = load_checkpoint(c1), load_checkpoint(c2)
     worst = max(np.linalg.norm(b - a) / max(np.linalg.norm(a - i), 1e-12) for a, b, i in zip(w1, w2, w0))
     assert worst < REL_L2, f"{backend} {task}: N=2 vs N=1 relative L2 {worst:.2e}"

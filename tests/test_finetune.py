@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from conftest import configured
 
+from harness.checkpoint import load_checkpoint_for
 from harness.data import synthetic
 from harness.loop import run_stages
-from harness.weights import initial_weights, load_checkpoint_for
+from harness.weights import initial_weights
 from tasks import get_task
 
 CONV = ("conv1", "conv2", "conv3")
@@ -38,7 +39,7 @@ def test_stage_two_freezes_the_convolutions_and_redraws_the_head(backend_name, t
     assert not np.array_equal(fine["head.kernel"], fresh_head)
     m = results["finetune"].metrics
     assert m["params_trainable"] < m["params_total"] == results["scratch"].metrics["params_trainable"]
-    assert (tmp_path / "ck-pretrain.npz").exists() and m["checkpoint"].endswith("ck-finetune.npz")
+    assert (tmp_path / "ck-pretrain.safetensors").exists() and m["checkpoint"].endswith("ck-finetune.safetensors")
 
 
 def test_a_torch_checkpoint_is_finetuned_by_jax(tmp_path):
@@ -49,7 +50,7 @@ def test_a_torch_checkpoint_is_finetuned_by_jax(tmp_path):
     spec, data = small_finetune()
     run_stages(configured("torch"), spec.with_overrides(epochs=1), data, seed=0, mode="compiled",
                checkpoint_prefix=tmp_path / "torch")
-    pretrained = load_checkpoint_for(tmp_path / "torch-pretrain.npz", spec)
+    pretrained = load_checkpoint_for(tmp_path / "torch-pretrain.safetensors", spec)
     results = run_stages(configured("jax"), spec, data, seed=0, mode="compiled", init_from=pretrained)
     assert list(results) == ["finetune", "scratch"]  # pretraining skipped
     fine = by_layer(spec, results["finetune"].weights)
@@ -67,7 +68,7 @@ def test_a_torch_checkpoint_is_finetuned_by_jax(tmp_path):
 @pytest.mark.parametrize("task", ["cifar-cnn", "finetune"])
 def test_export_import_round_trip_after_training(backend_name, task, tmp_path):
     """Trained (not just initial) weights survive export -> checkpoint -> import bit for bit."""
-    from harness.weights import save_checkpoint
+    from harness.checkpoint import save_checkpoint
 
     backend = configured(backend_name)
     spec = get_task(task).with_overrides(epochs=1, batch_size=64)

@@ -80,6 +80,11 @@ def _pre_embedding():
 CASES = {
     **{f"dense-{a}": ((5,), (_pre_dense(), Dense(units=7, activation=a, name="k")))
        for a in ("linear", "relu", "gelu", "gelu_tanh", "tanh", "silu")},
+    "dense-no-bias": ((5,), (_pre_dense(), Dense(units=7, use_bias=False, name="k"))),
+    # A head tied to the embedding before it: the table's gradient sums both of its uses.
+    "dense-tied": ((4,), (_pre_embedding(), Dense(units=VOCAB, tied_to="pre", name="k"))),
+    "dense-tied-no-bias-gelu_tanh": ((4,), (_pre_embedding(), Dense(units=VOCAB, tied_to="pre", use_bias=False,
+                                                                     activation="gelu_tanh", name="k"))),
     "activation-gelu": ((5,), (_pre_dense(), Activation(activation="gelu", name="k"))),
     "conv2d-valid-relu": ((6, 6, 3), (_pre_conv(), Conv2D(filters=5, kernel_size=3, activation="relu", name="k"),
                                       Flatten(name="f"))),
@@ -255,6 +260,9 @@ SCHEDULE = WarmupCosine(warmup_steps=3, total_steps=10)
 OPTIMIZERS = {
     "adamw-warmup_cosine-clip": AdamW(lr=1e-2, weight_decay=0.1, eps=1e-8, schedule=SCHEDULE, clip_norm=0.5),
     "adam": Adam(lr=1e-2),
+    # Decay groups: the weight matrices only (biases and norms excluded), or named arrays and layers.
+    "adamw-decay-matrices": AdamW(lr=1e-2, weight_decay=0.5, eps=1e-8, decay="matrices"),
+    "adamw-decay-named": AdamW(lr=1e-2, weight_decay=0.5, eps=1e-8, decay=("fc.bias", "emb")),
     "sgd-momentum": SGD(lr=0.1, momentum=0.9, schedule=SCHEDULE),
     "sgd-nesterov-clip": SGD(lr=0.1, momentum=0.9, nesterov=True, clip_norm=0.5),
 }
@@ -335,3 +343,14 @@ def test_covers_every_kind():
     per_kind = set().union(*(kinds(*c) for c in CASES.values()))
     assert per_kind == set(KINDS)
     assert kinds(*EVERY_KIND) == set(KINDS)
+
+
+def test_gpt2_architecture_ten_steps(backend_name):
+    """GPT-2 exactly: a head tied to the token table without a bias, tanh GELU, AdamW decaying the
+    weight matrices only, warm-up cosine and clipping: ten steps against the reference."""
+    from tasks.gpt2 import gpt2
+
+    spec = gpt2(name="gpt2-kinds", vocab=VOCAB, d_model=8, layers=2, heads=2, context=4, batch_size=BATCH,
+                lr=1e-2).sized_for(10)
+    assert spec.layers[-1].tied_to == "tok_emb" and not spec.layers[-1].use_bias
+    ten_steps(backend_name, spec)

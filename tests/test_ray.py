@@ -59,7 +59,7 @@ def test_a_matrix_on_ray_gives_the_same_ok_records_as_local(tmp_path):
     assert names["ray"] == names["local"] and len(names["ray"]) == 2
     # ... and one of them, shipped to a task as --init-from, starts torch from jax's trained weights.
     out = run_cli(*RUN, "--backend", "torch", "--executor", "ray", "--out", str(tmp_path / "init"),
-                  "--init-from", str(tmp_path / "ray" / "checkpoints" / "mnist-mlp-jax-r0-train.npz"))
+                  "--init-from", str(tmp_path / "ray" / "checkpoints" / "mnist-mlp-jax-r0-train.safetensors"))
     assert out.returncode == 0, out.stderr[-3000:]
     (record,) = read_records(tmp_path / "init")
     assert record["metrics"]["initial_test_accuracy"] > 0.5  # random weights give ~0.1

@@ -88,7 +88,8 @@ def test_a_torn_tail_is_set_aside_in_a_side_file(tmp_path):
 
 
 def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from harness.weights import initial_weights, save_checkpoint
+    from harness.checkpoint import save_checkpoint
+    from harness.weights import initial_weights
     from tasks import get_task
 
     full_disk(monkeypatch, when=lambda data: True)

@@ -26,8 +26,9 @@ from tasks import BUILDERS, TASKS, override_task, parse_override
 from tasks.spec import SpecError
 from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune, untrained_loss
 
+# Built straight on a backend, outside the loop: its schedule sized here, for DATA's 16 steps per epoch.
 SMALL = tiny_gpt(name="tiny-gpt-test", d_model=32, layers=1, heads=2, context=16, batch_size=8, epochs=1,
-                 lr=3e-3, steps_per_epoch=16)
+                 lr=3e-3).sized_for(16)
 
 
 # -- the task ----------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_initial_loss_logits_and_loss_curve_agree(backend_pair):
 
 # -- finetuning across backends ------------------------------------------------------------------
 
-FT = tiny_gpt_finetune(d_model=32, layers=2, heads=2, context=16, batch_size=8, epochs=1, lr=3e-3, steps_per_epoch=8)
+FT = tiny_gpt_finetune(d_model=32, layers=2, heads=2, context=16, batch_size=8, epochs=1, lr=3e-3)
 CORPUS_B = text.synthetic(context=16, seed=6, n_windows=(64, 32))
 
 
@@ -222,15 +223,15 @@ def test_stage_corpus_of_a_synthetic_run_is_another_synthetic_chain():
 @functools.cache
 def torch_pretrained(tmp: str):
     """Pretrain FT's first stage on torch, save a checkpoint, read it back: the weights another backend starts from."""
+    from harness.checkpoint import load_checkpoint_for, save_checkpoint
     from harness.loop import train_stage
-    from harness.weights import load_checkpoint_for, save_checkpoint
 
     torch = configured("torch")
     result = train_stage(torch, FT, 0, DATA, initial_weights(FT, 0), seed=0, mode="eager", progress=lambda e: None)
-    path = f"{tmp}/pretrain.npz"
+    path = f"{tmp}/pretrain.safetensors"
     save_checkpoint(path, FT, result.weights, meta={"stage": "pretrain", "backend": "torch"})
     weights = load_checkpoint_for(path, FT)
-    model = torch.build(FT, weights, trainable=None, mode="eager")
+    model = torch.build(FT.sized_for(1), weights, trainable=None, mode="eager")
     loss_on_b, _ = torch.evaluate(model, torch.put_data(CORPUS_B.x_test, CORPUS_B.y_test), 16)
     return weights, loss_on_b
 

@@ -10,11 +10,12 @@ import zipfile
 
 import numpy as np
 import pytest
+from npz_checkpoint import save_npz_checkpoint
 
 from harness import data, measure, safepickle
 from harness.cli import main
 from harness.results import RECORDS_FILE, read_records
-from harness.weights import initial_weights, save_checkpoint
+from harness.weights import initial_weights
 from tasks import get_task
 
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -117,8 +118,9 @@ def test_resume_of_a_crafted_results_folder_runs_no_code(tmp_path):
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def good_checkpoint(path):
+    """A checkpoint in the npz format (version 1), which still loads: the members below are npz members."""
     spec = get_task("mnist-mlp")
-    save_checkpoint(path, spec, initial_weights(spec, 0))
+    save_npz_checkpoint(path, spec, initial_weights(spec, 0))
     return path
 
 

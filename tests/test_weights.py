@@ -2,15 +2,10 @@
 
 import numpy as np
 import pytest
+from npz_checkpoint import save_npz_checkpoint
 
-from harness.weights import (
-    CheckpointError,
-    initial_weights,
-    load_checkpoint,
-    load_checkpoint_for,
-    reinitialise,
-    save_checkpoint,
-)
+from harness.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_for, save_checkpoint
+from harness.weights import initial_weights, reinitialise
 from tasks import get_task
 
 
@@ -41,10 +36,10 @@ def test_reinitialise_redraws_only_the_named_layer():
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     spec = get_task("finetune")
     w = initial_weights(spec, 5)
-    save_checkpoint(tmp_path / "c.npz", spec, w, meta={"backend": "x"})
-    header, loaded = load_checkpoint(tmp_path / "c.npz")
+    save_checkpoint(tmp_path / "c.safetensors", spec, w, meta={"backend": "x"})
+    header, loaded = load_checkpoint(tmp_path / "c.safetensors")
     assert header["meta"] == {"backend": "x"} and header["spec"]["name"] == "finetune"
-    assert all(np.array_equal(a, b) for a, b in zip(w, load_checkpoint_for(tmp_path / "c.npz", spec)))
+    assert all(np.array_equal(a, b) for a, b in zip(w, load_checkpoint_for(tmp_path / "c.safetensors", spec)))
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -55,7 +50,7 @@ def test_checkpoint_of_another_architecture_names_the_first_mismatch(tmp_path):
     # Same layers, one array of the wrong shape: named precisely.
     spec = get_task("cifar-cnn")
     w = initial_weights(spec, 0)
-    save_checkpoint(tmp_path / "ok.npz", spec, w)
+    save_npz_checkpoint(tmp_path / "ok.npz", spec, w)
 
     with np.load(tmp_path / "ok.npz") as z:
         arrays = {k: z[k] for k in z.files}
@@ -72,7 +67,7 @@ def test_a_checkpoint_from_before_spec_v2_still_loads(tmp_path):
     # Written before Conv2D had a stride field: the saved layer dicts lack it.
     spec = get_task("cifar-cnn")
     w = initial_weights(spec, 0)
-    save_checkpoint(tmp_path / "new.npz", spec, w)
+    save_npz_checkpoint(tmp_path / "new.npz", spec, w)
     with np.load(tmp_path / "new.npz") as z:
         arrays = {k: z[k] for k in z.files}
     import json

@@ -24,7 +24,7 @@ from tasks.mnist_mlp import MNIST_MLP
 from tasks.spec import TaskSpec
 from tasks.tiny_gpt import TINY_GPT
 
-from .yardsticks import make_yardstick
+from .yardsticks import FORTUNES_STEPS, make_yardstick
 
 pytestmark = pytest.mark.bench
 
@@ -32,7 +32,8 @@ SEED = 0
 THREADS = 2
 # TRIBENCH_BENCH_DEVICE=gpu runs every cell on the GPU (a missing GPU fails the cell).
 DEVICE = os.environ.get("TRIBENCH_BENCH_DEVICE", "cpu")
-TASKS: dict[str, TaskSpec] = {MNIST_MLP.name: MNIST_MLP, CIFAR_CNN.name: CIFAR_CNN, TINY_GPT.name: TINY_GPT}
+TASKS: dict[str, TaskSpec] = {MNIST_MLP.name: MNIST_MLP, CIFAR_CNN.name: CIFAR_CNN,
+                               TINY_GPT.name: TINY_GPT.sized_for(FORTUNES_STEPS)}
 # TRIBENCH_BENCH_FULL=1 times whole epochs of the full-size datasets on CPU too (about an hour on 2 cores).
 FULL = os.environ.get("TRIBENCH_BENCH_FULL") == "1"
 # The full datasets' sizes in whole batches of 128 (468 and 390 steps); tiny-gpt's in windows of
