@@ -15,18 +15,10 @@ from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
 from harness.confine import UntrustedInput
+from harness.errors import EXIT_CELL_FAILED, EXIT_USAGE, UsageError
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
-from harness.runner import (
-    EXIT_CELL_FAILED,
-    EXIT_USAGE,
-    RunConfig,
-    UsageError,
-    apply_override,
-    available_backends,
-    check_config,
-    load_resume,
-    run_matrix,
-)
+from harness.run_config import RunConfig, apply_override, check_config, load_resume
+from harness.runner import available_backends, run_matrix
 from harness.shard import parse_shard
 from tasks import DEFAULT_TASKS, TASKS, get_task, is_task_file, load_task
 from tasks.targets import TARGETS, accepted

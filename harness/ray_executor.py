@@ -13,22 +13,14 @@ from pathlib import Path
 
 from harness import confine
 from harness import data as data_mod
+from harness.cells import Cell, cell_config
 from harness.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
+from harness.errors import Interrupted, UsageError
+from harness.executor import missing_backend_record, run_worker, skipped_record, stop_process
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
 from harness.results import empty_record
-from harness.runner import (
-    Cell,
-    Interrupted,
-    RunConfig,
-    UsageError,
-    available_cores,
-    cell_config,
-    missing_backend_record,
-    run_worker,
-    skipped_record,
-    stop_process,
-)
+from harness.run_config import RunConfig, available_cores
 from harness.storage import write_atomic
 from harness.worker import utc_now
 
@@ -151,7 +143,8 @@ def ray_failure_record(cell_cfg: dict, exc: Exception) -> dict:
 
 
 class RayExecutor:
-    """Cells as Ray tasks on a local Ray instance started for the run, or on the cluster at `address`."""
+    """The Executor (harness.executor) whose cells are Ray tasks: on a local Ray instance started for the run,
+    or on the cluster at `address`."""
 
     name = "ray"
 

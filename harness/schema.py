@@ -146,7 +146,7 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _known_and_shard(self):
-        from harness.runner import RunConfig
+        from harness.run_config import RunConfig
 
         unknown = sorted(set(self.model_extra or {}) - {f.name for f in dataclasses.fields(RunConfig)})
         if unknown:

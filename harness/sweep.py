@@ -12,7 +12,8 @@ from pathlib import Path
 from harness.figures import DEVICE_PEAK, PEAK_RSS, TRAIN_RATE
 from harness.report import mode_text
 from harness.results import read_records
-from harness.runner import RunConfig, run_matrix
+from harness.run_config import RunConfig
+from harness.runner import run_matrix
 from harness.stats import format_stat, group_cells, ok_records, summarise_figure
 from harness.storage import write_atomic
 

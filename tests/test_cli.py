@@ -131,7 +131,8 @@ def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast
 def test_missing_backend_is_skipped_with_its_extra(tmp_path, fast_backend, monkeypatch):
     # A backend whose module cannot be found: simulated by pointing its requirement elsewhere.
     from backends import BACKENDS, BackendInfo
-    from harness.runner import RunConfig, run_matrix
+    from harness.run_config import RunConfig
+    from harness.runner import run_matrix
 
     missing = next(name for name in BACKENDS if name != fast_backend)
     monkeypatch.setitem(BACKENDS, missing, BackendInfo(missing, "x:y", ("no_such_module_xyz",), missing))
@@ -166,7 +167,8 @@ def test_sweep_rejects_a_bad_batch_size(capsys):
 def test_gpu_asked_for_and_absent_is_skipped_with_the_reason(tmp_path, backend_name):
     from conftest import configured
 
-    from harness.runner import RunConfig, run_matrix
+    from harness.run_config import RunConfig
+    from harness.runner import run_matrix
 
     if configured(backend_name).environment()["device"] != "cpu":
         pytest.skip("this machine has a GPU")
@@ -202,7 +204,7 @@ def test_a_data_dir_that_is_not_a_folder_exits_2(tmp_path, capsys, kind):
 
 
 def saved_run(tmp_path):
-    from harness.runner import RunConfig, write_run_file
+    from harness.run_config import RunConfig, write_run_file
 
     out = tmp_path / "run"
     out.mkdir()

@@ -17,7 +17,8 @@ import pytest
 from test_cli import run_cli
 
 from harness.results import read_records
-from harness.runner import load_resume, run_matrix
+from harness.run_config import load_resume
+from harness.runner import run_matrix
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

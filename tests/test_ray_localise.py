@@ -3,8 +3,9 @@
 from test_data import fake_source, write_mnist
 
 from harness import data
+from harness.cells import Cell, cell_config
 from harness.ray_executor import localise_data
-from harness.runner import Cell, RunConfig, cell_config
+from harness.run_config import RunConfig
 
 
 def test_a_driver_path_missing_on_the_node_resolves_to_the_nodes_own_copy(tmp_path, monkeypatch):

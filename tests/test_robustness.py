@@ -13,8 +13,10 @@ import time
 
 import pytest
 
+from harness.errors import UsageError
 from harness.results import read_records
-from harness.runner import RunConfig, UsageError, load_resume, run_matrix
+from harness.run_config import RunConfig, load_resume
+from harness.runner import run_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +96,7 @@ def test_sigterm_keeps_finished_cells_and_resume_completes_the_rest(tmp_path, fa
 def test_resume_refuses_a_changed_spec(tmp_path, fast_backend):
     cfg = matrix(tmp_path, fast_backend, repeats=1)
     cfg.out.mkdir()
-    from harness.runner import RUN_FILE, write_run_file
+    from harness.run_config import RUN_FILE, write_run_file
 
     write_run_file(cfg)
     saved = json.loads((cfg.out / RUN_FILE).read_text())
@@ -129,7 +131,8 @@ def test_a_retried_cell_reads_back_as_its_latest_record(tmp_path):
 def test_resume_refuses_a_task_that_would_now_get_other_data(tmp_path, monkeypatch):
     import json
 
-    from harness.runner import RUN_FILE, RunConfig, UsageError, check_resumed_data
+    from harness.errors import UsageError
+    from harness.run_config import RUN_FILE, RunConfig, check_resumed_data
 
     cfg = RunConfig(tasks=["cifar-cnn"], backends=["torch"], out=tmp_path, data="auto")
     # A run.json from before issue 12: no "data", and the spec built for synthetic CIFAR-shaped data.

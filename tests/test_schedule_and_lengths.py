@@ -5,8 +5,8 @@ import pytest
 from conftest import configured
 
 from harness import text
+from harness.cells import QUICK_SUBSETS
 from harness.loop import run_stages
-from harness.runner import QUICK_SUBSETS
 from harness.weights import initial_weights
 from tasks.optim import WarmupCosine
 from tasks.spec import SpecError

@@ -5,9 +5,10 @@ import json
 import pytest
 from test_cli import run_cli
 
+from harness.cells import plan
 from harness.cli import main
 from harness.results import read_records
-from harness.runner import RUN_FILE, RunConfig, plan, write_run_file
+from harness.run_config import RUN_FILE, RunConfig, write_run_file
 from harness.shard import in_shard
 
 

@@ -125,7 +125,7 @@ def test_records_written_before_spec_v2_read_back_as_the_same_tasks():
 
 def test_resume_of_a_file_task_needs_no_file(tmp_path):
     """run.json keeps a file task's spec; --resume registers it even after the file is gone."""
-    from harness.runner import RunConfig, load_resume, write_run_file
+    from harness.run_config import RunConfig, load_resume, write_run_file
     from tasks import load_task
 
     source = tmp_path / "mine.toml"

@@ -96,7 +96,7 @@ def test_a_hostile_cifar_folder_runs_no_code_through_the_cli(tmp_path, how):
 
 
 def test_resume_of_a_crafted_results_folder_runs_no_code(tmp_path):
-    from harness.runner import RUN_FILE, RunConfig, write_run_file
+    from harness.run_config import RUN_FILE, RunConfig, write_run_file
 
     run = tmp_path / "runA"
     run.mkdir()

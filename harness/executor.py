@@ -1,0 +1,179 @@
+"""Executors run cells and hand back records; the local one runs each cell in a fresh worker subprocess here."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from backends import backend_info
+from harness.cells import Cell, cell_config
+from harness.lifeline import CELL_DIR_PREFIX
+from harness.node import describe_node
+from harness.results import REPO_ROOT, empty_record
+from harness.run_config import RunConfig
+from harness.worker import PROGRESS_PREFIX, utc_now
+
+
+class Executor(Protocol):
+    """Where the cells of a run execute: the runner calls start, run, then close (stop on an interruption)."""
+
+    name: str
+
+    def start(self, cfg: RunConfig) -> None:
+        """Connect to whatever runs the cells; raise UsageError when that cannot be done."""
+
+    def run(self, cfg: RunConfig, cells: list[Cell], sources: dict, *, bar, on_record) -> None:
+        """Run `cells`, calling on_record(cell, record) as each one ends."""
+
+    def stop(self) -> None:
+        """End the cells still running (Ctrl-C, SIGTERM, a full disk)."""
+
+    def close(self) -> None:
+        """Release what start took; always called at the end of a run."""
+
+
+STDERR_TAIL_LINES = 30
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Same thread budget for every framework, set before any of them is imported.
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = str(REPO_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads: int,
+               on_event: Callable[[dict], None], state: dict) -> dict:
+    """Run one worker process; always returns a record, whatever happened to the process."""
+    cfg_path, rec_path = workdir / "cell.json", workdir / "record.json"
+    # The worker watches this PID and, if it dies, removes `cell_dir` itself (lifeline.py).
+    cfg_path.write_text(json.dumps({**cell_cfg, "driver_pid": os.getpid(), "cell_dir": str(workdir)}))
+    faults: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                            env=worker_env(threads), start_new_session=True)
+    state["proc"] = proc
+
+    def pump():
+        for line in proc.stderr:
+            if line.startswith(PROGRESS_PREFIX):
+                try:
+                    event = json.loads(line[len(PROGRESS_PREFIX):])
+                except ValueError:
+                    continue
+                if event.get("event") == "fault":
+                    faults.append(str(event.get("fault")))
+                on_event(event)
+            else:
+                tail.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        stop_process(proc)
+    reader.join(timeout=5)
+    state["proc"] = None
+
+    record = None
+    if rec_path.exists():
+        try:
+            record = json.loads(rec_path.read_text())
+        except ValueError:
+            record = None
+    if record is None:
+        record = empty_record(task=cell_cfg["task"], backend=cell_cfg["backend"], repeat=cell_cfg["repeat"],
+                              seed=cell_cfg["seed"])
+        record["finished_at"] = utc_now()
+        if timed_out:
+            reason, error = "timeout", f"worker exceeded --timeout {timeout:g} s and was killed"
+        elif proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            hint = " (SIGKILL: often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+            reason, error = "signal", f"worker killed by {name}{hint}"
+        else:
+            reason, error = "exit", f"worker exited with code {proc.returncode} without writing a record"
+        record.update(status="failed", error=error,
+                      failure={"reason": reason, "exit_code": proc.returncode,
+                               "signal": signal.Signals(-proc.returncode).name if (proc.returncode or 0) < 0 else None})
+    if record["status"] in ("failed", "diverged"):
+        record["failure"] = {**(record.get("failure") or {}), "stderr_tail": list(tail)}
+    if faults:  # test-only fault injection: a record made under it says so
+        record["env"] = {**(record.get("env") or {}), "injected_fault": faults[0]}
+    return record
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the worker's process group, then SIGKILL what is left after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def skipped_record(cell: Cell, seed: int, error: str) -> dict:
+    record = empty_record(task=cell.task, backend=cell.backend, repeat=cell.repeat, seed=seed)
+    record.update(status="skipped", error=error, started_at=utc_now(), finished_at=utc_now())
+    return record
+
+
+def missing_backend_record(cfg: RunConfig, cell: Cell) -> dict | None:
+    """A skipped record when the cell's framework is not installed here, else None."""
+    info = backend_info(cell.backend)
+    if not info.missing():
+        return None
+    return skipped_record(cell, cfg.seed + cell.repeat,
+                          f"{', '.join(info.missing())} not installed: {info.install_hint}")
+
+
+class LocalExecutor:
+    """The default executor: cells one after another, each in a fresh worker subprocess on this machine."""
+
+    name = "local"
+
+    def __init__(self):
+        self.state: dict = {"proc": None}
+
+    def start(self, cfg: RunConfig) -> None:
+        """Nothing to connect to; an executor raises UsageError here when it cannot run."""
+
+    def run(self, cfg: RunConfig, cells: list[Cell], sources: dict, *, bar, on_record) -> None:
+        """Run `cells`, calling on_record(cell, record) as each one ends."""
+        for cell in cells:
+            bar.start_cell(cell.label)
+            record = missing_backend_record(cfg, cell)
+            if record is None:
+                with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
+                    record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp), timeout=cfg.timeout,
+                                        threads=cfg.threads, on_event=bar.event, state=self.state)
+            record["node"] = describe_node(executor=self.name)
+            on_record(cell, record)
+
+    def stop(self) -> None:
+        """On Ctrl-C / SIGTERM: end the cell that is running."""
+        if self.state.get("proc") is not None:
+            stop_process(self.state["proc"])
+
+    def close(self) -> None:
+        """Always called at the end of a run, interrupted or not."""
