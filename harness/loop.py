@@ -111,7 +111,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
             m["time_to_target_s"] = train_clock  # evaluation time is not on this clock
         progress({"event": "epoch", "stage": stage.name, "epoch": epoch + 1, "epochs": spec.epochs,
                   "train_loss": float(losses.mean()), "test_loss": test_loss, "test_accuracy": test_acc,
-                  "epoch_s": seconds, "by_loss": spec.target_loss is not None})
+                  "epoch_s": seconds, "objective": spec.objective})
 
     trained = len(order) * spec.epochs
     m.update(test_accuracy=m["epoch_test_accuracy"][-1], test_loss=m["epoch_test_loss"][-1],
@@ -123,8 +123,8 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
 
 
 def reached_target(spec: TaskSpec, loss: float, accuracy: float) -> bool:
-    """A loss-based task (target_loss set) reaches its target by the held-out loss, others by accuracy."""
-    return loss <= spec.target_loss if spec.target_loss is not None else accuracy >= spec.target_accuracy
+    """A task judged by loss reaches its target by the held-out loss, others by accuracy."""
+    return loss <= spec.target_loss if spec.objective == "loss" else accuracy >= spec.target_accuracy
 
 
 def sequence_metrics(spec: TaskSpec, m: dict) -> dict:

@@ -25,7 +25,7 @@ def _outcome(record: dict) -> str:
 
 def _epoch_result(event: dict, digits: int = 4) -> str:
     """The epoch's figure that decides the task: held-out loss for a loss-judged task, else test accuracy."""
-    judged = objective(by_loss=bool(event.get("by_loss")))
+    judged = objective(by_loss=event.get("objective") == "loss")
     if event.get(judged.name) is None:
         judged = TEST_ACCURACY
     return f"{SPOKEN[judged.name]} {event[judged.name]:.{digits}f}"

@@ -112,6 +112,7 @@ def empty_record(*, task: str, backend: str, repeat: int, seed: int) -> dict:
         "schema_version": SCHEMA_VERSION,
         "tribench_version": tribench_version(),
         "task": task,
+        "objective": None,
         "backend": backend,
         "repeat": repeat,
         "seed": seed,
@@ -163,6 +164,9 @@ def iter_records(path: Path):
             if problem:  # readers (report, sweep, compare, merge, export) rely on every checked field
                 log.warning("%s:%d: skipping %s", path, number, problem)
                 continue
+            if record.get("objective") is None and isinstance(record.get("spec"), dict):
+                # Records from before the objective was written down: the spec that defines it is in them.
+                record["objective"] = "loss" if record["spec"].get("target_loss") is not None else "accuracy"
             yield number, record
 
 

@@ -104,6 +104,7 @@ class Record(_Model):
     schema_version: int | None = None
     tribench_version: str | None = None
     task: SafeName
+    objective: Literal["accuracy", "loss"] | None = None
     backend: SafeName
     repeat: Annotated[int, Field(ge=0, lt=MAX_REPEATS)]
     seed: Count | None = None

@@ -122,15 +122,8 @@ def summarise_figure(records: Iterable[dict], name: str) -> dict:
 
 
 def judged_by_loss(records: Iterable[dict]) -> bool:
-    """Whether these records' task is judged by held-out loss (lower is better) rather than accuracy.
-
-    The loop's rule (loop.reached_target): a spec with target_loss reaches its target by the
-    loss. Language-model records also carry bits_per_byte, which older records without the
-    spec's target_loss still have.
-    """
-    return any((r.get("spec") or {}).get("target_loss") is not None
-               or any(figure(r, name) is not None for name in ("target_loss", "bits_per_byte"))
-               for r in ok_records(records))
+    """Whether these records' task is judged by held-out loss (lower is better): the objective each record carries."""
+    return any(r.get("objective") == "loss" for r in records)
 
 
 def target_loss(records: Iterable[dict]) -> float | None:

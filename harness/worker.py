@@ -79,6 +79,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     spec = spec_from_dict(cfg["task_spec"]) if "task_spec" in cfg else get_task(cfg["task"])
     spec = for_dataset(spec, cfg["data"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
     record["spec"] = spec.to_dict()
+    record["objective"] = spec.objective
     out = cfg.get("out")
     # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
     forced = cfg["mode"] if cfg["mode"] != BEST else None

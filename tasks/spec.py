@@ -167,6 +167,12 @@ class TaskSpec:
         return walk(self.layers, self.input_shape)
 
     @property
+    def objective(self) -> str:
+        """What the task is judged by: "loss" (held-out loss, lower is better) where it sets target_loss, else
+        "accuracy". Written into every record, so no reader infers it."""
+        return "loss" if self.target_loss is not None else "accuracy"
+
+    @property
     def takes_tokens(self) -> bool:
         """Whether the input is int32 token ids (an Embedding first) rather than float32 features."""
         return isinstance(self.layers[0], Embedding)

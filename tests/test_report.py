@@ -320,6 +320,7 @@ def test_a_task_with_target_loss_but_no_tokens_is_judged_by_its_loss():
     records = make_run(backends=("torch", "jax"))
     for r, loss in zip(records, (0.30, 0.25)):
         r["spec"]["target_loss"] = 0.28
+        r["objective"] = "loss"  # what the worker writes for such a spec (TaskSpec.objective)
         r["metrics"]["test_loss"] = loss
     assert "held-out-loss gap" in report.parity_line(records)
     assert report.judged_line(records).endswith("jax/cpu 0.2500, torch/cpu 0.3000.")
@@ -334,7 +335,7 @@ def test_progress_lines_give_held_out_loss_for_a_loss_task_and_accuracy_otherwis
     out = io.StringIO()
     bar = _PlainBar(2, out)
     bar.event({"event": "epoch", "stage": "train", "epoch": 1, "epochs": 1, "train_loss": 2.0, "test_loss": 1.75,
-               "test_accuracy": 0.14, "epoch_s": 1.0, "by_loss": True})
+               "test_accuracy": 0.14, "epoch_s": 1.0, "objective": "loss"})
     bar.finish_cell("tiny-gpt / jax", make_record("tiny-gpt", "jax"))
     bar.finish_cell("mnist-mlp / jax", make_record("mnist-mlp", "jax"))
     lines = out.getvalue().splitlines()
