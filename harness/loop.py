@@ -195,14 +195,5 @@ def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gfl
     metrics["train_flops_per_sample"] = flops
     rate = primary.get("train_samples_per_s")
     metrics["roofline_fraction"] = rate * flops / (peak_gflops * 1e9) if rate and peak_gflops else None
-    if spec.takes_tokens and len(results) > 1:  # a language model's stages: held-out loss and trainable size each
-        metrics["stage_test_loss"] = {name: r.metrics["test_loss"] for name, r in results.items()}
-        metrics["stage_params_trainable"] = {name: r.metrics["params_trainable"] for name, r in results.items()}
-        if "scratch" in results:
-            metrics["scratch_loss"] = results["scratch"].metrics["test_loss"]
-    if "finetune" in results and "scratch" in results:  # the transfer-learning experiment
-        metrics["finetuned_accuracy"] = results["finetune"].metrics["test_accuracy"]
-        metrics["scratch_accuracy"] = results["scratch"].metrics["test_accuracy"]
-        metrics["frozen_train_samples_per_s"] = results["finetune"].metrics["train_samples_per_s"]
-        metrics["full_train_samples_per_s"] = results["scratch"].metrics["train_samples_per_s"]
+    metrics.update(spec.stage_figures({name: r.metrics for name, r in results.items()}))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

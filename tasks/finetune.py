@@ -28,7 +28,7 @@ FINETUNE = TaskSpec(
         Stage(name="finetune", classes=TARGET_CLASSES, init="previous",
               trainable=("fc1", "head"), reinit=("head",)),
         # The control: the same stage-2 budget from fresh weights, nothing frozen.
-        Stage(name="scratch", classes=TARGET_CLASSES),
+        Stage(name="scratch", classes=TARGET_CLASSES, control_for="finetune"),
     ),
     primary_stage="finetune",
 )

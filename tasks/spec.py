@@ -67,6 +67,9 @@ class Stage:
     # change domain (tiny-gpt-finetune); None: the run's data. With synthetic run data the
     # stage gets synthetic data of another seed (another domain), labelled synthetic.
     data: str | None = None
+    # This stage is the control of the named stage: the same budget from fresh weights, so the
+    # task's derived figures (TaskSpec.stage_figures) say whether that stage's start helped.
+    control_for: str | None = None
 
 
 def walk(layers, shape):
@@ -144,6 +147,8 @@ class TaskSpec:
                      f"stage {stage.name!r}: init must be 'seed', 'previous' or an earlier stage's name, "
                      f"got {stage.init!r}")
             require(i > 0 or stage.init == "seed", f"stage {stage.name!r}: the first stage has no previous")
+            require(stage.control_for in (None, *stage_names) and stage.control_for != stage.name,
+                    f"stage {stage.name!r}: control_for must name another stage, got {stage.control_for!r}")
             for group, valid in (("trainable", param_names), ("reinit", set(self.param_layer_names()))):
                 unknown = set(getattr(stage, group) or ()) - valid
                 require(not unknown,
@@ -159,6 +164,28 @@ class TaskSpec:
                 require(tables.get(layer.tied_to) == want,
                         f"layer {layer.name!r}: tied_to must name an earlier Embedding with a {want} table, "
                         f"got {layer.tied_to!r}" + (f" {tables[layer.tied_to]}" if layer.tied_to in tables else ""))
+
+    def stage_figures(self, stages: dict[str, dict]) -> dict:
+        """Figures that compare this task's stages, from their metrics by stage name (what ran of them).
+
+        A multi-stage token model reports each stage's held-out loss and trainable size; a
+        stage with a control (Stage.control_for) reports its figures beside the control's.
+        """
+        figures = {}
+        if self.takes_tokens and len(stages) > 1:
+            figures["stage_test_loss"] = {name: m["test_loss"] for name, m in stages.items()}
+            figures["stage_params_trainable"] = {name: m["params_trainable"] for name, m in stages.items()}
+        for control in self.stages:
+            treated = stages.get(control.control_for)
+            if control.control_for is None or treated is None or control.name not in stages:
+                continue
+            scratch = stages[control.name]
+            if self.takes_tokens:
+                figures["scratch_loss"] = scratch["test_loss"]
+            figures.update(finetuned_accuracy=treated["test_accuracy"], scratch_accuracy=scratch["test_accuracy"],
+                           frozen_train_samples_per_s=treated["train_samples_per_s"],
+                           full_train_samples_per_s=scratch["train_samples_per_s"])
+        return figures
 
     # -- derived facts, computed by walking the layers ------------------------------------
 

@@ -122,7 +122,7 @@ def tiny_gpt_finetune(*, name: str = "tiny-gpt-finetune", corpus_b: str = CORPUS
         Stage(name="finetune", init="pretrain", trainable=upper, data=corpus_b),
         Stage(name="lora", init="pretrain", trainable=lora, data=corpus_b),
         # The control: the same budget on corpus B from fresh weights, every pretrained-kind array trained.
-        Stage(name="scratch", trainable=pretrained, data=corpus_b),
+        Stage(name="scratch", trainable=pretrained, data=corpus_b, control_for="finetune"),
     ), primary_stage="finetune")
 
 

@@ -30,3 +30,34 @@ def test_a_record_written_before_the_objective_takes_it_from_its_spec(tmp_path):
         del record["objective"]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     assert [r["objective"] for r in read_records(tmp_path)] == ["loss", "accuracy"]
+
+
+def test_stage_figures_follow_the_spec_not_stage_names():
+    from tasks.taskfile import spec_from_dict
+
+    table = get_task("finetune").to_dict()
+    renamed = {"pretrain": "source", "finetune": "transfer", "scratch": "fresh"}
+    for stage in table["stages"]:
+        stage["name"] = renamed[stage["name"]]
+        if stage["init"] in renamed:
+            stage["init"] = renamed[stage["init"]]
+        if stage.get("control_for"):
+            stage["control_for"] = renamed[stage["control_for"]]
+    table["primary_stage"] = "transfer"
+    spec = spec_from_dict(table)
+    stages = {"source": {"test_accuracy": 0.5, "train_samples_per_s": 10.0},
+              "transfer": {"test_accuracy": 0.9, "train_samples_per_s": 30.0},
+              "fresh": {"test_accuracy": 0.7, "train_samples_per_s": 20.0}}
+    assert spec.stage_figures(stages) == {"finetuned_accuracy": 0.9, "scratch_accuracy": 0.7,
+                                          "frozen_train_samples_per_s": 30.0, "full_train_samples_per_s": 20.0}
+    without_control = spec_from_dict({**table, "stages": [{**s, "control_for": None} for s in table["stages"]]})
+    assert without_control.stage_figures(stages) == {}
+
+
+def test_a_control_must_name_another_stage():
+    import pytest
+
+    from tasks.spec import SpecError, Stage
+
+    with pytest.raises(SpecError, match="control_for must name another stage"):
+        get_task("mnist-mlp").with_overrides(stages=(Stage("train", control_for="nowhere"),))
