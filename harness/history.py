@@ -144,7 +144,7 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
                 if xs:
                     handles[key] = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linewidth=1.2,
                                                **style[key])
-            ax.set_title(f"{task}: {label}\n{textwrap.shorten(where, 60)}", fontsize=9)
+            ax.set_title(f"{task}: {label}\n{textwrap.fill(where, 60)}", fontsize=9)
             ax.set_xticks(range(len(commits)), commits, rotation=30, ha="right", fontsize=7)
             ax.set_xlim(-0.5, len(commits) - 0.5)
             ax.grid(alpha=0.3)
