@@ -230,8 +230,9 @@ def _gap(fig: Figure, lead: float, other: float) -> str:
     if fig.higher_is_better and other > 0:
         return f"{lead / other:.2f}x as fast" if fig.unit.endswith("/s") else f"{lead / other:.2f}x as high"
     diff = format(abs(other - lead), fig.fmt if isinstance(fig.fmt, str) else ".4g")
+    unit = f" {fig.unit}" if fig.unit else ""
     rel = f" ({abs(other - lead) / abs(other):.1%})" if other else ""
-    return f"{diff} {fig.unit} lower{rel}".replace("  ", " ")
+    return f"{diff}{unit} {'lower' if fig.higher_is_better is False else 'apart'}{rel}"
 
 
 def _noise(verdict: bool | None) -> str:

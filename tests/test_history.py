@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import test_report
 from record_factory import make_run, write_run
 
 from harness import history
 from harness.cli import main
+
+kept_figures = test_report.kept_figures  # the plot functions' figures, kept open for inspection
 
 
 def _at(records, sha, *, dirty=False, hostname="bench-1", when="2024-06-01T12:00:00Z"):
@@ -66,21 +69,10 @@ def test_history_follows_the_test_loss_of_a_task_judged_by_it(tmp_path):
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_history_plot_has_one_machine_per_row_distinct_colours_and_the_legend_outside(tmp_path, monkeypatch):
+def test_history_plot_has_one_machine_per_row_distinct_colours_and_the_legend_outside(tmp_path, kept_figures):
     import io
 
-    from harness import plots
-
-    real, kept = plots._pyplot(), []
-
-    class Keep:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def close(self, fig):
-            kept.append(fig)
-
-    monkeypatch.setattr(plots, "_pyplot", Keep)
+    kept = kept_figures
     root = tmp_path / "results"
     for host in ("laptop", "gpu-box"):
         for i, sha in enumerate(("a" * 40, "b" * 40)):

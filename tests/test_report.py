@@ -159,6 +159,20 @@ IMG_CHECK = """<img alt="sentinel" src="data:image/png;base64,bm90IGEgcG5n">
 });</script></body>"""
 
 
+def _dump_dom(page: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`page` (a copy of the report with a checking script) loaded in headless Chromium; stdout holds its DOM."""
+    probe = tmp_path / "probe.html"
+    probe.write_text(page, encoding="utf-8")
+    profile = tmp_path / "chromium-profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", *flags,
+           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(),
                     reason=f"Chromium not installed at {CHROMIUM} (Debian: apt install chromium)")
 def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
@@ -166,16 +180,7 @@ def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     # The check runs on a copy: the report itself carries no script. A deliberately broken
     # sentinel image proves the check can fail.
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", IMG_CHECK), encoding="utf-8")
-    profile = tmp_path / "chromium-profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    out = _dump_dom(page.replace("</body>", IMG_CHECK), tmp_path)
     found = re.search(r'<pre id="imgcheck">(.*?)</pre>', out.stdout)
     assert found, f"no result in the DOM; chromium rc={out.returncode}, stderr tail: {out.stderr[-800:]}"
     results = found.group(1).split()
@@ -470,17 +475,7 @@ def test_the_page_fits_a_1280_pixel_window_in_headless_chromium(tmp_path):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     # Every element's box, details opened, at a 1,280 px window; a hidden 2,000 px sentinel shown
     # last proves the measurement can see an overflow.
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", OVERFLOW_CHECK), encoding="utf-8")
-    profile = tmp_path / "chromium-profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--hide-scrollbars", "--window-size=1280,900", f"--user-data-dir={profile}",
-           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    out = _dump_dom(page.replace("</body>", OVERFLOW_CHECK), tmp_path, "--hide-scrollbars", "--window-size=1280,900")
     found = re.search(r'<pre id="overflow">(.*?)</pre>', out.stdout)
     assert found, f"no result in the DOM; chromium rc={out.returncode}, stderr tail: {out.stderr[-800:]}"
     result = dict(part.split("=", 1) for part in found.group(1).split(" ", 4))
@@ -542,3 +537,9 @@ def test_list_states_a_loss_target_for_language_models(capsys):
     assert "held-out loss target 1.6 nats (stage finetune, on licenses)" in gpt
     mlp = lines[lines.index(next(ln for ln in lines if ln.startswith("  mnist-mlp:"))) + 1]
     assert "test-accuracy target, data in order: mnist 0.97" in mlp
+
+
+def test_a_loss_judged_headline_leads_with_the_lowest_loss_and_the_gap_in_nats():
+    assert report.headline(_loss_run())[0] == (
+        "Lowest held-out loss: jax/cpu 1.5000 [1.5000\u20131.5000]; next torch/cpu 1.9000 [1.7000\u20132.0000]: "
+        "0.4000 nats lower (21.1%), beyond noise (the spreads do not overlap).")
