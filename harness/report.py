@@ -54,7 +54,7 @@ INITIAL_LOSS_RTOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}
 DERIVED_HEADERS = ("freezing speed-up", "roofline", "mode", "error")
 CELL_HEADERS = ("backend", "device", "status", "n")
 KEY_HEADERS = ("task", *CELL_HEADERS, "data")
-# Terminal text is wrapped to this width; the main table of a run of three repeats stays under TABLE_WIDTH.
+# Terminal prose is wrapped to this width; the 8-column main tables are a little wider at most.
 TEXT_WIDTH = 100
 
 

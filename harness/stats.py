@@ -168,8 +168,10 @@ def stage_data(record: dict, stage: str, *, mark_synthetic: bool = True) -> str:
     if entry.get("data"):
         return f"{entry['data']}{synthetic}"
     name = str(data.get("name", "?"))
-    if entry.get("classes"):
-        return f"classes {', '.join(map(str, entry['classes']))} of {name}"
+    classes = [int(c) for c in entry.get("classes") or []]
+    if classes:
+        run = classes == list(range(classes[0], classes[0] + len(classes))) and len(classes) > 2
+        return f"classes {f'{classes[0]}{DASH}{classes[-1]}' if run else ', '.join(map(str, classes))} of {name}"
     return name
 
 

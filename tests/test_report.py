@@ -543,3 +543,15 @@ def test_a_loss_judged_headline_leads_with_the_lowest_loss_and_the_gap_in_nats()
     assert report.headline(_loss_run())[0] == (
         "Lowest held-out loss: jax/cpu 1.5000 [1.5000\u20131.5000]; next torch/cpu 1.9000 [1.7000\u20132.0000]: "
         "0.4000 nats lower (21.1%), beyond noise (the spreads do not overlap).")
+
+
+def test_stage_data_names_a_stages_corpus_or_its_classes():
+    record = make_record("finetune", "torch", synthetic=True)
+    record["spec"].update(primary_stage="finetune", stages=[{"name": "pretrain", "classes": [0, 1, 2, 3, 4]},
+                                                            {"name": "finetune", "classes": [5, 7]},
+                                                            {"name": "chat", "data": "licenses"}])
+    assert stats.stage_data(record, "pretrain") == "classes 0\u20134 of cifar10"
+    assert stats.stage_data(record, "finetune") == "classes 5, 7 of cifar10"
+    assert stats.stage_data(record, "chat") == "licenses [SYNTHETIC stand-in]"
+    assert stats.stage_data(record, "chat", mark_synthetic=False) == "licenses"
+    assert report.judged_on([record]) == "stage finetune, on classes 5, 7 of cifar10"
