@@ -123,8 +123,8 @@ def build_parser() -> Parser:
     report.add_argument("dir", type=Path)
     history = sub.add_parser("history", help="every run under a results folder across commits: tables and a "
                              "trend plot per task and backend")
-    history.add_argument("dir", type=Path, nargs="?", default=Path("results"), help="default: results")
-    history.add_argument("--out", type=Path, help="where history.md and history.png go (default: DIR)")
+    history.add_argument("dir", type=Path, nargs="?", help="default: results (then only printed without --out)")
+    history.add_argument("--out", type=Path, help="where history.md and history.png go (default: DIR when named)")
     export = sub.add_parser("export", help="write a run into MLflow and/or TensorBoard")
     export.add_argument("dir", type=Path)
     export.add_argument("--mlflow", metavar="URI", help="tracking store, e.g. sqlite:///mlflow.db or http://host:5000")
@@ -265,11 +265,9 @@ def cmd_sweep(args) -> int:
 def cmd_list(args) -> int:
     print("Tasks:")
     for spec in TASKS.values():
-        targets = ", ".join(f"{d} {TARGETS.get((spec.name, d), spec.target_accuracy):g}" for d in accepted(spec))
-        print(f"  {spec.name:10s} {len(spec.param_layer_names())} parameter layers, "
-              f"{spec.param_count():,} parameters (built for {spec.dataset}), {spec.epochs} epochs, "
-              f"batch {spec.batch_size}, "
-              f"stages: {', '.join(s.name for s in spec.stages)}; data in order, with accuracy target: {targets}")
+        print(f"  {spec.name}: {spec.param_count():,} parameters in {len(spec.param_layer_names())} parameter layers "
+              f"(built for {spec.dataset}), {spec.epochs} epochs, batch {spec.batch_size}")
+        print(f"    stages {', '.join(s.name for s in spec.stages)}; {_target_text(spec)}")
     print("Backends:")
     for name, info in BACKENDS.items():
         state = "installed" if info.available() else f"not installed ({info.install_hint})"
@@ -284,6 +282,16 @@ def cmd_list(args) -> int:
         print(f"  {name:14s} {f'found in {found}' if found else f'not found in {folder} ({how})'} (text)")
     print("  synthetic      always available (generated from the seed, labelled synthetic everywhere)")
     return 0
+
+
+def _target_text(spec) -> str:
+    """A task's target as `list` states it: the held-out loss for a loss-judged task, else accuracy per dataset."""
+    if spec.target_loss is not None:
+        stage = next(s for s in spec.stages if s.name == spec.primary_stage)
+        where = f" (stage {stage.name}, on {stage.data})" if stage.data else ""
+        return f"held-out loss target {spec.target_loss:g} nats{where}"
+    targets = ", ".join(f"{d} {TARGETS.get((spec.name, d), spec.target_accuracy):g}" for d in accepted(spec))
+    return f"test-accuracy target, data in order: {targets}"
 
 
 def cmd_show(args) -> int:
@@ -343,13 +351,19 @@ def cmd_merge(args) -> int:
 def cmd_history(args) -> int:
     from harness import history
 
-    if not args.dir.is_dir():
-        raise UsageError(f"{args.dir}: not a folder")
-    paths = history.write_history(args.dir, args.out or args.dir)
-    if not paths:
-        raise UsageError(f"{args.dir}: no run with an ok record under it (looked for {history.RECORDS_FILE})")
-    print(paths[0].read_text(encoding="utf-8").split("\n![history]")[0])
-    for path in paths:
+    root = args.dir or Path("results")
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a folder")
+    out = args.out or args.dir  # the default folder is read, and written into only when --out names it
+    series, commits = history.collect(root)
+    if not series:
+        raise UsageError(f"{root}: no run with an ok record under it (looked for {history.RECORDS_FILE})")
+    print(history.render_markdown(series, commits, root))
+    if out is None:
+        print(f"Tables only: name the folder or pass --out DIR to write {history.HISTORY_MD} and "
+              f"{history.HISTORY_PNG}.")
+        return 0
+    for path in history.write_history(root, out):
         print(path)
     return 0
 

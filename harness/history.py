@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from pathlib import Path
 
 from harness.confine import is_regular
@@ -105,56 +106,71 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
     return "\n".join(out)
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file name or a binary file
-    """One panel per task and figure: a line per machine/backend/variant across commits, whiskers the spread."""
-    from harness.plots import _pyplot
+    """A row of panels per machine and task, a panel per figure: a line per backend/variant across commits.
+
+    One machine per row keeps a laptop's and a GPU server's figures off one axis; each row has
+    its own legend outside its panels, its lines in distinct colours.
+    """
+    from harness.plots import _pyplot, readable
 
     plt = _pyplot()
-    tasks = sorted({k[1] for k in series})
+    rows = sorted({(k[0], k[1]) for k in series})
     loss_keys = by_loss(series)
     columns, loss_tasks = figures(loss_keys), {k[1] for k in loss_keys}
-    legend_in = 0.16 * len(series) + 0.4  # one legend line per series, under the panels
-    fig, axes = plt.subplots(len(tasks), len(columns), squeeze=False,
-                             figsize=(4.6 * len(columns), 3.4 * len(tasks) + 0.8 + legend_in))
-    colors = {key: plt.get_cmap("tab20")(i % 20) for i, key in enumerate(series)}
-    handles = {}
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False, layout="constrained",
+                             figsize=(4.2 * len(columns) + 3.5, 3.4 * len(rows) + 0.6))
+    cycle = plt.get_cmap("tab10")
     kinds = set()
-    for row, task in zip(axes, tasks):
+    for row, (where, task) in zip(axes, rows):
+        keys = [k for k in series if k[:2] == (where, task)]
+        # Colours repeat only after ten lines in one row, and then with another line style.
+        style = {k: {"color": cycle(i % 10), "linestyle": LINESTYLES[(i // 10) % len(LINESTYLES)]}
+                 for i, k in enumerate(keys)}
+        handles = {}
         for ax, (name, label, _) in zip(row, columns):
             if BY_NAME[name].loss_only and task not in loss_tasks:
                 ax.set_visible(False)  # an accuracy-judged task: no loss panel
                 continue
-            for key, by_commit in series.items():
-                if key[1] != task:
-                    continue
+            scale = 100 if BY_NAME[name].fmt is percent else 1
+            for key in keys:
                 xs, ys, lo, hi = [], [], [], []
                 for i, c in enumerate(commits):
-                    s = summarise_figure(by_commit.get(c, []), name)
+                    s = summarise_figure(series[key].get(c, []), name)
                     if not s["n"]:
                         continue
                     kinds.add(spread_kind(s["n"]))
                     a, b = spread_interval(s)
-                    scale = 100 if BY_NAME[name].fmt is percent else 1
                     xs.append(i)
                     ys.append(scale * s["median"])
                     lo.append(scale * (s["median"] - a))
                     hi.append(scale * (b - s["median"]))
                 if xs:
                     handles[key] = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linewidth=1.2,
-                                               color=colors[key])
-            ax.set_title(f"{task}: {label}", fontsize=10)
+                                               **style[key])
+            ax.set_title(f"{task}: {label}\n{textwrap.fill(where, 60)}", fontsize=9)
             ax.set_xticks(range(len(commits)), commits, rotation=30, ha="right", fontsize=7)
             ax.set_xlim(-0.5, len(commits) - 0.5)
             ax.grid(alpha=0.3)
-            if BY_NAME[name].fmt is percent:
+            readable(ax)
+            if scale == 100:
                 ax.set_ylabel("%")
-    fig.legend([handles[k] for k in handles], [f"{k[1]} / {k[2]} | {k[3]} | {k[0]}" for k in handles],
-               loc="lower center", fontsize=7, ncol=1, frameon=False)
+        last = [ax for ax in row if ax.get_visible()][-1]
+        last.legend([handles[k] for k in handles], [f"{k[2]} | {_short_variant(k[3])}" for k in handles],
+                    loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     fig.suptitle("tribench history: median per commit (oldest left), whiskers the spread of repeats", fontsize=12)
-    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return f"Each figure per commit: medians over repeats, whiskers the spread ({', '.join(sorted(kinds))})."
+    return (f"A row per machine and task, a panel per figure; medians over repeats per commit, whiskers the spread "
+            f"({', '.join(sorted(kinds))}).")
+
+
+def _short_variant(text: str) -> str:
+    """A variant for a legend, wrapped at its commas so the legend stays narrow."""
+    return textwrap.fill(text, 45, subsequent_indent="   ")
 
 
 def write_history(root: Path, out: Path) -> list[Path]:

@@ -12,8 +12,10 @@ from harness.stats import (
     group_cells,
     judged_by_loss,
     ok_records,
+    primary_stage,
     spread_interval,
     spread_kind,
+    stage_data,
     summarise_figure,
     target_loss,
 )
@@ -47,6 +49,35 @@ def _by_task(records):
     return out
 
 
+def _stage_records(records: list[dict], stage: str) -> list[dict]:
+    """The records as one stage sees them: that stage's metrics (epoch 0 its own start) and its data, named."""
+    out = []
+    for r in records:
+        metrics = ((r.get("metrics") or {}).get("stages") or {}).get(stage)
+        if metrics is not None:
+            data = {**(r.get("data") or {}), **(((r.get("data") or {}).get("stages") or {}).get(stage) or {})}
+            data["name"] = stage_data(r, stage, mark_synthetic=False)
+            out.append({**r, "metrics": metrics, "data": data})
+    return out
+
+
+def _panels(records, *, every_stage: bool) -> dict[str, list[dict]]:
+    """{panel title: records} per task; a staged task's primary stage (or each stage) on its own data, named."""
+    out = {}
+    for task, rs in _by_task(records).items():
+        first = rs[0]
+        primary = primary_stage(first)
+        if primary is None or not any((r.get("metrics") or {}).get("stages") for r in rs):
+            out[task] = rs
+            continue
+        names = [s.get("name") for s in first["spec"]["stages"]] if every_stage else [primary]
+        for name in names:
+            view = _stage_records(rs, name)
+            if view:
+                out[f"{task}, stage {name}"] = view
+    return out
+
+
 def _label(key) -> str:
     return f"{key[1]} ({key[2]})"
 
@@ -67,8 +98,35 @@ def _source(records) -> str:
 def _grid(plt, n_panels: int, *, rows_per_panel: int = 1, width: float = 5.2, height: float = 3.8):
     cols = min(n_panels, 3) if rows_per_panel == 1 else rows_per_panel
     rows = math.ceil(n_panels / cols) if rows_per_panel == 1 else n_panels
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.8), squeeze=False)
+    # Constrained layout makes room for the figure title above the panel titles (tight_layout does not).
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.8), squeeze=False,
+                             layout="constrained")
     return fig, axes
+
+
+def readable(ax, *, xs=None):
+    """Tick labels read at face value: no offset (`1e-6+8.3075e-1`), and a flat curve drawn flat.
+
+    Identical backends give values equal to float precision; autoscaling would stretch that
+    1e-7 span over the whole axis and make them look different. `xs`: epochs, kept off the edges.
+    """
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        formatter = axis.get_major_formatter()
+        if isinstance(formatter, ScalarFormatter):  # not fixed labels such as commit names
+            formatter.set_useOffset(False)
+            formatter.set_scientific(False)
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    if ys and max(ys) - min(ys) <= 1e-3 * max(abs(max(ys)), abs(min(ys)), 1e-12):
+        centre = (max(ys) + min(ys)) / 2
+        pad = max(abs(centre) * 0.02, 0.01)
+        ax.set_ylim(centre - pad, centre + pad)
+    if xs:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.set_xlim(min(xs) - 0.3, max(xs) + 0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _hide_unused(axes, used: int):
@@ -161,7 +219,7 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     """Test accuracy (loss-judged tasks: held-out loss) against cumulative training time, a line per backend,
     a panel per task, the task's target drawn."""
     plt = _pyplot()
-    tasks = _by_task(records)
+    tasks = _panels(records, every_stage=False)
     fig, axes = _grid(plt, len(tasks))
     colors = _colors(records)
     shown: dict[str, dict] = {}
@@ -187,24 +245,24 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
         ax.set_xlabel("cumulative training time (s, evaluation excluded)")
         ax.set_ylabel(metric.label)
         ax.grid(alpha=0.3)
+        readable(ax)
         ax.legend(fontsize=8, loc=metric.legend_at)
     _hide_unused(axes, len(tasks))
     title = ("Held-out loss vs training time" if len(losses) == len(tasks) else
              "Test accuracy vs training time" if not losses else "Test accuracy / held-out loss vs training time")
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     judged = (f"; {', '.join(losses)}: held-out loss in nats, lower is better, the dashed line the target loss"
               if losses else "")
-    return (f"Test accuracy against cumulative training time per backend{judged} ({_repeat_note(shown)}; epoch 0 "
-            "is the untrained model).")
+    return (f"Test accuracy against cumulative training time per backend{judged} ({_repeat_note(shown)}; the first "
+            "point is the model before training; a staged task shows its primary stage, on that stage's data).")
 
 
 def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary file
     """Training loss and test accuracy per epoch, backends overlaid: the picture of parity."""
     plt = _pyplot()
-    tasks = _by_task(records)
+    tasks = _panels(records, every_stage=True)
     fig, axes = _grid(plt, len(tasks), rows_per_panel=2, width=5.6, height=3.6)
     colors = _colors(records)
     shown: dict[str, dict] = {}
@@ -213,6 +271,7 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
         shown[task] = groups
         loss_ax, acc_ax = row
         metric = _Metric(rs)
+        xs = []
         for i, (key, cell) in enumerate(groups.items()):
             style = STYLES[i % len(STYLES)]
             color = colors[key[1:]]
@@ -225,19 +284,19 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
                 loss_ax.plot(range(1, len(loss) + 1), loss, label=label, **kw)
                 epochs, _, ys = _metric_points(r, metric)
                 acc_ax.plot(epochs, ys, label=label, **kw)
+                xs += [*epochs, len(loss)]
         if metric.loss and metric.target:
             acc_ax.axhline(metric.target, color="grey", linestyle="--", linewidth=1, label=metric.target_label)
         for ax, ylabel in ((loss_ax, "training loss (cross-entropy, epoch mean)"), (acc_ax, metric.label)):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
+            readable(ax, xs=[x for x in xs if ax is acc_ax or x >= 1])
             ax.legend(fontsize=8)
-            ax.xaxis.get_major_locator().set_params(integer=True)
         loss_ax.set_title(f"{task}: training loss\n{_source(rs)}", fontsize=10)
         acc_ax.set_title(f"{task}: {metric.title}\n{_source(rs)}", fontsize=10)
     fig.suptitle("Per-epoch curves, backends overlaid (same weights and batch order: curves should coincide)",
                  fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     losses = [task for task, groups in shown.items() if _Metric(_flat(groups)).loss]
@@ -282,7 +341,7 @@ def _colors(records) -> dict:
 def plot_throughput(records, path) -> str:  # path: a file name or a binary file
     """Training throughput per backend: median bars with the spread as error bars."""
     plt = _pyplot()
-    tasks = _by_task(records)
+    tasks = _panels(records, every_stage=False)
     colors = _colors(records)
     fig, axes = _grid(plt, len(tasks), width=4.8)
     kinds = set()
@@ -300,7 +359,6 @@ def plot_throughput(records, path) -> str:  # path: a file name or a binary file
         ax.legend(fontsize=8, loc="upper right", handlelength=0, handletextpad=0)
     _hide_unused(axes, len(tasks))
     fig.suptitle("Training throughput", fontsize=12)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Training throughput (steady state, warm-up excluded): bars are medians over repeats, whiskers the "
@@ -310,7 +368,7 @@ def plot_throughput(records, path) -> str:  # path: a file name or a binary file
 def plot_memory(records, path) -> str:  # path: a file name or a binary file
     """Peak host RSS, RSS after import and device peak per backend, grouped bars with spread."""
     plt = _pyplot()
-    tasks = _by_task(records)
+    tasks = _panels(records, every_stage=False)
     fig, axes = _grid(plt, len(tasks), width=5.0)
     series = ((PEAK_RSS.name, "peak host RSS", None, "#4c72b0"),
               (RSS_AFTER_IMPORT.name, "host RSS after import", "//", "#a6bddb"),
@@ -332,7 +390,6 @@ def plot_memory(records, path) -> str:  # path: a file name or a binary file
         ax.legend(fontsize=7, loc="upper center", ncol=min(len(present), 2), columnspacing=1.0)
     _hide_unused(axes, len(tasks))
     fig.suptitle("Peak memory", fontsize=12)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Peak memory per backend: host RSS (sampled during training and ru_maxrss), the RSS right after "

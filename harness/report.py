@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import html
 import logging
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -15,18 +16,25 @@ from harness.figures import (
     FROZEN_RATE,
     FULL_RATE,
     TIME_TO_TARGET,
+    TRAIN_RATE,
+    Figure,
+    objective,
+    percent,
     report_columns,
     terminal_headers,
 )
 from harness.schema import load_run_file
 from harness.stats import (
+    beyond_spread,
     cell_key,
     figure,
     format_stat,
     group_cells,
     judged_by_loss,
     ok_records,
+    primary_stage,
     spread_kind,
+    stage_data,
     summarise,
     summarise_figure,
     target_loss,
@@ -45,7 +53,10 @@ INITIAL_LOSS_RTOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}
 
 # Columns computed here rather than read as one figure; shown where some record of the task has them.
 DERIVED_HEADERS = ("freezing speed-up", "roofline", "mode", "error")
-KEY_HEADERS = ("task", "backend", "device", "status", "n", "data")
+CELL_HEADERS = ("backend", "device", "status", "n")
+KEY_HEADERS = ("task", *CELL_HEADERS, "data")
+# Terminal prose is wrapped to this width; the 8-column main tables are a little wider at most.
+TEXT_WIDTH = 100
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -178,16 +189,129 @@ def task_table(table, task: str):
     return sub.drop(columns=empty).reset_index(drop=True)
 
 
+def main_headers(*, by_loss: bool) -> tuple[str, ...]:
+    """The columns a task's main table shows: the cell, the figure it is judged by, time to target, speed, mode."""
+    return (*CELL_HEADERS, objective(by_loss=by_loss).label, TIME_TO_TARGET.label, TRAIN_RATE.label, "mode")
+
+
+# Per-cell notes listed under a task's main table (a failure's error; a note on how a cell ran joins here).
+NOTE_HEADERS = ("error",)
+
+
+def cell_label(row) -> str:
+    return f"{row['backend']}/{row['device']}"
+
+
+def split_table(sub, *, by_loss: bool):
+    """(main table, details table) of one task's rows (`task_table`'s).
+
+    The details table is transposed, a row per remaining figure and a column per cell, so a
+    task with many figures grows down the page rather than off its right edge.
+    """
+    import pandas as pd
+
+    main = sub[[c for c in main_headers(by_loss=by_loss) if c in sub]]
+    rest = [c for c in sub.columns if c not in main.columns and c not in NOTE_HEADERS]
+    details = pd.DataFrame({"figure": rest, **{cell_label(row): [row[c] for c in rest] for _, row in sub.iterrows()}})
+    return main, details
+
+
+def cell_notes(sub) -> list[str]:
+    """One line per cell with a note (`NOTE_HEADERS`), as 'backend/device: note'."""
+    return [f"{cell_label(row)}: {'; '.join(str(row[c]) for c in NOTE_HEADERS if c in sub and row[c])}"
+            for _, row in sub.iterrows() if any(c in sub and row[c] for c in NOTE_HEADERS)]
+
+
+# -- the headline: who leads, by how much, and whether that is more than the noise ------------
+
+def _gap(fig: Figure, lead: float, other: float) -> str:
+    """How far `lead` is ahead of `other` in `fig`'s own terms: points, a ratio, or a difference."""
+    if fig.fmt is percent:
+        return f"{100 * abs(lead - other):.2f} points ahead"
+    if fig.higher_is_better and other > 0:
+        return f"{lead / other:.2f}x as fast" if fig.unit.endswith("/s") else f"{lead / other:.2f}x as high"
+    diff = format(abs(other - lead), fig.fmt if isinstance(fig.fmt, str) else ".4g")
+    unit = f" {fig.unit}" if fig.unit else ""
+    rel = f" ({abs(other - lead) / abs(other):.1%})" if other else ""
+    return f"{diff}{unit} {'lower' if fig.higher_is_better is False else 'apart'}{rel}"
+
+
+def _noise(verdict: bool | None) -> str:
+    if verdict is None:
+        return "noise unknown (one repeat has no spread; --repeats 3 gives one)"
+    return "beyond noise (the spreads do not overlap)" if verdict else "within noise (the spreads overlap)"
+
+
+def lead_line(records: list[dict], fig: Figure, what: str) -> str:
+    """Which cell leads in `fig` (median over ok repeats), with its spread, and the gap to the next cell.
+
+    Cells whose medians show the same are a tie, said so and listed by name; the next cell is
+    the first one that does not tie.
+    """
+    cells = {f"{k[1]}/{k[2]}": summarise_figure(rs, fig.name) for k, rs in group_cells(records).items()}
+    cells = {k: s for k, s in cells.items() if s["n"]}
+    if not cells:
+        return f"{what}: no ok cell has it."
+    groups = _ranked(cells, fig)
+    top = groups[0]
+    if len(top) > 1:
+        head = f"{what}: a tie at {_shown(cells[top[0]]['median'], fig)} (medians) between {_and(top)}"
+    else:
+        head = f"{what}: {top[0]} {format_stat(cells[top[0]], fig.fmt)}"
+    if len(groups) == 1:
+        return head + (", every cell." if len(top) > 1 else ", the only cell.")
+    nxt_name = groups[1][0]
+    lead, nxt = cells[top[0]], cells[nxt_name]
+    verdict = beyond_spread(lead, nxt, higher_is_better=bool(fig.higher_is_better))
+    return (f"{head}; next {nxt_name} {format_stat(nxt, fig.fmt)}: "
+            f"{_gap(fig, lead['median'], nxt['median'])}, {_noise(verdict)}.")
+
+
+def judged_on(records: list[dict]) -> str:
+    """For a staged task, the stage and data its judged figure comes from ("stage finetune, on licenses")."""
+    first = next(iter(ok_records(records) or records), {})
+    stage = primary_stage(first)
+    return f"stage {stage}, on {stage_data(first, stage)}" if stage else ""
+
+
+def headline(records: list[dict]) -> list[str]:
+    """A task's two headline sentences: the best judged figure, and the fastest training."""
+    by_loss = judged_by_loss(records)
+    where = judged_on(records)
+    what = "Lowest held-out loss" if by_loss else "Best test accuracy"
+    return [lead_line(records, objective(by_loss=by_loss), f"{what}{f' ({where})' if where else ''}"),
+            lead_line(records, TRAIN_RATE, f"Fastest training ({TRAIN_RATE.unit})")]
+
+
 # -- parity and provenance ---------------------------------------------------------------------
+
+def _shown(value: float, fig: Figure) -> str:
+    """A median as a table shows it: two medians that show the same are a tie."""
+    return format_stat({"n": 1, "median": value}, fig.fmt).removesuffix(" (n=1)")
+
+
+def _ranked(cells: dict, fig: Figure) -> list[list]:
+    """Cell labels best first by median of `fig`, grouped into ties (same shown value), each tie by name."""
+    sign = -1 if fig.higher_is_better else 1
+    groups: list[list] = []
+    for k in sorted(cells, key=lambda k: (sign * cells[k]["median"], k)):
+        if groups and _shown(cells[groups[-1][0]]["median"], fig) == _shown(cells[k]["median"], fig):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return [sorted(g) for g in groups]
+
 
 def judged_line(records: list[dict]) -> str:
     """How one task's cells are judged and ranked: by held-out loss (lower is better) or test accuracy (higher)."""
     by_loss = judged_by_loss(records)
-    name = "test_loss" if by_loss else "test_accuracy"
-    cells = {k: summarise_figure(rs, name) for k, rs in group_cells(records).items()}
-    ranked = sorted((k for k in cells if cells[k]["n"]), key=lambda k: cells[k]["median"], reverse=not by_loss)
-    order = ", ".join(f"{k[1]}/{k[2]} {cells[k]['median']:.4f}" if by_loss else
-                      f"{k[1]}/{k[2]} {100 * cells[k]['median']:.2f}%" for k in ranked) or "no ok cell"
+    fig = objective(by_loss=by_loss)
+    cells = {f"{k[1]}/{k[2]}": summarise_figure(rs, fig.name) for k, rs in group_cells(records).items()}
+    cells = {k: s for k, s in cells.items() if s["n"]}
+    groups = _ranked(cells, fig)
+    order = ", ".join(" = ".join(f"{k} {_shown(cells[k]['median'], fig)}" for k in g) for g in groups) or "no ok cell"
+    if any(len(g) > 1 for g in groups):
+        order += " ('=': a tie at the precision shown, listed by name)"
     if not by_loss:
         return f"Judged by test accuracy (higher is better); best first (medians): {order}."
     target = target_loss(records)
@@ -325,7 +449,23 @@ def _data_sources(records: list[dict]) -> str:
         subset = f", subset {d['subset']}" if d.get("subset") else ""
         out.append(f"{kind} {d.get('name')} from {d.get('source')} "
                    f"({d.get('n_train')} train / {d.get('n_test')} test{subset})")
-    return "; ".join(out) or "none loaded (no cell got that far)"
+    return "; ".join(out) + _stage_sources(records) if out else "none loaded (no cell got that far)"
+
+
+def _stage_sources(records: list[dict]) -> str:
+    """A staged task's data per stage: "; stages pretrain on fortunes, finetune and lora on licenses"."""
+    first = next(iter(ok_records(records) or records), {})
+    names = [s.get("name") for s in (first.get("spec") or {}).get("stages") or []]
+    if len(names) < 2:
+        return ""
+    by_data: dict[str, list[str]] = {}
+    for name in names:
+        by_data.setdefault(stage_data(first, name), []).append(str(name))
+    return "; stages " + ", ".join(f"{_and(n)} on {d}" for d, n in by_data.items())
+
+
+def _and(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _by_task(records: list[dict]) -> dict[str, list[dict]]:
@@ -358,25 +498,43 @@ LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with
 
 # -- terminal --------------------------------------------------------------------------------
 
-def _terminal_columns() -> tuple[str, ...]:
-    return ("backend", "device", "status", "n", *terminal_headers(), *DERIVED_HEADERS)
+def _wrap(text: str, indent: str = "") -> list[str]:
+    return [ln for para in str(text).split("\n")
+            for ln in textwrap.wrap(para, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")]
+
+
+def _terminal_details(sub, main) -> list[str]:
+    """Per cell, its terminal figures beyond the main table, wrapped: "jax/cpu: eval samples/s 1,234 (n=1); ..."."""
+    shown = [c for c in (*terminal_headers(), *DERIVED_HEADERS)
+             if c in sub and c not in main.columns and c not in NOTE_HEADERS]
+    lines = []
+    for _, row in sub.iterrows():
+        parts = [f"{c} {row[c]}" for c in shown if row[c] not in ("", MISSING) and not str(row[c]).startswith("n/a")]
+        if parts:
+            lines += _wrap(f"{cell_label(row)}: " + "; ".join(parts), "  ")
+    return lines
 
 
 def render_terminal(records: list[dict]) -> str:
-    """The summary printed when a run ends: a table per task, its parity line, and a loud synthetic warning."""
+    """The summary printed when a run ends: per task its headline, a short table, notes and parity, wrapped."""
     if not records:
         return "No records: nothing ran."
     table = summary_table(records)
     lines = []
     warning = synthetic_warning(records)
     if warning:
-        lines += ["!" * 78, f"!!! {warning}", "!" * 78, ""]
+        lines += ["!" * 78, *_wrap(f"!!! {warning}"), "!" * 78, ""]
     for task, rs in _by_task(records).items():
         sub = task_table(table, task)
-        sub = sub[[c for c in _terminal_columns() if c in sub]]
-        lines += [f"== {task} ==", task_source(rs), sub.to_string(index=False), judged_line(rs), parity_line(rs), ""]
+        main, _ = split_table(sub, by_loss=judged_by_loss(rs))
+        lines += [f"== {task} ==", *_wrap(task_source(rs)), *(ln for h in headline(rs) for ln in _wrap(h)),
+                  main.to_string(index=False)]
+        lines += [ln for note in cell_notes(sub) for ln in _wrap(note, "  ")]
+        details = _terminal_details(sub, main)
+        lines += ["Also:", *details] if details else []
+        lines += [*_wrap(judged_line(rs)), *_wrap(parity_line(rs)), ""]
     if warning:
-        lines.append(f"!!! {warning}")
+        lines += _wrap(f"!!! {warning}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -404,8 +562,16 @@ def _render_md(records, table, figures, title) -> str:
     out += [f"- **{_md(k)}**: {_md(v)}" for k, v in environment(records)]
     out += ["", LEGEND, ""]
     for task, rs in _by_task(records).items():
-        out += [f"## {_md(task)}", "", f"_{_md(task_source(rs))}_", "", _md_table(task_table(table, task)), "",
-                _md(judged_line(rs)), "", f"**{_md(parity_line(rs))}**", ""]
+        sub = task_table(table, task)
+        main, details = split_table(sub, by_loss=judged_by_loss(rs))
+        out += [f"## {_md(task)}", "", f"_{_md(task_source(rs))}_", ""]
+        out += [f"**{_md(line)}**  " for line in headline(rs)] + [""]
+        out += [_md_table(main), ""]
+        notes = cell_notes(sub)
+        out += [*(f"- {_md(note)}" for note in notes), ""] if notes else []
+        out += [_md(judged_line(rs)), "", f"**{_md(parity_line(rs))}**", ""]
+        out += ["<details><summary>Every figure of " + _md(task) + "</summary>", "", _md_table(details), "",
+                "</details>", ""]
     out += ["## Plots", ""]
     if not figures:
         out += ["No successful cell: nothing to plot.", ""]
@@ -415,20 +581,36 @@ def _render_md(records, table, figures, title) -> str:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1400px;padding:0 1em}
-table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
-th,td{border:1px solid #ccc;padding:0.25em 0.5em;text-align:right;white-space:nowrap}
-th{background:#f0f0f0}td:nth-child(-n+5){text-align:left}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;
+overflow-wrap:anywhere}
+table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0;max-width:100%}
+th,td{border:1px solid #ccc;padding:0.25em 0.5em;text-align:right}
+th{background:#f0f0f0}td.text,th.text{text-align:left}
 .warn{background:#fff3cd;border:2px solid #e0a800;padding:0.75em;font-weight:bold}
-.parity{font-weight:bold}.src{color:#555;font-style:italic}figure{margin:1.5em 0}
-img{max-width:100%;border:1px solid #ddd}dl.env dt{font-weight:bold;float:left;clear:left;width:11em}
-dl.env dd{margin-left:12em}
+.parity,.headline{font-weight:bold}.src{color:#555;font-style:italic}figure{margin:1.5em 0}
+img{max-width:100%;height:auto;border:1px solid #ddd}
+dl.env{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:0.2em 1em}
+dl.env dt{font-weight:bold}dl.env dd{margin:0}
+summary{cursor:pointer;margin:0.5em 0}
 """
+# Columns holding words rather than numbers: left-aligned.
+TEXT_COLUMNS = ("figure", *CELL_HEADERS[:3], "mode")
+
+
+def _html_table(df) -> str:
+    """A table whose cells are escaped and whose word columns are left-aligned."""
+    esc = html.escape
+    kind = ["text" if c in TEXT_COLUMNS else "num" for c in df.columns]
+    head = "".join(f"<th class='{k}'>{esc(str(c))}</th>" for c, k in zip(df.columns, kind))
+    body = "".join("<tr>" + "".join(f"<td class='{k}'>{esc(str(v))}</td>" for v, k in zip(row, kind)) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _render_html(records, table, figures, title) -> str:
     esc = html.escape
-    out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
+    out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>", f"<title>{esc(title)}</title>",
            f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     warning = synthetic_warning(records)
     if warning:
@@ -437,9 +619,15 @@ def _render_html(records, table, figures, title) -> str:
     out += [f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in environment(records)]
     out.append(f"</dl><p>{esc(LEGEND.replace('`', ''))}</p>")
     for task, rs in _by_task(records).items():
+        sub = task_table(table, task)
+        main, details = split_table(sub, by_loss=judged_by_loss(rs))
         out += [f"<h2>{esc(task)}</h2>", f"<p class='src'>{esc(task_source(rs))}</p>",
-                task_table(table, task).to_html(index=False, escape=True, border=0),
-                f"<p>{esc(judged_line(rs))}</p>", f"<p class='parity'>{esc(parity_line(rs))}</p>"]
+                *(f"<p class='headline'>{esc(line)}</p>" for line in headline(rs)), _html_table(main)]
+        notes = cell_notes(sub)
+        if notes:
+            out.append("<ul>" + "".join(f"<li>{esc(note)}</li>" for note in notes) + "</ul>")
+        out += [f"<p>{esc(judged_line(rs))}</p>", f"<p class='parity'>{esc(parity_line(rs))}</p>",
+                f"<details><summary>Every figure of {esc(task)}</summary>{_html_table(details)}</details>"]
     out.append("<h2>Plots</h2>")
     if not figures:
         out.append("<p>No successful cell: nothing to plot.</p>")

@@ -134,3 +134,43 @@ def target_loss(records: Iterable[dict]) -> float | None:
         if value is not None:
             return float(value)
     return None
+
+
+def beyond_spread(best: dict, other: dict, *, higher_is_better: bool) -> bool | None:
+    """Whether `best` leads `other` by more than their spreads (the intervals a table shows do not overlap).
+
+    None when either has a single repeat: one run has no spread, so noise cannot be told from a gap.
+    """
+    if best.get("n", 0) < 2 or other.get("n", 0) < 2:
+        return None
+    (b_lo, b_hi), (o_lo, o_hi) = spread_interval(best), spread_interval(other)
+    return b_lo > o_hi if higher_is_better else b_hi < o_lo
+
+
+def stage_data(record: dict, stage: str, *, mark_synthetic: bool = True) -> str:
+    """The data a stage of `record` trained and was judged on, named as a reader knows it.
+
+    A stage with its own corpus names it (SYNTHETIC where generated in its place); a stage
+    training a subset of classes names them; any other stage the run's dataset.
+    """
+    spec = record.get("spec") or {}
+    data = record.get("data") or {}
+    entry = next((s for s in spec.get("stages") or [] if s.get("name") == stage), {})
+    loaded = (data.get("stages") or {}).get(stage) or data
+    synthetic = " [SYNTHETIC stand-in]" if mark_synthetic and loaded.get("synthetic") else ""
+    if entry.get("data"):
+        return f"{entry['data']}{synthetic}"
+    name = str(data.get("name", "?"))
+    classes = [int(c) for c in entry.get("classes") or []]
+    if classes:
+        run = classes == list(range(classes[0], classes[0] + len(classes))) and len(classes) > 2
+        return f"classes {f'{classes[0]}{DASH}{classes[-1]}' if run else ', '.join(map(str, classes))} of {name}"
+    return name
+
+
+def primary_stage(record: dict) -> str | None:
+    """The stage whose figures head a staged task's record; None for a task of one stage."""
+    spec = record.get("spec") or {}
+    if len(spec.get("stages") or []) < 2:
+        return None
+    return spec.get("primary_stage") or None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import test_report
 from record_factory import make_run, write_run
 
 from harness import history
 from harness.cli import main
+
+kept_figures = test_report.kept_figures  # the plot functions' figures, kept open for inspection
 
 
 def _at(records, sha, *, dirty=False, hostname="bench-1", when="2024-06-01T12:00:00Z"):
@@ -64,3 +67,44 @@ def test_history_follows_the_test_loss_of_a_task_judged_by_it(tmp_path):
     assert len(rows) == 1 and rows[0].startswith("| tiny-gpt | torch")
     assert "1.5000 (n=1)" in rows[0] and "1.2500 (n=1)" in rows[0]
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_history_plot_has_one_machine_per_row_distinct_colours_and_the_legend_outside(tmp_path, kept_figures):
+    import io
+
+    kept = kept_figures
+    root = tmp_path / "results"
+    for host in ("laptop", "gpu-box"):
+        for i, sha in enumerate(("a" * 40, "b" * 40)):
+            write_run(root / host / sha[:1], _at(make_run(backends=("torch", "jax", "tensorflow")), sha,
+                                                 hostname=host, when=f"2024-06-0{i + 1}T00:00:00Z"))
+    series, commits = history.collect(root)
+    history.plot_trends(series, commits, io.BytesIO())
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2 * 4  # two machines x one task, a panel per followed figure
+    for ax in panels:
+        lines = [c for c in ax.containers]
+        colours = {tuple(c.lines[0].get_color()) for c in lines}
+        assert len(lines) == 3 and len(colours) == 3, ax.get_title()  # a line per backend, each its own colour
+        machines = [m for m in ("laptop", "gpu-box") if m in ax.get_title()]
+        assert len(machines) == 1, ax.get_title()
+    legends = [ax.get_legend() for ax in panels if ax.get_legend()]
+    assert len(legends) == 2  # one per machine's row
+    for legend in legends:
+        box, axes_box = legend.get_window_extent(renderer), legend.axes.get_window_extent(renderer)
+        assert box.x0 >= axes_box.x1 and len(legend.get_texts()) == 3  # outside, right of its row
+
+
+def test_history_writes_where_out_says_and_only_prints_from_the_default_folder(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "results" / "one", _at(make_run(backends=("jax",)), "c" * 40))
+    monkeypatch.chdir(tmp_path)
+    assert main(["history"]) == 0
+    assert "`cccccccc`" in capsys.readouterr().out and not list(tmp_path.rglob("history.*"))
+    assert main(["history", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert sorted(p.name for p in tmp_path.rglob("history.*")) == ["history.md", "history.png"]
+    assert (tmp_path / "elsewhere" / "history.md").exists()
+    assert main(["history", "results"]) == 0  # named: written into the folder it reads
+    assert (tmp_path / "results" / "history.png").exists()

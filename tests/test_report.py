@@ -159,6 +159,20 @@ IMG_CHECK = """<img alt="sentinel" src="data:image/png;base64,bm90IGEgcG5n">
 });</script></body>"""
 
 
+def _dump_dom(page: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`page` (a copy of the report with a checking script) loaded in headless Chromium; stdout holds its DOM."""
+    probe = tmp_path / "probe.html"
+    probe.write_text(page, encoding="utf-8")
+    profile = tmp_path / "chromium-profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", *flags,
+           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(),
                     reason=f"Chromium not installed at {CHROMIUM} (Debian: apt install chromium)")
 def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
@@ -166,16 +180,7 @@ def test_every_image_loads_in_headless_chromium(full_run, tmp_path):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     # The check runs on a copy: the report itself carries no script. A deliberately broken
     # sentinel image proves the check can fail.
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", IMG_CHECK), encoding="utf-8")
-    profile = tmp_path / "chromium-profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    out = _dump_dom(page.replace("</body>", IMG_CHECK), tmp_path)
     found = re.search(r'<pre id="imgcheck">(.*?)</pre>', out.stdout)
     assert found, f"no result in the DOM; chromium rc={out.returncode}, stderr tail: {out.stderr[-800:]}"
     results = found.group(1).split()
@@ -342,3 +347,212 @@ def test_progress_lines_give_held_out_loss_for_a_loss_task_and_accuracy_otherwis
     assert "held-out loss 1.7500" in lines[0] and "accuracy" not in lines[0]
     assert "ok  held-out loss" in lines[1] and "accuracy" not in lines[1]
     assert "ok  test accuracy" in lines[2]
+
+
+# -- one glance: headline, short tables and lines, no overflow ---------------------------------
+
+def _wide_run() -> list[dict]:
+    """The widest report the factory makes: three tasks (one judged by loss), 5 repeats (IQR cells),
+    a GPU cell, a staged language model on its own corpus and a failure with a long unbroken error."""
+    records = make_run(tasks=("mnist-mlp", "finetune", "tiny-gpt"), backends=BACKENDS, repeats=5, jitter=0.05)
+    records += make_run(tasks=("mnist-mlp",), backends=("torch",), repeats=2, device="cuda:0", roofline=True)
+    failed = make_record("finetune", "jax", 0, status="failed", device="gpu")
+    failed["error"] = "RuntimeError: " + "x" * 300 + " and then " + "a very long explanation " * 20
+    records.append(failed)
+    for r in records:
+        if r["task"] == "tiny-gpt":
+            r["data"]["stages"] = {"finetune": dict(r["data"], name="licenses", n_train=900, n_test=100)}
+            r["spec"].update(primary_stage="finetune", stages=[{"name": "pretrain"},
+                                                               {"name": "finetune", "data": "licenses"}])
+    return records
+
+
+def _main_tables(markdown: str) -> list[list[str]]:
+    """The header cells of each task's main table: the first table under each '## task' heading."""
+    out = []
+    for section in markdown.split("\n## ")[1:]:
+        header = next((ln for ln in section.splitlines() if ln.startswith("| ")), None)
+        if header and not section.startswith(("Environment", "Plots")):
+            out.append([c.strip() for c in header.strip("|").split(" | ")])
+    return out
+
+
+def test_main_tables_have_at_most_eight_columns_and_the_rest_is_in_details(tmp_path):
+    write_run(tmp_path, _wide_run())
+    report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    mains = _main_tables(md)
+    assert len(mains) == 3 and all(len(cols) <= 8 for cols in mains), mains
+    assert all({"backend", "train samples/s", "mode"} <= set(cols) for cols in mains)
+    # What left the main tables is still in the report, in each task's details section.
+    assert md.count("<details><summary>Every figure of") == 3
+    details = md.split("<details><summary>Every figure of mnist-mlp</summary>")[1].split("</details>")[0]
+    for label in ("data", "eval samples/s", "peak host RSS (MiB)", "params (total / trainable)", "roofline"):
+        assert f"| {label} |" in details, label
+    # The long data string is in the details, not on every main-table row.
+    main_rows = md.split("## mnist-mlp")[1].split("<details>")[0]
+    assert "subset" not in "".join(ln for ln in main_rows.splitlines() if ln.startswith("| "))
+    # The failure's error is listed under its table rather than widening it.
+    assert "- jax/gpu: RuntimeError: xxx" in md
+
+
+def test_terminal_lines_are_short(tmp_path):
+    text = report.render_terminal(_wide_run())
+    longest = max(text.splitlines(), key=len)
+    # Prose wraps at 100; the 8-column table of 5-repeat IQR cells measured 116 characters.
+    assert len(longest) <= 120, (len(longest), longest)
+    assert "RuntimeError" in text and "a very long explanation" in text  # wrapped, not cut
+
+
+def test_headline_names_the_leader_its_spread_and_whether_the_gap_exceeds_it():
+    fast = make_run(backends=("jax",), repeats=3, throughput=30000.0, jitter=0.02)
+    slow = make_run(backends=("torch",), repeats=3, throughput=10000.0, jitter=0.02)
+    best, fastest = report.headline(fast + slow)
+    # The leader with its median [min-max], then the next cell, the ratio and the verdict.
+    assert re.match(r"Fastest training \(samples/s\): jax/cpu 3[56],\d{3} \[[\d,]+\u2013[\d,]+\]; "
+                    r"next torch/cpu (9,9|10,0)\d\d \[[\d,]+\u2013[\d,]+\]: 3\.\d\dx as fast, beyond noise "
+                    r"\(the spreads do not overlap\)\.$", fastest), fastest
+    # Close rates with overlapping spreads: the same gap words, then "within noise".
+    near = make_run(backends=("torch", "jax"), repeats=3)
+    for r, rate in zip(near, (100.0, 120.0, 140.0, 90.0, 110.0, 130.0)):  # torch 100-140, jax 90-130
+        r["metrics"]["train_samples_per_s"] = rate
+    assert report.headline(near)[1] == ("Fastest training (samples/s): torch/cpu 120 [100\u2013140]; next jax/cpu "
+                                        "110 [90\u2013130]: 1.09x as fast, within noise (the spreads overlap).")
+    # One repeat has no spread: the line says noise cannot be told.
+    one = make_run(backends=("torch",), throughput=10000.0) + make_run(backends=("jax",), throughput=10000.0)
+    assert "noise unknown" in report.headline(one)[1]
+
+
+def test_ties_in_accuracy_are_said_and_ordered_by_name():
+    records = [make_record("mnist-mlp", b, accuracy=0.9) for b in ("torch", "tensorflow", "jax")]
+    records.append(make_record("mnist-mlp", "mxnet", accuracy=0.8))
+    for order in (records, records[::-1]):
+        best, _ = report.headline(order)
+        assert best.startswith("Best test accuracy: a tie at 90.00% (medians) between jax/cpu, tensorflow/cpu "
+                               "and torch/cpu; next mxnet/cpu 80.00% (n=1): 10.00 points ahead"), best
+        assert report.judged_line(order).endswith(
+            "jax/cpu 90.00% = tensorflow/cpu 90.00% = torch/cpu 90.00%, mxnet/cpu 80.00% "
+            "('=': a tie at the precision shown, listed by name).")
+
+
+def test_a_staged_task_names_the_stage_and_data_of_its_headline_loss(tmp_path):
+    records = [r for r in _wide_run() if r["task"] == "tiny-gpt"]
+    best, _ = report.headline(records)
+    assert best.startswith("Lowest held-out loss (stage finetune, on licenses): ")
+    write_run(tmp_path, records)
+    report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "**Lowest held-out loss (stage finetune, on licenses)" in md
+    assert "stages pretrain on fortunes, finetune on licenses" in md
+
+
+OVERFLOW_CHECK = """<div id="sentinel" style="display:none;width:2000px">sentinel</div>
+<script>window.addEventListener("load", function () {
+  document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+  var view = document.documentElement.clientWidth, wide = [];
+  document.querySelectorAll("body *").forEach(function (el) {
+    var box = el.getBoundingClientRect();
+    if (el.id !== "sentinel" && (box.right > view + 0.5 || box.left < -0.5)) {
+      wide.push(el.tagName + ":" + Math.round(box.left) + "-" + Math.round(box.right));
+    }
+  });
+  var scroll = document.documentElement.scrollWidth;
+  var sentinel = document.getElementById("sentinel");
+  sentinel.style.display = "block";
+  var caught = sentinel.getBoundingClientRect().right > view;
+  var pre = document.createElement("pre");
+  pre.id = "overflow";
+  pre.textContent = "inner=" + window.innerWidth + " view=" + view + " scroll=" + scroll +
+    " sentinel=" + (caught ? "caught" : "missed") + " wide=" + wide.slice(0, 8).join(",");
+  document.body.appendChild(pre);
+});</script></body>"""
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"Chromium not installed at {CHROMIUM} (Debian: apt install chromium)")
+def test_the_page_fits_a_1280_pixel_window_in_headless_chromium(tmp_path):
+    run_dir = write_run(tmp_path / "run", _wide_run())
+    report.write_report(run_dir)
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    # Every element's box, details opened, at a 1,280 px window; a hidden 2,000 px sentinel shown
+    # last proves the measurement can see an overflow.
+    out = _dump_dom(page.replace("</body>", OVERFLOW_CHECK), tmp_path, "--hide-scrollbars", "--window-size=1280,900")
+    found = re.search(r'<pre id="overflow">(.*?)</pre>', out.stdout)
+    assert found, f"no result in the DOM; chromium rc={out.returncode}, stderr tail: {out.stderr[-800:]}"
+    result = dict(part.split("=", 1) for part in found.group(1).split(" ", 4))
+    assert result["inner"] == "1280" and result["sentinel"] == "caught", result
+    assert result["wide"] == "" and int(result["scroll"]) <= int(result["view"]), result
+
+
+def test_plots_show_plain_ticks_flat_one_epoch_curves_and_titles_clear_of_each_other(kept_figures):
+    import io
+
+    from harness import plots
+
+    # One epoch, three backends equal to 1e-7: autoscaling alone would label the axis "1e-7+8.3075e-1".
+    records = [make_record("mnist-mlp", b, epochs=1, accuracy=0.830750 + 1e-7 * i) for i, b in enumerate(BACKENDS)]
+    plots.plot_epoch_curves(records, io.BytesIO())
+    fig = kept_figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert ax.yaxis.get_offset_text().get_text() == "", ax.get_title()
+        assert not title.overlaps(ax.title.get_window_extent(renderer)), ax.get_title()
+        low, high = ax.get_ylim()
+        assert high - low > 1e-3 * abs(high), (ax.get_title(), low, high)  # flat drawn flat, not stretched
+
+
+def test_each_stage_of_a_staged_task_is_drawn_from_its_own_start_on_its_own_data(kept_figures):
+    import io
+
+    from harness import plots
+
+    records = [r for r in _wide_run() if r["task"] == "tiny-gpt" and r["repeat"] == 0]
+    for r in records:
+        m = r["metrics"]
+        pretrain = {k: m[k] for k in ("initial_test_loss", "epoch_test_loss", "epoch_train_loss",
+                                      "epoch_train_time_s", "test_loss", "test_accuracy")}
+        finetune = dict(pretrain, initial_test_loss=3.25, epoch_test_loss=[2.0, 1.8, 1.7], test_loss=1.7)
+        m["stages"] = {"pretrain": pretrain, "finetune": finetune}
+    plots.plot_epoch_curves(records, io.BytesIO())
+    titles = [ax.get_title() for ax in kept_figures[0].axes]
+    assert any(t.startswith("tiny-gpt, stage pretrain: held-out loss\nreal fortunes") for t in titles), titles
+    judged = next(ax for ax in kept_figures[0].axes
+                  if ax.get_title().startswith("tiny-gpt, stage finetune: held-out loss\nreal licenses"))
+    curves = [line.get_ydata() for line in judged.get_lines() if not line.get_label().startswith("target")]
+    # The finetune curve starts at the finetune stage's own untrained loss, not the pretrain stage's epoch 0.
+    assert curves and all(list(y) == [3.25, 2.0, 1.8, 1.7] for y in curves)
+    plots.plot_accuracy_vs_time(records, io.BytesIO())
+    (panel,) = [ax for ax in kept_figures[1].axes if ax.get_visible()]
+    assert panel.get_title().startswith("tiny-gpt, stage finetune\nreal licenses")
+
+
+def test_list_states_a_loss_target_for_language_models(capsys):
+    from harness.cli import main
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [ln for ln in lines if ln.rstrip().endswith(":") and "target" in ln]
+    gpt = lines[lines.index(next(ln for ln in lines if ln.startswith("  tiny-gpt-finetune:"))) + 1]
+    assert "held-out loss target 1.6 nats (stage finetune, on licenses)" in gpt
+    mlp = lines[lines.index(next(ln for ln in lines if ln.startswith("  mnist-mlp:"))) + 1]
+    assert "test-accuracy target, data in order: mnist 0.97" in mlp
+
+
+def test_a_loss_judged_headline_leads_with_the_lowest_loss_and_the_gap_in_nats():
+    assert report.headline(_loss_run())[0] == (
+        "Lowest held-out loss: jax/cpu 1.5000 [1.5000\u20131.5000]; next torch/cpu 1.9000 [1.7000\u20132.0000]: "
+        "0.4000 nats lower (21.1%), beyond noise (the spreads do not overlap).")
+
+
+def test_stage_data_names_a_stages_corpus_or_its_classes():
+    record = make_record("finetune", "torch", synthetic=True)
+    record["spec"].update(primary_stage="finetune", stages=[{"name": "pretrain", "classes": [0, 1, 2, 3, 4]},
+                                                            {"name": "finetune", "classes": [5, 7]},
+                                                            {"name": "chat", "data": "licenses"}])
+    assert stats.stage_data(record, "pretrain") == "classes 0\u20134 of cifar10"
+    assert stats.stage_data(record, "finetune") == "classes 5, 7 of cifar10"
+    assert stats.stage_data(record, "chat") == "licenses [SYNTHETIC stand-in]"
+    assert stats.stage_data(record, "chat", mark_synthetic=False) == "licenses"
+    assert report.judged_on([record]) == "stage finetune, on classes 5, 7 of cifar10"
