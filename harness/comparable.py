@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from harness.stats import data_label
+
 # Spec fields that may differ between comparable runs: the seed is per repeat.
 SPEC_FREE = ("seed",)
 
@@ -13,10 +15,7 @@ def _env(key: str) -> Callable[[dict], object]:
 
 
 def _data(r: dict):
-    d = r.get("data") or {}
-    if not d:
-        return None
-    return f"{'SYNTHETIC' if d.get('synthetic') else 'real'} {d.get('name')}"
+    return data_label(r.get("data"), sizes=False)
 
 
 def _sizes(r: dict):

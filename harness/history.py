@@ -11,6 +11,7 @@ from harness.confine import is_regular
 from harness.figures import BY_NAME, followed, percent
 from harness.results import RECORDS_FILE, read_records
 from harness.stats import (
+    data_label,
     format_stat,
     judged_by_loss,
     ok_records,
@@ -48,8 +49,7 @@ def commit(record: dict) -> str:
 def variant(record: dict) -> str:
     """What must match for two records to sit on one line: data, sizes, epochs, precision, mode, framework version."""
     d, env, spec = record.get("data") or {}, record.get("env") or {}, record.get("spec") or {}
-    kind = "SYNTHETIC" if d.get("synthetic") else "real"
-    return (f"{kind} {d.get('name', '?')} {d.get('n_train', '?')}/{d.get('n_test', '?')}, "
+    return (f"{data_label(d) or '? data'}, "
             f"{spec.get('epochs', '?')} epochs, {env.get('precision', '?')} {env.get('mode', '?')}, "
             f"{env.get('framework', '?')} {env.get('framework_version', '?')}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness.figures import DEVICE_PEAK, PEAK_RSS, RSS_AFTER_IMPORT, TRAIN_RATE, objective
 from harness.stats import (
+    data_label,
     figure,
     group_cells,
     judged_by_loss,
@@ -86,9 +87,7 @@ def _source(records) -> str:
     """Data source, sizes and devices of some records, for a title."""
     parts = []
     for r in records:
-        d = r.get("data") or {}
-        text = (f"{'SYNTHETIC' if d.get('synthetic') else 'real'} {d.get('name', '?')} "
-                f"{d.get('n_train', '?')}/{d.get('n_test', '?')}")
+        text = data_label(r.get("data")) or "no"
         if text not in parts:
             parts.append(text)
     devices = sorted({str((r.get("env") or {}).get("device", "?")) for r in records})

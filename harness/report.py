@@ -27,6 +27,7 @@ from harness.schema import load_run_file
 from harness.stats import (
     beyond_spread,
     cell_key,
+    data_label,
     figure,
     format_stat,
     group_cells,
@@ -62,13 +63,7 @@ TEXT_WIDTH = 100
 # -- small helpers ---------------------------------------------------------------------------
 
 def _data_label(record: dict) -> str:
-    data = record.get("data") or {}
-    if not data:
-        return MISSING
-    kind = "SYNTHETIC" if data.get("synthetic") else "real"
-    sizes = f"{data.get('n_train', '?')}/{data.get('n_test', '?')}"
-    subset = f", subset {data['subset']}" if data.get("subset") else ""
-    return f"{kind} {data.get('name', '?')} {sizes}{subset}"
+    return data_label(record.get("data")) or MISSING
 
 
 def _is_cpu(env: dict) -> bool:
@@ -443,12 +438,10 @@ def environment(records: list[dict]) -> list[tuple[str, str]]:
 
 def _data_sources(records: list[dict]) -> str:
     out = []
-    for d in _unique(tuple(sorted((r.get("data") or {}).items())) for r in records if r.get("data")):
-        d = dict(d)
-        kind = "SYNTHETIC" if d.get("synthetic") else "real"
-        subset = f", subset {d['subset']}" if d.get("subset") else ""
-        out.append(f"{kind} {d.get('name')} from {d.get('source')} "
-                   f"({d.get('n_train')} train / {d.get('n_test')} test{subset})")
+    for r in records:
+        label = data_label(r.get("data"), source=True)
+        if label and label not in out:
+            out.append(label)
     return "; ".join(out) + _stage_sources(records) if out else "none loaded (no cell got that far)"
 
 

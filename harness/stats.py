@@ -147,6 +147,20 @@ def beyond_spread(best: dict, other: dict, *, higher_is_better: bool) -> bool | 
     return b_lo > o_hi if higher_is_better else b_hi < o_lo
 
 
+def data_label(data: dict | None, *, sizes: bool = True, source: bool = False) -> str | None:
+    """How every reader names a record's data: "real fashion-mnist 12000/2000", "SYNTHETIC cifar10 ...".
+
+    `source` adds where it was read from, with the sizes spelled out; None where no data was loaded.
+    """
+    if not data:
+        return None
+    label = f"{'SYNTHETIC' if data.get('synthetic') else 'real'} {data.get('name', '?')}"
+    subset = f", subset {data['subset']}" if data.get("subset") else ""
+    if source:
+        return f"{label} from {data.get('source')} ({data.get('n_train')} train / {data.get('n_test')} test{subset})"
+    return f"{label} {data.get('n_train', '?')}/{data.get('n_test', '?')}{subset}" if sizes else label
+
+
 def stage_data(record: dict, stage: str, *, mark_synthetic: bool = True) -> str:
     """The data a stage of `record` trained and was judged on, named as a reader knows it.
 

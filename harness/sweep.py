@@ -14,7 +14,7 @@ from harness.report import mode_text
 from harness.results import read_records
 from harness.run_config import RunConfig
 from harness.runner import run_matrix
-from harness.stats import format_stat, group_cells, ok_records, summarise_figure
+from harness.stats import data_label, format_stat, group_cells, ok_records, summarise_figure
 from harness.storage import write_atomic
 
 SWEEP_MD, SWEEP_PNG = "sweep.md", "sweep.png"
@@ -79,8 +79,7 @@ def write_sweep(records: list[dict], out: Path, axis: Axis = BATCH_SIZE) -> tupl
     out = Path(out)
     rows = _rows(records, axis)
     ok = ok_records(records)
-    data = sorted({f"{'SYNTHETIC' if r['data']['synthetic'] else 'real'} {r['data']['name']} "
-                   f"({r['data']['n_train']} train)" for r in ok})
+    data = sorted({data_label(r["data"]) for r in ok})
     versions = sorted({f"{r['env'].get('framework')} {r['env'].get('framework_version')}" for r in ok})
     precisions = sorted({str(r["env"].get("precision")) for r in ok})
     repeats = max((r["repeat"] + 1 for r in ok), default=0)
