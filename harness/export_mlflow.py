@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -45,11 +47,12 @@ def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[st
     before (a resumed run's new cells), so the store never holds a run twice. Any failure of
     the store is an ExportError with one line.
     """
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
-        raise ExportError(f"{uri}: the folder {Path(uri[len('sqlite:///'):]).parent} does not exist; "
-                          "tribench creates no folder for a tracking store")
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(uri)
     for name, value in HTTP_BOUNDS.items():
         os.environ.setdefault(name, value)
+    # urllib3 logs each retry as a warning of its own: the one line below says it all.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     from mlflow.exceptions import MlflowException
 
     failures: tuple = (MlflowException, OSError)
@@ -64,6 +67,21 @@ def export(run_dir: Path, uri: str, *, experiment: str = EXPERIMENT) -> tuple[st
     except failures as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise ExportError(f"{uri}: {type(exc).__name__}: {lines[0] if lines else 'failed'}") from None
+
+
+def _check_sqlite(uri: str) -> None:
+    """A local store must be a writable sqlite database in an existing folder: checked here, at once,
+    because MLflow retries opening one for about 100 s and creates missing folders."""
+    path = Path(uri[len("sqlite:///"):])
+    if not path.parent.is_dir():
+        raise ExportError(f"{uri}: the folder {path.parent} does not exist; tribench creates no folder for a "
+                          "tracking store")
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or folder
+            db.rollback()
+    except sqlite3.Error as exc:
+        raise ExportError(f"{uri}: cannot write that sqlite store ({exc})") from None
 
 
 def _export(run_dir: Path, uri: str, experiment: str) -> tuple[str, list[str], int]:

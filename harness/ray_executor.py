@@ -283,7 +283,7 @@ def _probe(address: str, timeout_s: float = 3.0) -> None:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 block = sock.recv(9 - len(answer))
-            except TimeoutError:
+            except OSError:  # a timeout, or a reset: no gRPC server either way
                 block = b""
             if not block:
                 break

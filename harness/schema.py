@@ -220,9 +220,12 @@ def load_run_file(path: Path, where: str) -> dict:
     path = Path(path)
     try:
         blob = read_bytes(path, limit=MAX_RUN_FILE_BYTES)
-        saved = json.loads(blob)
     except OSError as exc:
         raise UntrustedInput(f"{where}: no readable {path.name} there ({exc.strerror or exc})") from None
+    except UntrustedInput as exc:
+        raise UntrustedInput(f"{where}: {exc}") from None
+    try:
+        saved = json.loads(blob)
     except (ValueError, RecursionError) as exc:
         raise UntrustedInput(f"{where}: no readable {path.name} there ({type(exc).__name__})") from None
     if not isinstance(saved, dict):
