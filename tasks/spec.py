@@ -133,6 +133,13 @@ class TaskSpec:
                          f"valid: {sorted(valid)}")
         for layer, _, out in self.walk():
             require(all(d > 0 for d in out), f"layer {layer.name!r}: output shape {out} is empty")
+        # The loss takes one row of logits per label: one label per sample, or, for token ids, one
+        # per position (a text corpus has only those).
+        head, per_sample, per_position = self.layer_shapes()[-1], (last.units,), (self.input_shape[0], last.units)
+        valid = [per_position] if self.dataset == "text" else [per_sample] + [per_position] * self.takes_tokens
+        require(head in valid, f"task {self.name!r}: the head {last.name!r} outputs {head} per sample but the "
+                f"labels need logits {' or '.join(map(str, valid))}"
+                + (" (a Flatten before the head?)" if len(head) > len(valid[0]) else ""))
 
     # -- derived facts, computed by walking the layers ------------------------------------
 
