@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from harness.load import under_load
 from harness.stats import (
     cell_key,
     figure,
@@ -357,7 +358,10 @@ def task_source(records: list[dict]) -> str:
     """Where one task's figures come from: data, devices, repeats."""
     devices = ", ".join(map(str, _unique(cell_key(r)[2] for r in records)))
     ns = sorted({len(ok_records(c)) for c in group_cells(records).values()})
-    return f"data: {_data_sources(records)}; device: {devices}; ok repeats per cell: {', '.join(map(str, ns))}"
+    loaded = [f"{r.get('backend')} r{r.get('repeat')} ({why})" for r in records
+              if (why := under_load(r.get("env") or {}))]
+    return (f"data: {_data_sources(records)}; device: {devices}; ok repeats per cell: {', '.join(map(str, ns))}"
+            + (f"; UNDER LOAD: {', '.join(loaded)}" if loaded else ""))
 
 
 LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with no spread; "

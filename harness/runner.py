@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from backends import BACKENDS, backend_info
+from backends.base import BEST
 from harness import data as data_mod
 from harness import folderlock
 from harness.lifeline import CELL_DIR_PREFIX
@@ -323,6 +324,7 @@ class Cell:
     task: str
     backend: str
     repeat: int
+    pinned_mode: str | None = None  # --mode best: the mode the cell's first repeat chose, when it has run
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -351,6 +353,29 @@ def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str, str]]:
     return resolved
 
 
+def pinned_modes(records: list[dict]) -> dict[tuple[str, str], str]:
+    """(task, backend) -> the mode --mode best chose in that cell's first finished repeat: later repeats train in it."""
+    pins: dict[tuple[str, str], tuple[int, str]] = {}
+    for r in records:
+        env = r.get("env") or {}
+        if r.get("status") in FINISHED and env.get("mode_requested") == BEST and env.get("mode"):
+            key = (r.get("task"), r.get("backend"))
+            if key not in pins or r.get("repeat", 0) < pins[key][0]:
+                pins[key] = (r.get("repeat", 0), env["mode"])
+    return {key: mode for key, (_, mode) in pins.items()}
+
+
+def deciding_first(cells: list[Cell], pins: dict) -> tuple[list[Cell], list[Cell]]:
+    """(cells that decide a mode: each unpinned (task, backend)'s lowest repeat, the rest), both in plan order."""
+    first: dict[tuple[str, str], Cell] = {}
+    for cell in cells:
+        key = (cell.task, cell.backend)
+        if key not in pins and (key not in first or cell.repeat < first[key].repeat):
+            first[key] = cell
+    keys = {c.key for c in first.values()}
+    return [c for c in cells if c.key in keys], [c for c in cells if c.key not in keys]
+
+
 def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
     kind = get_task(cell.task).dataset
     return {
@@ -361,7 +386,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "data": source[0], "data_folder": None if source[0] == "synthetic" else source[1],
         "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
-        "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
+        "precision": cfg.precision, "mode": cfg.mode, "pinned_mode": cell.pinned_mode, "init_from": cfg.init_from,
         "data_parallel": cfg.data_parallel,
         "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
         "out": str(cfg.out),  # git_dirty leaves the run's own output out
@@ -570,7 +595,15 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executo
                 stored += 1
                 bar.finish_cell(cell.label, record)
 
-            executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
+            if cfg.mode == BEST:  # each cell's first repeat decides; the others then train in its choice
+                deciding, rest = deciding_first(cells, pinned_modes(read_records(records_path)))
+                executor.run(cfg, deciding, sources, bar=bar, on_record=on_record)
+                pins = pinned_modes(read_records(records_path))
+                for cell in rest:
+                    cell.pinned_mode = pins.get((cell.task, cell.backend))
+                executor.run(cfg, rest, sources, bar=bar, on_record=on_record)
+            else:
+                executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
     except Interrupted as exc:
         executor.stop()
         ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "
