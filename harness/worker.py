@@ -144,6 +144,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["memory"]["peak_rss_mb"] = max(sampler.peak_mb, max_rss_mb())
     record["memory"].update(backend.memory())
     record["metrics"]["wall_s"] = time.perf_counter() - started
+    record["metrics"]["cpu_s"] = time.process_time()  # this process's CPU seconds, all threads: wall_s without the load
     return record
 
 
