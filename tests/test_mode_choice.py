@@ -63,3 +63,28 @@ def test_repeats_train_in_the_first_repeats_choice_and_two_best_runs_compare(tmp
         assert first["env"]["load"]["start"] is not None
     compared = run_cli("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--threshold", "1000%")
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_every_adapter_names_the_program_of_each_mode():
+    from backends import BACKENDS, get_backend
+    from backends.base import MODES
+
+    for name in BACKENDS:
+        executions = type(get_backend(name)).EXECUTIONS
+        assert set(executions) == set(MODES) and len(set(executions.values())) == len(MODES), name
+
+
+def test_jax_compiled_with_convolutions_on_a_cpu_is_the_eager_program():
+    from conftest import INSTALLED, configured
+
+    from tasks import get_task
+
+    if "jax" not in INSTALLED:
+        pytest.skip("jax not installed")
+    backend = configured("jax")
+    if backend.environment()["device"] != "cpu":
+        pytest.skip("a CPU rule")
+    assert backend.execution(get_task("cifar-cnn"), "compiled") == ("eager", "jax.jit step")
+    assert backend.distinct_modes(get_task("cifar-cnn")) == ("eager",)
+    assert backend.execution(get_task("mnist-mlp"), "compiled") == ("compiled", "jax lax.scan epoch")
+    assert backend.distinct_modes(get_task("mnist-mlp")) == ("compiled", "eager")
