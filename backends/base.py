@@ -60,6 +60,9 @@ class Backend(abc.ABC):
     REPLICA_PROCESSES: bool = False
     # kind -> the adapter's implementation: the one table that maps spec layers to the framework.
     LAYERS: dict = {}
+    # mode -> the program it runs, as the framework names it (docs/modes.md), e.g. "jax lax.scan epoch";
+    # a mode missing here is named "<backend> <mode>".
+    EXECUTIONS: dict[str, str] = {}
 
     _configured = False
     replicas: Replicas = Replicas()
@@ -107,6 +110,22 @@ class Backend(abc.ABC):
         self._require_configured()
         return self._memory()
 
+    def execution(self, spec: TaskSpec, mode: str) -> tuple[str, str]:
+        """(the mode whose program `mode` runs for this spec here, that program's name).
+
+        A mode that would run the same program as another is that other mode: built, probed
+        and recorded as it (JAX's "compiled" for a model with convolutions on a CPU is "eager").
+        """
+        self._require_configured()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        runs = self._runs_as(spec, mode)
+        return runs, self.EXECUTIONS.get(runs) or f"{self.name} {runs}"
+
+    def distinct_modes(self, spec: TaskSpec) -> tuple[str, ...]:
+        """The MODES that run different programs for this spec here: what --mode best chooses between."""
+        return tuple(dict.fromkeys(self.execution(spec, mode)[0] for mode in MODES))
+
     # -- data and model ------------------------------------------------------------------
 
     def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
@@ -141,6 +160,7 @@ class Backend(abc.ABC):
         if missing:
             raise ValueError(f"{self.name}: no implementation of layer kind(s) {', '.join(missing)}")
         spec.check_weights(weights)
+        mode = self.execution(spec, mode)[0]
         return self._build(spec, [np.asarray(w, np.float32) for w in weights], trainable=trainable, mode=mode)
 
     def get_weights(self, model: Any) -> list[np.ndarray]:
@@ -233,6 +253,10 @@ class Backend(abc.ABC):
 
     def _memory(self) -> dict:
         return {"device_peak_mb": None}
+
+    def _runs_as(self, spec: TaskSpec, mode: str) -> str:
+        """The mode whose program `mode` runs for this spec here; by default itself."""
+        return mode
 
     def _rank0_value(self, value: Any) -> Any:
         raise NotImplementedError(f"{self.name}: replica processes need _rank0_value")

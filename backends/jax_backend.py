@@ -324,6 +324,7 @@ class _Model:
 class JaxBackend(Backend):
     name = "jax"
     LAYERS = LAYERS
+    EXECUTIONS = {"eager": "jax.jit step", "compiled": "jax lax.scan epoch"}
 
     def __init__(self):
         self._jax = None
@@ -485,6 +486,13 @@ class JaxBackend(Backend):
                   for e, w in zip(model_spec.params(), weights)}
         return ({n: params[n] for n in train_names}, {n: a for n, a in params.items() if n not in train_names})
 
+    def _runs_as(self, spec: TaskSpec, mode: str) -> str:
+        # With convolutions on a CPU, "compiled" dispatches the eager program's jitted steps (SCAN_CONV_ON_CPU).
+        if mode == "compiled" and not SCAN_CONV_ON_CPU and self._device.platform == "cpu" \
+                and any(layer.kind == "conv2d" for layer, _, _ in spec.walk()):
+            return "eager"
+        return mode
+
     def _build(self, spec: TaskSpec, weights: list[np.ndarray], *,
                trainable: tuple[str, ...] | None, mode: str) -> _Model:
         train_names = tuple(e.name for e in spec.params()
@@ -492,13 +500,8 @@ class JaxBackend(Backend):
         frozen_layers = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
         opt = _optimizer(spec.optimizer, {e.name: spec.decays(e) for e in spec.params() if e.name in train_names})
         fns = self._functions(spec, opt, frozen_layers)
-        fused = mode == "compiled" and (SCAN_CONV_ON_CPU or self._device.platform != "cpu"
-                                        or not any(layer.kind == "conv2d" for layer, _, _ in spec.walk()))
-        if mode == "compiled" and not fused:
-            log.warning("jax: %s has convolutions; XLA:CPU runs them slowly inside lax.scan, so "
-                        "'compiled' dispatches one jitted step per batch instead of a fused epoch", spec.name)
-        model = _Model(fused=fused, spec=spec, mode=mode, trainable_layers=trainable, train_names=train_names,
-                       train_params={}, frozen_params={}, opt=opt, opt_state=None, **fns)
+        model = _Model(fused=mode == "compiled", spec=spec, mode=mode, trainable_layers=trainable,
+                       train_names=train_names, train_params={}, frozen_params={}, opt=opt, opt_state=None, **fns)
         self._set_weights(model, weights)
         return model
 

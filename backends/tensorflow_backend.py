@@ -248,6 +248,7 @@ class _Model:
 
 class TensorFlowBackend(Backend):
     name = "tensorflow"
+    EXECUTIONS = {"eager": "tf.function step", "compiled": "tf.function+XLA step"}
 
     def __init__(self):
         self._tf = None

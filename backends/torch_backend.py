@@ -307,6 +307,8 @@ class _Model:
 
 class TorchBackend(Backend):
     name = "torch"
+    # compiled: forward, loss and their backward through torch.compile; the optimizer step stays eager.
+    EXECUTIONS = {"eager": "torch eager", "compiled": "torch.compile(forward+backward)"}
     # Data-parallel replicas are processes meeting in a torch.distributed process group;
     # DistributedDataParallel averages the gradients (see _make_steps). Collective, so
     # every rank must make them in the same order: configure, build, train_epoch (and

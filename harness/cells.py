@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backends.base import BEST
 from harness import confine
 from harness import data as data_mod
 from harness.run_config import RunConfig
 from tasks import get_task
 
+FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 # --quick: one epoch on the first samples of each split (enough to see every backend
 # learn, small enough for a 2-core laptop to finish all tasks in about two minutes).
 QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000), "text": (256, 64)}  # text: windows
@@ -19,6 +21,7 @@ class Cell:
     task: str
     backend: str
     repeat: int
+    pinned_mode: str | None = None  # --mode best: the mode the cell's first repeat chose, when it has run
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -42,7 +45,32 @@ def resolve_data(cfg: RunConfig) -> dict[str, tuple[str, str, str]]:
         real = data_mod.accepted_for(get_task(task))
         choice = data_mod.choice_for(real, cfg.data)
         resolved[task] = data_mod.resolve(real, choice, data_dir=cfg.data_dir, allow_download=cfg.allow_download)
+        name, where, _ = resolved[task]
+        data_mod.check_loadable(get_task(task), name, where)
     return resolved
+
+
+def pinned_modes(records: list[dict]) -> dict[tuple[str, str], str]:
+    """(task, backend) -> the mode --mode best chose in that cell's first finished repeat: later repeats train in it."""
+    pins: dict[tuple[str, str], tuple[int, str]] = {}
+    for r in records:
+        env = r.get("env") or {}
+        if r.get("status") in FINISHED and env.get("mode_requested") == BEST and env.get("mode"):
+            key = (r.get("task"), r.get("backend"))
+            if key not in pins or r.get("repeat", 0) < pins[key][0]:
+                pins[key] = (r.get("repeat", 0), env["mode"])
+    return {key: mode for key, (_, mode) in pins.items()}
+
+
+def deciding_first(cells: list[Cell], pins: dict) -> tuple[list[Cell], list[Cell]]:
+    """(cells that decide a mode: each unpinned (task, backend)'s lowest repeat, the rest), both in plan order."""
+    first: dict[tuple[str, str], Cell] = {}
+    for cell in cells:
+        key = (cell.task, cell.backend)
+        if key not in pins and (key not in first or cell.repeat < first[key].repeat):
+            first[key] = cell
+    keys = {c.key for c in first.values()}
+    return [c for c in cells if c.key in keys], [c for c in cells if c.key not in keys]
 
 
 def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
@@ -55,7 +83,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "data": source[0], "data_folder": None if source[0] == "synthetic" else source[1],
         "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
-        "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
+        "precision": cfg.precision, "mode": cfg.mode, "pinned_mode": cell.pinned_mode, "init_from": cfg.init_from,
         "data_parallel": cfg.data_parallel,
         "checkpoint_prefix": str(confine.inside(cfg.out, "checkpoints",
                                                 f"{cell.task}-{cell.backend}-r{cell.repeat}")),

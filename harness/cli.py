@@ -182,7 +182,7 @@ def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -
         one_of(value.strip(), DATA_CHOICES, "--data")
     out = args.out or Path("results") / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg = RunConfig(tasks=tasks, backends=backends, out=out, repeats=args.repeats, seed=args.seed,
-                    data=args.data, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                    data=args.data, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else args.data_dir,
                     epochs=args.epochs, batch_size=batch_size,
                     device=one_of(args.device, DEVICES, "--device"),
                     precision=one_of(args.precision, PRECISIONS, "--precision"),

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from harness.comparable import differences
+from harness.comparable import chosen_programs, differences, execution
 from harness.figures import TIME_TO_TARGET, compared
 from harness.results import STATUSES
 from harness.stats import (
@@ -198,7 +198,8 @@ def _provenance(records: list[dict]) -> str:
                    f"{(r.get('data') or {}).get('name')}" for r in records if r.get("data")})
     versions = sorted({f"{r.get('backend')} {(r.get('env') or {}).get('framework_version')}"
                        for r in records if (r.get("env") or {}).get("framework_version")})
-    return f"data {', '.join(data) or '?'}; {', '.join(versions) or 'versions ?'}"
+    programs = sorted({str(execution(r)) for r in records if execution(r)})
+    return f"data {', '.join(data) or '?'}; {', '.join(versions) or 'versions ?'}; {', '.join(programs) or 'program ?'}"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -231,7 +232,12 @@ def compare_records(base: list[dict], new: list[dict], *, threshold: float | dic
              "A regression needs the change beyond the threshold AND each median outside the other run's "
              "spread (min-max below 5 repeats, IQR from 5; with n=1 on both sides the threshold alone decides).")
     lines += [rules, ""]
+    choices = chosen_programs(base, new)
+    if choices:
+        lines += ["--mode best chose other programs (the figures compare each side's choice):",
+                  *[f"  - {c}" for c in choices], ""]
     result = {"base": base_name, "new": new_name, "comparable": not diffs, "differences": diffs, "rules": rules,
+              "chosen_programs": choices,
               "thresholds": {name: _limit(thresholds, name) for name, *_ in figures}, "cells": []}
     regressions, incomplete = [], []
     only_base = sorted(set(base_cells) - set(new_cells))

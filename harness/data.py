@@ -471,6 +471,18 @@ def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int =
     return dataset.head(*subset) if subset else dataset
 
 
+def check_loadable(spec, name: str, folder: str) -> None:
+    """Read a text task's corpora (its own and its stages') once in the driver, so a corpus that no
+    worker could read stops the run before any starts; image folders were checked when found."""
+    if spec.dataset != text.KIND or name == "synthetic":
+        return
+    context = spec.input_shape[0]
+    load(spec.dataset, name, folder=folder, context=context)
+    for stage in spec.stages:
+        if stage.data:
+            load_stage(spec.dataset, stage.data, run_source=name, context=context)
+
+
 def load_stage(task_dataset: str, choice: str, *, run_source: str, seed: int = 0,
                subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
     """The data of a stage that names its own corpus (Stage.data); text tasks only, for now."""

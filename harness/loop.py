@@ -78,6 +78,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
         mode, model, probe = probe_modes(backend, spec, weights, trainable=stage.trainable, train=train, test=test,
                                          order=epoch_order(seed, index, 0, n, bs))
     else:
+        mode = backend.execution(spec, mode)[0]  # a mode that runs another's program is recorded as that one
         model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
 
     _, warmup_s = timed(backend, backend.warmup, model, train, epoch_order(seed, index, 0, n, bs), bs, test, ebs)
@@ -90,7 +91,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
          "n_train": n, "n_test": int(len(data.y_test)), "batch_size": bs, "trainable": stage.trainable,
          "schedule": dataclasses.asdict(spec.optimizer.schedule),
          "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable),
-         "mode": mode, "mode_probe": probe}
+         "mode": mode, "execution": backend.execution(spec, mode)[1], "mode_probe": probe}
     train_clock = 0.0
     for epoch in range(spec.epochs):
         order = epoch_order(seed, index, epoch, n, bs)
@@ -171,6 +172,7 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
             weights = stage_weights(spec, index, previous, seed)
         own = (stage_data or {}).get(spec.stages[index].name, data)
         result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress)
+        mode = result.metrics["mode"]  # --mode best decides once per cell: later stages train in the first's choice
         if checkpoint_prefix is not None:
             path = Path(f"{checkpoint_prefix}-{result.name}{SUFFIX}")
             save_checkpoint(path, spec, result.weights, meta={"stage": result.name, "backend": backend.name})

@@ -13,10 +13,12 @@ from tasks.spec import TaskSpec
 # A probe round runs each mode for chunks of PROBE_STEPS steps until it has PROBE_ROUND_S seconds
 # of them (a 10-step MLP chunk lasts milliseconds, too short to time on a busy CPU); the rounds
 # alternate the modes, so a burst of load from elsewhere hits both, and each mode's best round
-# counts (interference only ever slows a round down).
+# counts (interference only ever slows a round down). A mode CLEAR_WIN times faster than every
+# other after a round has won: more rounds would only cost time (docs/modes.md).
 PROBE_STEPS = 10
 PROBE_ROUND_S = 0.3
 PROBE_ROUNDS = 3
+CLEAR_WIN = 1.5
 
 
 def clock() -> float:
@@ -32,26 +34,31 @@ def probe_order(order: np.ndarray, batch_size: int) -> np.ndarray:
 
 def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, trainable, train: Any, test: Any,
                 order: np.ndarray) -> tuple[str, Any, dict]:
-    """Build, warm and time a model per mode; returns (faster mode, its model reset to `weights`, probe info).
+    """Build, warm and time a model per distinct program; returns (faster mode, its model, probe info).
 
-    The returned model holds `weights` and a fresh optimizer state (Backend.set_weights), so
-    the training that follows is the one a forced run of that mode would do.
+    Modes that run the same program here (Backend.distinct_modes) are one candidate, timed
+    once; with one candidate nothing is timed. The returned model holds `weights` and a
+    fresh optimizer state (Backend.set_weights), so the training that follows is the one
+    a forced run of that mode would do.
     """
     bs, ebs = spec.batch_size, spec.eval_batch_size
     started = clock()
     order = probe_order(order, bs)
     models, unavailable = {}, {}
-    for mode in MODES:
+    for mode in backend.distinct_modes(spec):
         try:
             models[mode] = backend.build(spec, weights, trainable=trainable, mode=mode)
         except BackendUnavailable as exc:  # e.g. TF compiled BatchNorm over CPU replicas: the other mode only
             unavailable[mode] = str(exc)
             continue
-        backend.warmup(models[mode], train, order, bs, test, ebs)  # compiles for the probe's length
+        if len(backend.distinct_modes(spec)) > 1:  # a lone candidate is warmed by the training loop
+            backend.warmup(models[mode], train, order, bs, test, ebs)  # compiles for the probe's length
     if not models:
         raise BackendUnavailable("; ".join(unavailable.values()))
-    best: dict[str, float | None] = {mode: None for mode in unavailable}
-    for _ in range(PROBE_ROUNDS):
+    best: dict[str, float | None] = {mode: None for mode in MODES}
+    rounds = 0
+    while len(models) > 1 and rounds < PROBE_ROUNDS and not clear_winner(best):
+        rounds += 1
         for mode in models:
             samples, seconds = 0, 0.0
             # Replica processes must make the same number of train_epoch calls (each is collective):
@@ -63,12 +70,20 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
                 backend.synchronize()
                 seconds += clock() - t0
                 samples += len(order)
-            best[mode] = max(best.get(mode, 0.0), samples / seconds)  # seconds >= PROBE_ROUND_S
+            best[mode] = max(best[mode] or 0.0, samples / seconds)  # seconds >= PROBE_ROUND_S
     # Replica processes time their own probes; all must train in the mode rank 0 chose.
-    chosen = backend.rank0_value(max(models, key=lambda mode: best[mode]))
+    chosen = backend.rank0_value(max(models, key=lambda mode: best[mode] or 0.0))
     model = models.pop(chosen)
     models.clear()  # the other mode's model and compiled code are not needed for training
-    backend.set_weights(model, weights)
-    info = {**{mode: best[mode] for mode in MODES}, "chosen": chosen, "probe_s": clock() - started,
-            "steps": len(order) // bs, "rounds": PROBE_ROUNDS, **({"unavailable": unavailable} if unavailable else {})}
+    if rounds:
+        backend.set_weights(model, weights)
+    info = {**best, "chosen": chosen, "probe_s": clock() - started, "steps": len(order) // bs, "rounds": rounds,
+            "programs": {mode: backend.execution(spec, mode)[1] for mode in backend.distinct_modes(spec)},
+            **({"unavailable": unavailable} if unavailable else {})}
     return chosen, model, info
+
+
+def clear_winner(best: dict[str, float | None]) -> bool:
+    """Whether one timed mode is CLEAR_WIN times faster than every other timed one."""
+    rates = sorted(r for r in best.values() if r)
+    return len(rates) > 1 and rates[-1] >= CLEAR_WIN * rates[-2]

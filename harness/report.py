@@ -23,6 +23,7 @@ from harness.figures import (
     report_columns,
     terminal_headers,
 )
+from harness.load import under_load
 from harness.schema import load_run_file
 from harness.stats import (
     beyond_spread,
@@ -481,7 +482,10 @@ def task_source(records: list[dict]) -> str:
     """Where one task's figures come from: data, devices, repeats."""
     devices = ", ".join(map(str, _unique(cell_key(r)[2] for r in records)))
     ns = sorted({len(ok_records(c)) for c in group_cells(records).values()})
-    return f"data: {_data_sources(records)}; device: {devices}; ok repeats per cell: {', '.join(map(str, ns))}"
+    loaded = [f"{r.get('backend')} r{r.get('repeat')} ({why})" for r in records
+              if (why := under_load(r.get("env") or {}))]
+    return (f"data: {_data_sources(records)}; device: {devices}; ok repeats per cell: {', '.join(map(str, ns))}"
+            + (f"; UNDER LOAD: {', '.join(loaded)}" if loaded else ""))
 
 
 LEGEND = ("Cells show the median over ok repeats: `v (n=1)` is a single run with no spread; "

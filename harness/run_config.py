@@ -199,6 +199,8 @@ def check_config(cfg: RunConfig) -> None:
             data_mod.choice_for(data_mod.accepted_for(get_task(task)), cfg.data)
         except data_mod.DataError as exc:
             raise UsageError(f"task {task!r}: {exc}") from None
+    if cfg.data_dir is not None and not cfg.data_dir.strip():  # Path("") would be the current folder
+        raise UsageError("--data-dir is empty")
     # A text task reads any UTF-8 file or folder given as --data-dir (harness.text).
     text_only = all(get_task(t).dataset == data_mod.text.KIND for t in cfg.tasks)
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() \

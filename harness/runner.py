@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 
 from backends import BACKENDS
+from backends.base import BEST
 from harness import confine, folderlock
 from harness import data as data_mod
-from harness.cells import Cell, plan, resolve_data
+from harness.cells import FINISHED, Cell, deciding_first, pinned_modes, plan, resolve_data
 from harness.confine import UntrustedInput
 from harness.errors import EXIT_CELL_FAILED, EXIT_OK, EXIT_USAGE, Interrupted, UsageError
 from harness.executor import Executor, LocalExecutor
@@ -25,7 +26,6 @@ from tasks import get_task
 log = logging.getLogger(__name__)
 
 
-FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -121,7 +121,15 @@ def _run_locked(cfg: RunConfig, *, resume: bool, ui, write_report: bool, executo
                 stored += 1
                 bar.finish_cell(cell.label, record)
 
-            executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
+            if cfg.mode == BEST:  # each cell's first repeat decides; the others then train in its choice
+                deciding, rest = deciding_first(cells, pinned_modes(read_records(records_path)))
+                executor.run(cfg, deciding, sources, bar=bar, on_record=on_record)
+                pins = pinned_modes(read_records(records_path))
+                for cell in rest:
+                    cell.pinned_mode = pins.get((cell.task, cell.backend))
+                executor.run(cfg, rest, sources, bar=bar, on_record=on_record)
+            else:
+                executor.run(cfg, cells, sources, bar=bar, on_record=on_record)
     except Interrupted as exc:
         executor.stop()
         ui.warn(f"interrupted by {exc}: finished cells are in {records_path}; "

@@ -61,7 +61,9 @@ def apply_fault(fault: str | None, data) -> None:
 
 def run_cell(cfg: dict, record: dict) -> dict:
     """Fill `record` from a config written by the runner; what is filled survives an exception."""
-    started = time.perf_counter()
+    from harness import load
+
+    started, load_start = time.perf_counter(), load.snapshot()
     from backends import get_backend
     from backends.base import BEST, BackendUnavailable, Replicas
     from harness import data as data_mod
@@ -81,10 +83,13 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["spec"] = spec.to_dict()
     record["objective"] = spec.objective
     out = cfg.get("out")
-    # env.mode is the mode trained in: under --mode best it is known once the probe has chosen.
+    # env.mode is the mode trained in: under --mode best it is known once the probe has chosen,
+    # or given by the runner (pinned_mode) from the cell's first repeat.
+    pinned = cfg.get("pinned_mode")
     forced = cfg["mode"] if cfg["mode"] != BEST else None
     replicas = Replicas(cfg.get("data_parallel", 1), cfg.get("rank", 0), cfg.get("address"))
     record["env"] = {**host_environment(Path(out) if out else None), "mode": forced, "mode_requested": cfg["mode"],
+                     "mode_source": "forced" if forced else "pinned" if pinned else "probe",
                      "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"],
                      "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
     dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
@@ -123,20 +128,24 @@ def run_cell(cfg: dict, record: dict) -> dict:
     prefix = cfg.get("checkpoint_prefix")
     with RssSampler() as sampler:
         try:
-            results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=cfg["mode"], init_from=init_from,
+            results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=pinned or cfg["mode"],
+                                 init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
                                  stage_data=stage_data)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["env"]["mode"] = record["metrics"].pop("mode")
+            record["env"]["execution"] = record["metrics"].pop("execution")
             record["status"] = "ok"
         except BackendUnavailable as exc:  # the mode asked for cannot run this model here
             record.update(status="skipped", error=str(exc))
         except Diverged as exc:
             record.update(status="diverged", error=str(exc))
             record["failure"] = {"reason": "diverged", "stage": exc.stage, "epoch": exc.epoch, "step": exc.step}
+    record["env"]["load"] = load.summary(load_start, load.snapshot())
     record["memory"]["peak_rss_mb"] = max(sampler.peak_mb, max_rss_mb())
     record["memory"].update(backend.memory())
     record["metrics"]["wall_s"] = time.perf_counter() - started
+    record["metrics"]["cpu_s"] = time.process_time()  # this process's CPU seconds, all threads: wall_s without the load
     return record
 
 

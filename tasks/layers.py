@@ -385,8 +385,10 @@ class MultiHeadSelfAttention(LayerBase):
     def dims(self, x) -> tuple[int, int, int]:
         """(dim, heads, head_dim) for a (seq, dim) input."""
         d = x[-1]
+        # Without head_dim the heads split the features: a remainder would drop features silently.
+        require(self.head_dim or d % self.heads == 0,
+                f"layer {self.name!r}: {d} features are not a multiple of heads {self.heads} (or set head_dim)")
         hd = self.head_dim or d // self.heads
-        require(hd > 0, f"layer {self.name!r}: head_dim is 0 ({d} features over {self.heads} heads)")
         return d, self.heads, hd
 
     def out_shape(self, x):

@@ -164,6 +164,13 @@ class TaskSpec:
                 require(tables.get(layer.tied_to) == want,
                         f"layer {layer.name!r}: tied_to must name an earlier Embedding with a {want} table, "
                         f"got {layer.tied_to!r}" + (f" {tables[layer.tied_to]}" if layer.tied_to in tables else ""))
+        # The loss takes one row of logits per label: one label per sample, or, for token ids, one
+        # per position (a text corpus has only those).
+        head, per_sample, per_position = self.layer_shapes()[-1], (last.units,), (self.input_shape[0], last.units)
+        valid = [per_position] if self.dataset == "text" else [per_sample] + [per_position] * self.takes_tokens
+        require(head in valid, f"task {self.name!r}: the head {last.name!r} outputs {head} per sample but the "
+                f"labels need logits {' or '.join(map(str, valid))}"
+                + (" (a Flatten before the head?)" if len(head) > len(valid[0]) else ""))
 
     def stage_figures(self, stages: dict[str, dict]) -> dict:
         """Figures that compare this task's stages, from their metrics by stage name (what ran of them).

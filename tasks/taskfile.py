@@ -75,7 +75,9 @@ def _build(cls, table: dict, where: str, nested: dict | None = None, path: str |
     try:
         return cls(**kwargs)
     except SpecError as exc:
-        raise TaskFileError(f"{where}: {exc}") from None
+        # A layer's own message names it; `where` already does, with its place in the file.
+        own = f"layer {kwargs['name']!r}: " if isinstance(kwargs.get("name"), str) else ""
+        raise TaskFileError(f"{where}: {str(exc).removeprefix(own) if own else exc}") from None
 
 
 def _describe(hint) -> str:

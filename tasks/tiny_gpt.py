@@ -72,8 +72,6 @@ def tiny_gpt(*, name: str = "tiny-gpt", d_model: int = SIZES["d_model"], layers:
                        ("vocab", vocab)):
         if not isinstance(value, int) or value <= 0:
             raise SpecError(f"tiny-gpt: {key} must be a positive int, got {value!r}")
-    if d_model % heads:
-        raise SpecError(f"tiny-gpt: d_model {d_model} is not a multiple of heads {heads}")
     return TaskSpec(
         name=name, dataset="text", input_shape=(context,),
         layers=gpt_layers(d_model=d_model, layers=layers, heads=heads, context=context, lora_rank=lora_rank,

@@ -261,3 +261,25 @@ def test_compare_of_an_empty_run_is_an_error_naming_it(tmp_path, capsys):
     assert main(["compare", str(base), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "b" / "records.jsonl") in err and "no records" in err
+
+
+@pytest.mark.parametrize("kind", ["binary", "empty-folder", "empty-flag", "too-short"])
+def test_a_corpus_no_worker_could_read_exits_2_before_any_worker_starts(tmp_path, capsys, monkeypatch, kind):
+    from harness import runner
+
+    monkeypatch.setattr(runner, "run_worker", lambda *a, **k: pytest.fail("a worker started"))
+    target = tmp_path / "corpus"
+    if kind == "binary":
+        target.write_bytes(b"\x7fELF\x00\x01\xff")
+    elif kind == "empty-folder":
+        target.mkdir()
+    elif kind == "too-short":
+        target.write_text("too short for one window of 128 bytes")
+    data_dir = "" if kind == "empty-flag" else str(target)
+    assert main(["run", "--task", "tiny-gpt", "--backend", "torch", "--data-dir", data_dir,
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    words = {"binary": "not UTF-8 text", "empty-folder": "no UTF-8 text files", "empty-flag": "--data-dir is empty",
+             "too-short": "make no window"}[kind]
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o" / "records.jsonl").exists()

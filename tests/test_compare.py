@@ -205,3 +205,34 @@ def test_held_out_loss_is_compared_lower_is_better_for_loss_judged_tasks():
     # Accuracy-judged cells do not compare their loss (it is not what they are judged by).
     text, _ = compare_records(make_run(backends=("torch",)), make_run(backends=("torch",)))
     assert "test_loss" not in text
+
+
+def _best(record, execution):
+    record["env"].update(mode_requested="best", execution=execution, mode=execution.split()[-1])
+    return record
+
+
+def test_best_mode_runs_that_chose_other_programs_compare_and_say_so():
+    base = [_best(make_record(), "torch eager"), _best(make_record(backend="jax"), "jax.jit step")]
+    new = [_best(make_record(), "torch.compile(forward+backward)"), _best(make_record(backend="jax"), "jax.jit step")]
+    text, code = compare_records(base, new)
+    assert code == 0
+    assert "mnist-mlp/torch: base chose torch eager, new chose torch.compile(forward+backward)" in text
+    assert "mnist-mlp/jax: base chose" not in text
+    assert "torch.compile(forward+backward)" in text.split("== mnist-mlp/torch/cpu ==")[1]  # each side's program
+    # Forced modes that ran other programs measured other things: not comparable.
+    for r in base + new:
+        r["env"]["mode_requested"] = "compiled"
+    with pytest.raises(Incomparable) as info:
+        compare_records(base, new)
+    assert any(line.startswith("execution: base torch eager") for line in info.value.lines)
+
+
+def test_runs_of_other_task_sets_are_not_comparable(tmp_path, capsys):
+    from harness.cli import main
+
+    base = [make_record(), make_record(task="cifar-cnn")]
+    with pytest.raises(Incomparable) as info:
+        compare_records(base, [make_record()])
+    assert info.value.lines == ["tasks: base cifar-cnn, mnist-mlp, new mnist-mlp (the whole run)"]
+    assert main(["compare", str(_run(tmp_path, "a", base)), str(_run(tmp_path, "b", [make_record()]))]) == 2

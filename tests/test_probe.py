@@ -21,9 +21,9 @@ class FakeClock:
         return self.now
 
 
-def slow_mode(monkeypatch, backend: Backend, slow: str) -> FakeClock:
-    """Give the probe a clock on which `slow` takes 10x longer per step than the other mode."""
-    fake = FakeClock({mode: (1.0 if mode == slow else 0.1) for mode in MODES})
+def slow_mode(monkeypatch, backend: Backend, slow: str, factor: float = 10.0) -> FakeClock:
+    """Give the probe a clock on which `slow` takes `factor` times longer per step than the other mode."""
+    fake = FakeClock({mode: (0.1 * factor if mode == slow else 0.1) for mode in MODES})
     real_train_epoch = type(backend).train_epoch
 
     def train_epoch(self, model, data, order, batch_size):
@@ -106,9 +106,48 @@ def test_the_probe_chooses_the_faster_mode_and_records_both_rates(monkeypatch, f
     # 10 steps of 128 samples per 1 s (slow) or 0.1 s (fast) of the fake clock.
     assert m["mode_probe"][slow] == pytest.approx(bs / 1.0)
     assert m["mode_probe"][fast] == pytest.approx(bs / 0.1)
-    assert m["mode_probe"]["steps"] == probe.PROBE_STEPS and m["mode_probe"]["rounds"] == probe.PROBE_ROUNDS
-    # The probe's clock ran PROBE_ROUNDS rounds of at least PROBE_ROUND_S per mode (warm-up steps included).
+    # A 10x faster mode is a clear winner after the first round: no more rounds are run.
+    assert m["mode_probe"]["steps"] == probe.PROBE_STEPS and m["mode_probe"]["rounds"] == 1
+    # The probe's clock ran a round of at least PROBE_ROUND_S per mode (warm-up steps included).
+    assert m["mode_probe"]["probe_s"] >= 2 * probe.PROBE_ROUND_S
+    assert m["execution"] == f"numpy-fake {fast}" and m["mode_probe"]["programs"] == {
+        mode: f"numpy-fake {mode}" for mode in MODES}
+
+
+def test_close_modes_are_timed_every_round(monkeypatch, fake_backend):
+    slow_mode(monkeypatch, fake_backend, "eager", factor=1.2)
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert m["mode"] == "compiled" and m["mode_probe"]["rounds"] == probe.PROBE_ROUNDS
     assert m["mode_probe"]["probe_s"] >= 2 * probe.PROBE_ROUNDS * probe.PROBE_ROUND_S
+
+
+def test_modes_that_run_one_program_are_one_candidate_never_timed(monkeypatch, fake_backend):
+    # As JAX's "compiled" for a model with convolutions on a CPU: it runs the eager program.
+    monkeypatch.setattr(NumpyBackend, "_runs_as", lambda self, spec, mode: "eager", raising=False)
+    built = []
+    real_build = NumpyBackend._build
+    monkeypatch.setattr(NumpyBackend, "_build", lambda self, spec, weights, *, trainable, mode: built.append(mode)
+                        or real_build(self, spec, weights, trainable=trainable, mode=mode))
+    fake = slow_mode(monkeypatch, fake_backend, "eager")
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert built == ["eager"] and m["mode"] == "eager" and m["mode_probe"]["rounds"] == 0
+    assert m["mode_probe"]["programs"] == {"eager": "numpy-fake eager"}
+    assert fake.now == pytest.approx(2 + 16)  # the warm-up's 2 steps and the epoch's 16: nothing timed
+    forced = run_stages(fake_backend, mlp(), data, seed=0, mode="compiled")["train"].metrics
+    assert forced["mode"] == "eager" and forced["execution"] == "numpy-fake eager"  # recorded as what ran
+
+
+def test_a_staged_task_decides_once_in_its_first_stage(monkeypatch, fake_backend):
+    slow_mode(monkeypatch, fake_backend, "eager")
+    spec = get_task("finetune").with_overrides(epochs=1)
+    fake_backend.LAYERS = {kind: None for kind in {layer.kind for layer, _, _ in spec.walk()}}
+    data = synthetic("cifar10", n_train=1024, n_test=256, seed=0)
+    stages = run_stages(fake_backend, spec, data, seed=0, mode="best")
+    first, *later = stages.values()
+    assert first.metrics["mode_probe"]["chosen"] == "compiled"
+    assert all(s.metrics["mode"] == "compiled" and s.metrics["mode_probe"] is None for s in later)
 
 
 def test_a_short_epoch_probes_fewer_steps(monkeypatch, fake_backend):

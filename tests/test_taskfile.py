@@ -138,3 +138,47 @@ def test_resume_of_a_file_task_needs_no_file(tmp_path):
     del TASKS[spec.name]  # as in a new process
     cfg = load_resume(out)
     assert cfg.tasks == [spec.name] and TASKS[spec.name] == spec
+
+
+# GOOD's model with its Flatten and residual block swapped for a reshape to rows and attention.
+TRANSFORMER_WITHOUT_FLATTEN = GOOD[:GOOD.index("[[layers]]")] + """
+[[layers]]
+kind = "reshape"
+name = "rows"
+target_shape = [28, 28]
+
+[[layers]]
+kind = "multiheadselfattention"
+name = "attn"
+heads = 4
+
+[[layers]]
+kind = "dense"
+name = "head"
+units = 10
+"""
+
+
+def test_show_refuses_a_head_whose_output_does_not_fit_the_labels(tmp_path, capsys):
+    # A transformer over image rows without a Flatten: its head gives (28, 10) logits per image.
+    path = write(tmp_path, TRANSFORMER_WITHOUT_FLATTEN)
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(28, 10)" in err and "(10,)" in err and "Flatten" in err
+    fixed = TRANSFORMER_WITHOUT_FLATTEN.replace('[[layers]]\nkind = "dense"\nname = "head"',
+                                                '[[layers]]\nkind = "flatten"\nname = "f"\n\n'
+                                                '[[layers]]\nkind = "dense"\nname = "head"'
+                                                ).replace('name = "tiny"', 'name = "tiny-fixed"')
+    assert main(["show", str(write(tmp_path, fixed, "fixed.toml"))]) == 0
+
+
+def test_heads_that_do_not_split_the_width_are_refused_in_a_file_as_by_override(tmp_path, capsys):
+    path = write(tmp_path, TRANSFORMER_WITHOUT_FLATTEN.replace("heads = 4", "heads = 5"))
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a multiple of heads 5" in err
+    assert err.count("'attn'") == 1  # the layer is named once, by the file's reader
+    out = tmp_path / "out"
+    assert main(["run", "--task", "tiny-gpt", "--override", "d_model=64,heads=5", "--data", "synthetic",
+                 "--out", str(out)]) == 2
+    assert "not a multiple of heads 5" in capsys.readouterr().err
