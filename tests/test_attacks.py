@@ -16,9 +16,10 @@ import pytest
 from record_factory import make_record
 
 from harness import confine, data, folderlock, report
+from harness.cells import plan
 from harness.cli import main
 from harness.results import RECORDS_FILE, read_records, total_memory_bytes
-from harness.runner import RunConfig, plan, write_run_file
+from harness.run_config import RunConfig, write_run_file
 from harness.shard import in_shard
 
 Q = ["--backend", "torch", "--data", "synthetic", "--quick", "--mode", "eager", "--threads", "1"]

@@ -265,9 +265,9 @@ def test_compare_of_an_empty_run_is_an_error_naming_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["binary", "empty-folder", "empty-flag", "too-short"])
 def test_a_corpus_no_worker_could_read_exits_2_before_any_worker_starts(tmp_path, capsys, monkeypatch, kind):
-    from harness import runner
+    from harness import executor
 
-    monkeypatch.setattr(runner, "run_worker", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr(executor, "run_worker", lambda *a, **k: pytest.fail("a worker started"))
     target = tmp_path / "corpus"
     if kind == "binary":
         target.write_bytes(b"\x7fELF\x00\x01\xff")

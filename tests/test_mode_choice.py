@@ -6,8 +6,8 @@ from record_factory import make_record
 from test_cli import run_cli
 
 from harness import load
-from harness.results import read_records
 from harness.cells import Cell, deciding_first, pinned_modes
+from harness.results import read_records
 
 
 def _best(repeat, mode, *, backend="torch", status="ok"):

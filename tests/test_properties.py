@@ -22,8 +22,9 @@ from record_factory import make_record
 
 from harness.cli import main
 from harness.confine import UntrustedInput
+from harness.errors import UsageError
 from harness.results import RECORDS_FILE, read_records
-from harness.runner import RunConfig, UsageError, load_resume, write_run_file
+from harness.run_config import RunConfig, load_resume, write_run_file
 from harness.schema import record_problem
 from tasks.taskfile import TaskFileError, load_task_file, spec_from_dict
 
