@@ -15,6 +15,7 @@ from harness import __version__
 from harness import data as data_mod
 from harness.runner import (
     EXIT_CELL_FAILED,
+    EXIT_OK,
     EXIT_USAGE,
     RunConfig,
     UsageError,
@@ -148,6 +149,11 @@ def build_parser() -> Parser:
     merge = sub.add_parser("merge", help="join the --shard folders of one matrix into one run folder")
     merge.add_argument("dirs", type=Path, nargs="+", metavar="DIR")
     merge.add_argument("--out", type=Path, required=True, help="the merged run folder (new)")
+    convert = sub.add_parser("convert", help="write a GPT-2 checkpoint as a Hugging Face folder (LoRA: a PEFT "
+                             "folder inside it); docs/finetune-hf.md")
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("--to", required=True, help="the format: hf-gpt2")
+    convert.add_argument("--out", type=Path, required=True, help="the folder to write")
     return parser
 
 
@@ -397,8 +403,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from harness.checkpoint import CheckpointError
+    from harness.hf_gpt2 import convert_to_hf
+
+    one_of(args.to, ("hf-gpt2",), "--to")
+    try:
+        for folder in convert_to_hf(args.checkpoint, args.out):
+            print(folder)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "report": cmd_report,
-            "compare": cmd_compare, "merge": cmd_merge, "history": cmd_history, "export": cmd_export}
+            "compare": cmd_compare, "merge": cmd_merge, "history": cmd_history, "export": cmd_export,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

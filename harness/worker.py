@@ -118,7 +118,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"]["matmul_peak_gflops"] = peak
     record["env"]["peak_source"] = peak_source
 
-    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec) if cfg.get("init_from") else None
+    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec, seed=cfg["seed"]) if cfg.get("init_from") else None
     prefix = cfg.get("checkpoint_prefix")
     with RssSampler() as sampler:
         try:
