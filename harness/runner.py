@@ -273,12 +273,18 @@ def check_config(cfg: RunConfig) -> None:
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:
         from harness.checkpoint import CheckpointError, load_checkpoint_for
+        from harness.tokens import load_tokenizer, tokenizer_file
 
+        tokenizer = tokenizer_file(cfg.init_from)
+        vocab = load_tokenizer(tokenizer)[1] if tokenizer else None
         for task in cfg.tasks:
             try:
                 load_checkpoint_for(Path(cfg.init_from), get_task(task))
             except CheckpointError as exc:
                 raise UsageError(f"--init-from: {exc}") from None
+            if vocab is not None and vocab > get_task(task).num_classes:
+                raise UsageError(f"--init-from: {tokenizer} has {vocab} tokens, task {task!r} only "
+                                 f"{get_task(task).num_classes}")
 
 
 def load_resume(out: Path) -> RunConfig:

@@ -39,14 +39,12 @@ SIZES = {"vocab": 256, "d_model": 32, "layers": 2, "heads": 2, "context": 32}
 TEXT = text.synthetic(context=SIZES["context"], seed=3, n_windows=(64, 16))
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
+def save_tiny_gpt2(folder, vocab: int):
     """A random stock GPT-2 (tied head, no head bias, gelu_new) saved by transformers."""
     torch = need("torch")
     transformers = need("transformers")
-    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
@@ -54,6 +52,32 @@ def hf_folder(tmp_path_factory):
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", 256)
+
+
+def train_bpe(corpus_text: str, path, vocab: int = 320) -> int:
+    """A byte-level BPE tokenizer trained with `tokenizers`, saved as tokenizer.json; its vocabulary size."""
+    tokenizers = need("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([corpus_text], trainer)
+    tokenizer.save(str(path))
+    return tokenizer.get_vocab_size()
+
+
+def token_windows(path, blob: bytes, context: int = 32):
+    """The test's own windows of a tokenizer's ids: x, and y shifted by one token."""
+    import tokenizers
+
+    ids = np.asarray(tokenizers.Tokenizer.from_file(str(path)).encode(blob.decode()).ids)
+    n = (len(ids) - 1) // context
+    return ids[: n * context].reshape(n, context), ids[1: n * context + 1].reshape(n, context)
 
 
 def hf_model(folder, dtype="float64"):
@@ -192,3 +216,42 @@ def test_a_folder_that_is_not_gpt2_is_refused(hf_folder, tmp_path):
         load_hf_gpt2(bad, spec)
     with pytest.raises(CheckpointError, match="n_embd is 32, task"):
         load_hf_gpt2(hf_folder, spec_for(hf_folder, d_model=64))
+
+
+@pytest.mark.slow
+def test_tribench_finetunes_a_transformers_gpt2_on_three_frameworks(tmp_path):
+    """The whole path, offline: a random GPT-2 saved by transformers with a BPE tokenizer trained here.
+    `tribench run --task gpt2 --init-from FOLDER` on every backend starts at the loss transformers
+    computes on the same held-out token windows (1e-5 relative), and each backend's trained
+    checkpoint, converted, gives its reported final loss in transformers (1e-4 relative)."""
+    from conftest import INSTALLED
+
+    from harness.cli import main
+    from harness.results import read_records
+
+    corpus = tmp_path / "corpus.txt"
+    blob = text.markov_bytes(12_000, seed=4, stream=1)
+    corpus.write_bytes(blob)
+    hf_folder = tmp_path / "gpt2"
+    hf_folder.mkdir()
+    vocab = train_bpe(blob[: int(len(blob) * text.TRAIN_FRACTION)].decode(), hf_folder / "tokenizer.json")
+    save_tiny_gpt2(hf_folder, vocab)
+    out = tmp_path / "run"
+    backends = [b for b in ("torch", "tensorflow", "jax") if b in INSTALLED]
+    assert main(["run", "--task", "gpt2", "--backend", ",".join(backends), "--init-from", str(hf_folder),
+                 "--data-dir", str(corpus), "--epochs", "1", "--mode", "eager", "--threads", "1",
+                 "--out", str(out)]) == 0
+    x_test, y_test = token_windows(hf_folder / "tokenizer.json", blob[int(len(blob) * text.TRAIN_FRACTION):])
+    start = hf_loss(hf_model(hf_folder), x_test, y_test)
+    records = {r["backend"]: r for r in read_records(out)}
+    assert sorted(records) == sorted(backends)
+    for backend, record in records.items():
+        m = record["metrics"]
+        assert record["status"] == "ok" and record["spec"]["input_shape"] == [32], backend
+        assert record["data"]["tokenizer"] == str(hf_folder / "tokenizer.json") and m["bits_per_byte"] is None
+        assert record["data"]["n_test"] == len(x_test) and record["spec"]["num_classes"] == vocab
+        assert abs(m["initial_test_loss"] - start) <= 1e-5 * start, backend
+        (converted,) = convert_to_hf(m["checkpoint"], tmp_path / f"hf-{backend}")
+        final = hf_loss(hf_model(converted), x_test, y_test)
+        assert m["test_loss"] < m["initial_test_loss"] and abs(final - m["test_loss"]) <= 1e-4 * m["test_loss"], \
+            backend
