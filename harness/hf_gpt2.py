@@ -23,7 +23,8 @@ from tasks.layers import EMBEDDING_STD, LORA_TARGETS
 from tasks.spec import TaskSpec
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-HF_TASKS = ("gpt2",)  # tasks a Hugging Face GPT-2 folder sizes (its builder's vocab, d_model, layers, heads, context)
+# Tasks a Hugging Face GPT-2 folder sizes (their builders' vocab, d_model, layers, heads, context).
+HF_TASKS = ("gpt2", "gpt2-finetune")
 ADAPTER_FOLDER, ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter", "adapter_config.json", "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 2**20  # GPT-2's config.json is under 1 kB
 # The tanh GELU under its two Hugging Face names.

@@ -255,3 +255,23 @@ def test_tribench_finetunes_a_transformers_gpt2_on_three_frameworks(tmp_path):
         final = hf_loss(hf_model(converted), x_test, y_test)
         assert m["test_loss"] < m["initial_test_loss"] and abs(final - m["test_loss"]) <= 1e-4 * m["test_loss"], \
             backend
+
+
+@pytest.mark.slow
+def test_gpt2_finetune_compares_lora_with_full_finetuning_and_scratch_from_a_hf_model(hf_folder):
+    from tasks.gpt2 import gpt2_finetune
+
+    spec = gpt2_finetune(name="gpt2-finetune-test", **{**sizes_from_config(hf_folder), "batch_size": 8},
+                         lora_rank=2, lora_alpha=4.0)
+    weights = load_hf_gpt2(hf_folder, spec)
+    results = run_stages(configured("torch"), spec, TEXT, seed=0, mode="eager", init_from=weights)
+    assert list(results) == ["finetune", "lora", "scratch"]  # the Hugging Face weights stand in for pretrain
+    start = hf_loss(hf_model(hf_folder), TEXT.x_test, TEXT.y_test)  # LoRA's B = 0: the same function
+    for name in ("finetune", "lora"):
+        assert abs(results[name].metrics["initial_test_loss"] - start) <= 1e-6 * start, name
+        assert results[name].metrics["test_loss"] < start, name
+    counts = {n: r.metrics["params_trainable"] for n, r in results.items()}
+    assert counts["lora"] == 2 * 4 * (32 * 2 + 2 * 32) < counts["finetune"] == counts["scratch"]
+    for entry, before, after in zip(spec.params(), weights, results["lora"].weights):
+        if "_lora_" not in entry.name:
+            np.testing.assert_array_equal(before, after, err_msg=f"lora: {entry.name} is frozen but changed")
