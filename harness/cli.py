@@ -101,8 +101,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
                    help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                   help="start from a checkpoint (.safetensors, or .npz) written by any backend; for finetune, "
-                   "skips pretraining")
+                   help="start from a checkpoint (.safetensors, or .npz) written by any backend, or a Hugging "
+                   "Face GPT-2 folder for the gpt2 tasks (docs/finetune-hf.md); for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
