@@ -112,11 +112,18 @@ def check_gpt2_spec(spec: TaskSpec, where) -> tuple[int, int, int, int, int]:
         want = gpt_layers(d_model=d, layers=n_layers, heads=heads, context=context, vocab=vocab, gpt2=True)
     except (AttributeError, IndexError, StopIteration, ValueError):
         raise HFError(f"{where}: task {spec.name!r} is not a GPT-2 (the gpt2 task's layers)") from None
-    if len(want) != len(spec.layers):
-        raise HFError(f"{where}: task {spec.name!r} has {len(spec.layers)} layers, GPT-2 of its sizes {len(want)}")
-    for got, expected in zip(spec.layers, want):
-        if _function_of(got) != _function_of(expected):
-            raise HFError(f"{where}: task {spec.name!r} layer {got.name!r} is {got}, GPT-2 has {expected}")
+    from tasks.spec import walk
+
+    mine = [layer for layer, _, _ in spec.walk() if not layer.children()]
+    gpt = [layer for layer, _, _ in walk(want, spec.input_shape) if not layer.children()]
+    if [layer.name for layer in mine] != [layer.name for layer in gpt]:
+        raise HFError(f"{where}: task {spec.name!r} does not have GPT-2's layers ({', '.join(x.name for x in gpt[:4])}"
+                      f", ...)")
+    for got, expected in zip(mine, gpt):
+        a, b = dataclasses.asdict(_function_of(got)), dataclasses.asdict(_function_of(expected))
+        differ = [f"{k} {a[k]!r} (GPT-2: {b[k]!r})" for k in b if a.get(k) != b[k]]
+        if differ:
+            raise HFError(f"{where}: task {spec.name!r} is not GPT-2: layer {got.name!r} has {', '.join(differ)}")
     return vocab, d, n_layers, heads, context
 
 

@@ -275,3 +275,16 @@ def test_gpt2_finetune_compares_lora_with_full_finetuning_and_scratch_from_a_hf_
     for entry, before, after in zip(spec.params(), weights, results["lora"].weights):
         if "_lora_" not in entry.name:
             np.testing.assert_array_equal(before, after, err_msg=f"lora: {entry.name} is frozen but changed")
+
+
+def test_converting_a_checkpoint_that_is_not_gpt2_exits_2_with_one_line(tmp_path, capsys):
+    from harness.cli import main
+    from harness.weights import initial_weights
+    from tasks import get_task
+
+    spec = get_task("tiny-gpt")  # a GPT, but not GPT-2's: untied head with a bias, exact GELU
+    save_checkpoint(tmp_path / "c.safetensors", spec, initial_weights(spec, 0))
+    assert main(["convert", str(tmp_path / "c.safetensors"), "--to", "hf-gpt2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer 'block0_fc' has activation 'gelu' (GPT-2: 'gelu_tanh')" in err, err
+    assert not (tmp_path / "o").exists()
