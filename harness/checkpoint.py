@@ -108,6 +108,11 @@ def _spec_of(header: dict, path, spec: TaskSpec | None) -> TaskSpec:
     if spec is not None:
         check_saved_layers(path, header, spec)
         return spec
+    return saved_spec(header, path)
+
+
+def saved_spec(header: dict, path) -> TaskSpec:
+    """The spec a checkpoint's header carries, read as a task file is (no code, every field checked)."""
     from tasks.taskfile import TaskFileError, spec_from_dict
 
     saved = header.get("spec")
@@ -187,7 +192,7 @@ def read_arrays(f, path, arrays: dict, start: int, names: list[str]) -> list[np.
         blob = f.read(end - begin)
         if len(blob) != end - begin:
             raise CheckpointError(f"{path}: array {name} is cut short")
-        out.append(_finite(path, name, np.frombuffer(blob, dtype).reshape(shape)))
+        out.append(_finite(path, name, np.frombuffer(bytearray(blob), dtype).reshape(shape)))  # writable
     return out
 
 
@@ -287,6 +292,11 @@ def check_saved_layers(path, header: dict, spec: TaskSpec) -> None:
                               f"{len(spec.layers)} in task {spec.name!r}")
 
 
-def load_checkpoint_for(path: Path, spec: TaskSpec) -> list[np.ndarray]:
-    """Weights from `path`, refused with the first mismatch when they do not fit `spec`."""
+def load_checkpoint_for(path: Path, spec: TaskSpec, *, seed: int = 0) -> list[np.ndarray]:
+    """Weights from `path` (a checkpoint, or a Hugging Face GPT-2 folder), refused with the first
+    mismatch when they do not fit `spec`. `seed` draws what a Hugging Face base model lacks (LoRA adapters)."""
+    if Path(path).is_dir():
+        from harness.hf_gpt2 import load_hf_gpt2
+
+        return load_hf_gpt2(path, spec, seed=seed)
     return load_checkpoint(path, spec)[1]

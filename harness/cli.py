@@ -15,7 +15,7 @@ from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
 from harness.confine import UntrustedInput
-from harness.errors import EXIT_CELL_FAILED, EXIT_USAGE, UsageError
+from harness.errors import EXIT_CELL_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
 from harness.run_config import RunConfig, apply_override, check_config, load_resume
 from harness.runner import available_backends, run_matrix
@@ -95,8 +95,8 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
                    help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                   help="start from a checkpoint (.safetensors, or .npz) written by any backend; for finetune, "
-                   "skips pretraining")
+                   help="start from a checkpoint (.safetensors, or .npz) written by any backend, or a Hugging "
+                   "Face GPT-2 folder for the gpt2 tasks (docs/finetune-hf.md); for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
@@ -144,6 +144,11 @@ def build_parser() -> Parser:
     merge = sub.add_parser("merge", help="join the --shard folders of one matrix into one run folder")
     merge.add_argument("dirs", type=Path, nargs="+", metavar="DIR")
     merge.add_argument("--out", type=Path, required=True, help="the merged run folder (new)")
+    convert = sub.add_parser("convert", help="write a GPT-2 checkpoint as a Hugging Face folder (LoRA: a PEFT "
+                             "folder inside it); docs/finetune-hf.md")
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("--to", required=True, help="the format: hf-gpt2")
+    convert.add_argument("--out", type=Path, required=True, help="the folder to write")
     return parser
 
 
@@ -407,8 +412,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from harness.checkpoint import CheckpointError
+    from harness.hf_gpt2 import convert_to_hf
+
+    one_of(args.to, ("hf-gpt2",), "--to")
+    try:
+        for folder in convert_to_hf(args.checkpoint, args.out):
+            print(folder)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "report": cmd_report,
-            "compare": cmd_compare, "merge": cmd_merge, "history": cmd_history, "export": cmd_export}
+            "compare": cmd_compare, "merge": cmd_merge, "history": cmd_history, "export": cmd_export,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,16 +96,18 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     subset: str | None = None  # a note when only part of the data is used
+    tokenizer: str | None = None  # text: the tokenizer.json whose ids the windows hold; None: bytes
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "synthetic": self.synthetic,
-                "n_train": int(len(self.y_train)), "n_test": int(len(self.y_test)), "subset": self.subset}
+                "n_train": int(len(self.y_train)), "n_test": int(len(self.y_test)), "subset": self.subset,
+                "tokenizer": self.tokenizer}
 
     def head(self, n_train: int, n_test: int) -> Dataset:
         """The first n samples of each split (a documented, reproducible subset)."""
         note = f"first {n_train} train / {n_test} test samples"
         return Dataset(self.name, self.source, self.synthetic, self.x_train[:n_train], self.y_train[:n_train],
-                       self.x_test[:n_test], self.y_test[:n_test], subset=note)
+                       self.x_test[:n_test], self.y_test[:n_test], subset=note, tokenizer=self.tokenizer)
 
     def classes(self, keep: tuple[int, ...] | None) -> Dataset:
         """Only the samples of `keep`, relabelled 0..len(keep)-1 in that order."""
@@ -450,17 +452,17 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
 
 
 def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0,
-         subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
+         subset: tuple[int, int] | None = None, context: int | None = None, tokenizer: Path | None = None) -> Dataset:
     """The dataset a resolved source names, or its first `subset` = (n_train, n_test) samples.
 
-    Text is cut into windows of `context` bytes (the task's sequence length; harness.text).
+    Text is cut into windows of `context` bytes, or of a tokenizer.json's tokens (harness.text).
 
     Synthetic data has the real dataset's sizes; with a subset only that much is
     generated (a smaller synthetic set, not a slice of the full one), which saves a
     CIFAR-sized worker ~4 s of generation per cell.
     """
     if task_dataset == text.KIND:
-        return text.load(name, folder or "", context=context, seed=seed, subset=subset)
+        return text.load(name, folder or "", context=context, seed=seed, subset=subset, tokenizer=tokenizer)
     if name == "synthetic":
         n_train, n_test = subset or REAL_SIZES[task_dataset]
         dataset = synthetic(task_dataset, n_train=n_train, n_test=n_test, seed=seed)
@@ -484,8 +486,10 @@ def check_loadable(spec, name: str, folder: str) -> None:
 
 
 def load_stage(task_dataset: str, choice: str, *, run_source: str, seed: int = 0,
-               subset: tuple[int, int] | None = None, context: int | None = None) -> Dataset:
+               subset: tuple[int, int] | None = None, context: int | None = None,
+               tokenizer: Path | None = None) -> Dataset:
     """The data of a stage that names its own corpus (Stage.data); text tasks only, for now."""
     if task_dataset != text.KIND:
         raise DataError(f"a stage's own data ({choice!r}) is supported for text tasks only")
-    return text.stage_corpus(choice, run_source=run_source, context=context, seed=seed, subset=subset, locate=locate)
+    return text.stage_corpus(choice, run_source=run_source, context=context, seed=seed, subset=subset, locate=locate,
+                             tokenizer=tokenizer)

@@ -119,7 +119,7 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
              train_samples_per_s=trained / train_clock if train_clock > 0 else None,
              eval_samples_per_s=m["n_test"] * spec.epochs / sum(m["eval_s"]) if sum(m["eval_s"]) > 0 else None)
     if spec.takes_tokens:
-        m.update(sequence_metrics(spec, m))
+        m.update(sequence_metrics(spec, m, byte_level=data.tokenizer is None))
     return StageResult(stage.name, m, backend.get_weights(model))
 
 
@@ -128,18 +128,22 @@ def reached_target(spec: TaskSpec, loss: float, accuracy: float) -> bool:
     return loss <= spec.target_loss if spec.objective == "loss" else accuracy >= spec.target_accuracy
 
 
-def sequence_metrics(spec: TaskSpec, m: dict) -> dict:
+def sequence_metrics(spec: TaskSpec, m: dict, *, byte_level: bool = True) -> dict:
     """Per-token rates and bits per byte for a token model: every position of a window is one prediction.
 
-    Bits per byte is the loss in nats over ln 2, exact for byte-level models (one token, one byte).
+    Bits per byte is the loss in nats over ln 2, exact for byte-level models (one token, one
+    byte); with a tokenizer a token spans several bytes, and the bits-per-byte figures are None.
     """
     per_sample = spec.input_shape[0]
     train, evaluate = m["train_samples_per_s"], m["eval_samples_per_s"]
+
+    def bits(loss):
+        return loss / math.log(2) if byte_level else None
+
     return {"context": per_sample, "train_tokens_per_s": train * per_sample if train is not None else None,
             "eval_tokens_per_s": evaluate * per_sample if evaluate is not None else None,
-            "bits_per_byte": m["test_loss"] / math.log(2),
-            "initial_bits_per_byte": m["initial_test_loss"] / math.log(2),
-            "epoch_bits_per_byte": [v / math.log(2) for v in m["epoch_test_loss"]],
+            "bits_per_byte": bits(m["test_loss"]), "initial_bits_per_byte": bits(m["initial_test_loss"]),
+            "epoch_bits_per_byte": [bits(v) for v in m["epoch_test_loss"]] if byte_level else None,
             "target_loss": spec.target_loss}
 
 

@@ -150,22 +150,33 @@ def config_from_saved(saved, out: Path) -> RunConfig:
 
 
 def apply_override(cfg: RunConfig) -> None:
-    """Rebuild the run's tasks that have sizes with cfg.override (registered under their names, sent to workers)."""
-    if not cfg.override:
+    """Rebuild the run's tasks that have sizes with cfg.override (registered under their names, sent to workers).
+
+    A Hugging Face GPT-2 folder given to --init-from sizes the gpt2 task from its config.json
+    first; --override still wins (context=N trains on the first N positions).
+    """
+    from harness.hf_gpt2 import HF_TASKS, is_hf_folder, sizes_from_config
+
+    hf = cfg.init_from is not None and is_hf_folder(cfg.init_from)
+    if not cfg.override and not hf:
         return
+    from harness.checkpoint import CheckpointError
     from tasks import BUILDERS, override_task, parse_override
     from tasks.spec import SpecError
 
     sized = [t for t in cfg.tasks if t in BUILDERS]
     try:
-        if not sized:
+        if cfg.override and not sized:
             raise SpecError(f"--override: none of the tasks {', '.join(cfg.tasks)} has sizes; "
                             f"tasks that do: {', '.join(BUILDERS)}")
-        changes = parse_override(cfg.override)
+        changes = parse_override(cfg.override or "")
+        from_folder = sizes_from_config(Path(cfg.init_from)) if hf else {}
         for task in sized:
-            override_task(task, changes)
+            override_task(task, {**from_folder, **changes} if task in HF_TASKS else changes)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
+    except CheckpointError as exc:
+        raise UsageError(f"--init-from: {exc}") from None
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -209,12 +220,18 @@ def check_config(cfg: RunConfig) -> None:
         raise UsageError(f"--data-dir {cfg.data_dir} {state}")
     if cfg.init_from is not None:
         from harness.checkpoint import CheckpointError, load_checkpoint_for
+        from harness.tokens import load_tokenizer, tokenizer_file
 
+        tokenizer = tokenizer_file(cfg.init_from)
+        vocab = load_tokenizer(tokenizer)[1] if tokenizer else None
         for task in cfg.tasks:
             try:
                 load_checkpoint_for(Path(cfg.init_from), get_task(task))
             except CheckpointError as exc:
                 raise UsageError(f"--init-from: {exc}") from None
+            if vocab is not None and vocab > get_task(task).num_classes:
+                raise UsageError(f"--init-from: {tokenizer} has {vocab} tokens, task {task!r} only "
+                                 f"{get_task(task).num_classes}")
 
 
 # fp32 weights and their gradients: the least any backend holds while training (optimizer

@@ -1,4 +1,4 @@
-"""Text corpora for byte-level language models: a UTF-8 file/folder reader, the fixed split, windows, synthetic text."""
+"""Text corpora for language models: a UTF-8 reader, the fixed split, windows of bytes or tokens, synthetic text."""
 
 from __future__ import annotations
 
@@ -70,10 +70,12 @@ def read_corpus(path: Path) -> tuple[bytes, bytes]:
     return b"".join(train), b"".join(held_out)
 
 
-def windows(blob: bytes, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping windows: x[i] = bytes [i c, (i+1) c), y[i] shifted by one; every byte is a target once."""
+def windows(blob: bytes | np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows: x[i] = tokens [i c, (i+1) c), y[i] shifted by one; every token is a target once.
+
+    The tokens are the bytes of `blob`, or the ids a tokenizer made of them."""
     n = (len(blob) - 1) // context
-    data = np.frombuffer(blob, np.uint8)
+    data = np.frombuffer(blob, np.uint8) if isinstance(blob, bytes) else blob
     x = data[: n * context].reshape(n, context).astype(np.int32)
     y = data[1: n * context + 1].reshape(n, context).astype(np.int32)
     return x, y
@@ -99,23 +101,32 @@ def markov_bytes(n: int, *, seed: int, stream: int) -> bytes:
     return alphabet[out].tobytes()
 
 
-def dataset(name: str, source: str, train: bytes, held_out: bytes, *, context: int, synthetic: bool = False):
+def dataset(name: str, source: str, train: bytes, held_out: bytes, *, context: int, synthetic: bool = False,
+            tokenizer: Path | None = None):
+    """Windows of bytes, or of a tokenizer.json's token ids (the split is made on the text first)."""
     from harness.data import Dataset
 
+    if tokenizer is not None:
+        from harness.tokens import load_tokenizer
+
+        encode, _ = load_tokenizer(tokenizer)
+        train, held_out = encode(train), encode(held_out)
     x_tr, y_tr = windows(train, context)
     x_te, y_te = windows(held_out, context)
     if not len(x_tr) or not len(x_te):
         from harness.data import DataError
 
         raise DataError(f"{source}: {len(train)} train / {len(held_out)} held-out bytes make no window of {context}")
-    return Dataset(name, source, synthetic, x_tr, y_tr, x_te, y_te)
+    return Dataset(name, source, synthetic, x_tr, y_tr, x_te, y_te,
+                   tokenizer=str(tokenizer) if tokenizer is not None else None)
 
 
-def synthetic(*, context: int, seed: int, n_windows: tuple[int, int] | None = None):
-    """SYNTHETIC text: the Markov chain, SYNTHETIC_BYTES long or just enough for n_windows (train, held-out)."""
+def synthetic(*, context: int, seed: int, n_windows: tuple[int, int] | None = None, tokenizer: Path | None = None):
+    """SYNTHETIC text: the Markov chain, SYNTHETIC_BYTES long or just enough for n_windows (train, held-out)
+    of bytes (a tokenizer then makes fewer windows)."""
     sizes = [n * context + 1 for n in n_windows] if n_windows else SYNTHETIC_BYTES
     return dataset("synthetic-text", "synthetic", markov_bytes(sizes[0], seed=seed, stream=1),
-                   markov_bytes(sizes[1], seed=seed, stream=2), context=context, synthetic=True)
+                   markov_bytes(sizes[1], seed=seed, stream=2), context=context, synthetic=True, tokenizer=tokenizer)
 
 
 def system_corpus(name: str) -> Path | None:
@@ -151,10 +162,12 @@ def resolve(choice: str, *, data_dir, allow_download: bool, locate) -> tuple[str
         return "synthetic", "synthetic"
 
 
-def load(name: str, where: str, *, context: int, seed: int, subset: tuple[int, int] | None):
-    """The windows of a resolved corpus; with a subset, its first (n_train, n_test) windows."""
+def load(name: str, where: str, *, context: int, seed: int, subset: tuple[int, int] | None,
+         tokenizer: Path | None = None):
+    """The windows of a resolved corpus; with a subset, its first (n_train, n_test) windows.
+    `tokenizer`: a tokenizer.json whose token ids the windows hold instead of bytes."""
     if name == "synthetic":
-        ds = synthetic(context=context, seed=seed, n_windows=subset)
+        ds = synthetic(context=context, seed=seed, n_windows=subset, tokenizer=tokenizer)
         if subset:
             ds.subset = f"{subset[0]} train / {subset[1]} held-out windows generated"
         return ds
@@ -162,14 +175,15 @@ def load(name: str, where: str, *, context: int, seed: int, subset: tuple[int, i
     if name == "tiny-shakespeare" and path.is_dir():
         path = path / "input.txt"
     train, held_out = read_corpus(path)
-    ds = dataset(name, str(path), train, held_out, context=context)
+    ds = dataset(name, str(path), train, held_out, context=context, tokenizer=tokenizer)
     return ds.head(*subset) if subset else ds
 
 
-def stage_corpus(choice: str, *, run_source: str, context: int, seed: int, subset: tuple[int, int] | None, locate):
+def stage_corpus(choice: str, *, run_source: str, context: int, seed: int, subset: tuple[int, int] | None, locate,
+                 tokenizer: Path | None = None):
     """The corpus a stage names (Stage.data). With synthetic run data, synthetic text of another seed:
     another chain, so another domain, and labelled synthetic like the run's."""
     if run_source == "synthetic":
-        return load("synthetic", "synthetic", context=context, seed=seed + 1, subset=subset)
+        return load("synthetic", "synthetic", context=context, seed=seed + 1, subset=subset, tokenizer=tokenizer)
     name, where = resolve(choice, data_dir=None, allow_download=False, locate=locate)
-    return load(name, where, context=context, seed=seed, subset=subset)
+    return load(name, where, context=context, seed=seed, subset=subset, tokenizer=tokenizer)

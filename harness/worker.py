@@ -72,6 +72,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
     from harness.replicas import replica_threads
     from harness.results import host_environment
+    from harness.tokens import tokenizer_file
     from tasks import get_task
     from tasks.targets import for_dataset
     from tasks.taskfile import spec_from_dict
@@ -92,12 +93,14 @@ def run_cell(cfg: dict, record: dict) -> dict:
                      "mode_source": "forced" if forced else "pinned" if pinned else "probe",
                      "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"],
                      "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
-    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
-                            subset=cfg.get("subset"), context=spec.input_shape[0] if spec.takes_tokens else None)
-    record["data"] = dataset.describe()
     context = spec.input_shape[0] if spec.takes_tokens else None
+    # A Hugging Face folder's tokenizer.json tokenizes the text its model is finetuned on.
+    tokenizer = tokenizer_file(cfg.get("init_from")) if spec.takes_tokens else None
+    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
+                            subset=cfg.get("subset"), context=context, tokenizer=tokenizer)
+    record["data"] = dataset.describe()
     stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg["data"], seed=cfg["data_seed"],
-                                              subset=cfg.get("subset"), context=context)
+                                              subset=cfg.get("subset"), context=context, tokenizer=tokenizer)
                   for s in spec.stages if s.data}
     if stage_data:
         record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
@@ -124,7 +127,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"]["matmul_peak_gflops"] = peak
     record["env"]["peak_source"] = peak_source
 
-    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec) if cfg.get("init_from") else None
+    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec, seed=cfg["seed"]) if cfg.get("init_from") else None
     prefix = cfg.get("checkpoint_prefix")
     with RssSampler() as sampler:
         try:

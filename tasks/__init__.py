@@ -6,17 +6,18 @@ from pathlib import Path
 
 from tasks.cifar_cnn import CIFAR_CNN
 from tasks.finetune import FINETUNE
-from tasks.gpt2 import GPT2, gpt2
+from tasks.gpt2 import GPT2, GPT2_FINETUNE, gpt2, gpt2_finetune
 from tasks.mnist_mlp import MNIST_MLP
 from tasks.spec import SpecError, TaskSpec
 from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE, TINY_GPT, TINY_GPT_FINETUNE, GPT2)}
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (MNIST_MLP, CIFAR_CNN, FINETUNE, TINY_GPT, TINY_GPT_FINETUNE, GPT2,
+                                                  GPT2_FINETUNE)}
 # Tasks whose model sizes --override can change: name -> the function that builds the spec from sizes.
-BUILDERS = {"tiny-gpt": tiny_gpt, "tiny-gpt-finetune": tiny_gpt_finetune, "gpt2": gpt2}
+BUILDERS = {"tiny-gpt": tiny_gpt, "tiny-gpt-finetune": tiny_gpt_finetune, "gpt2": gpt2, "gpt2-finetune": gpt2_finetune}
 BUILTIN_TASKS = tuple(TASKS)
-# What runs when no --task is given: gpt2 (124M parameters) only when asked for by name.
-DEFAULT_TASKS = tuple(t for t in TASKS if t != GPT2.name)
+# What runs when no --task is given: the GPT-2 tasks (124M parameters) only when asked for by name.
+DEFAULT_TASKS = tuple(t for t in TASKS if t not in (GPT2.name, GPT2_FINETUNE.name))
 TASK_FILE_SUFFIX = ".toml"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 from pathlib import Path
@@ -37,6 +38,13 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
             enabled = False
         return None if enabled else True
     return None
+
+
+def need(module: str):
+    """An extra's module; a skip only where it is not installed and CI (TRIBENCH_REQUIRE_EXTRAS) does not demand it."""
+    if module in os.environ.get("TRIBENCH_REQUIRE_EXTRAS", "").split(","):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"the {module} package (an extra of tribench) is not installed")
 
 
 def require(name: str) -> None:

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
+from conftest import need
 from record_factory import make_record, make_run, write_run
 
 from harness.cli import main
 from harness.export_common import spec_hash
-
-
-def need(module: str):
-    """The extra's module; a skip only where it is not installed and CI (TRIBENCH_REQUIRE_EXTRAS) does not demand it."""
-    if module in os.environ.get("TRIBENCH_REQUIRE_EXTRAS", "").split(","):
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"the tribench[{module}] extra is not installed")
 
 
 @pytest.fixture
