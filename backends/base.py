@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,48 @@ class Replicas:
             raise ValueError(f"data-parallel replicas must be >= 1, got {self.count}")
         if not 0 <= self.rank < self.count:
             raise ValueError(f"replica rank {self.rank} is outside 0..{self.count - 1}")
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """A trained model served by its framework: no gradients, compiled or not as the model's mode says.
+
+    `put(x)` makes a device-resident input from a host array (the host-to-device copy,
+    finished when it returns); `run(xd)` computes the logits and returns once they are
+    ready on the device; `name` says what runs (e.g. "torch.inference_mode + torch.compile").
+    """
+
+    put: Callable[[np.ndarray], Any]
+    run: Callable[[Any], Any]
+    name: str
+
+
+@dataclass(frozen=True)
+class Generator:
+    """Greedy decoding with a KV cache, for one batch size and prompt length.
+
+    `put(prompts)` puts (batch, prompt_len) int32 ids on the device; `first(xd)` fills the
+    cache from the prompts and returns the first new token once it is ready (the time to
+    first token); `rest(state)` decodes the other new tokens from `first`'s state and returns
+    every new id as a host (batch, new_tokens) int32 array; `name` says what runs.
+    """
+
+    put: Callable[[np.ndarray], Any]
+    first: Callable[[Any], Any]
+    rest: Callable[[Any], np.ndarray]
+    name: str
+
+
+def is_causal_lm(spec: TaskSpec) -> bool:
+    """Whether the model reads token ids through causal attention: a language model that can generate."""
+    return spec.takes_tokens and any(layer.kind == "multiheadselfattention" and layer.causal
+                                     for layer, _, _ in spec.walk())
+
+
+def as_input(x) -> np.ndarray:
+    """A model input as every adapter takes it: int32 token ids, or float32 features."""
+    x = np.asarray(x)
+    return x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
 
 
 class BackendUnavailable(RuntimeError):
@@ -118,9 +161,7 @@ class Backend(abc.ABC):
         self._require_configured()
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        x = np.asarray(x)
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
-        return self._put_data(x, np.asarray(y, np.int32))
+        return self._put_data(as_input(x), np.asarray(y, np.int32))
 
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
               trainable: tuple[str, ...] | None, mode: str) -> Any:
@@ -185,9 +226,25 @@ class Backend(abc.ABC):
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks)."""
         self._require_configured()
-        x = np.asarray(x)
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
-        return self._logits(model, x)
+        return self._logits(model, as_input(x))
+
+    def inference(self, model: Any) -> InferencePath:
+        """The model's forward pass as its framework serves it (see InferencePath); the harness times it."""
+        self._require_configured()
+        path = self._inference(model)
+        return InferencePath(put=lambda x: path.put(as_input(x)), run=path.run, name=path.name)
+
+    def generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+        """Greedy decoding with a KV cache (see Generator) for a causal language model."""
+        self._require_configured()
+        spec = model.spec
+        if not is_causal_lm(spec):
+            raise ValueError(f"{spec.name}: generation needs a causal language model")
+        if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > spec.input_shape[0]:
+            raise ValueError(f"{prompt_len} prompt + {new_tokens} new tokens do not fit the context "
+                             f"{spec.input_shape[0]}")
+        gen = self._generator(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+        return Generator(put=lambda x: gen.put(as_input(x)), first=gen.first, rest=gen.rest, name=gen.name)
 
     def rank0_value(self, value: Any) -> Any:
         """Rank 0's `value` on every replica process, so a choice made from timings (the
@@ -248,3 +305,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _logits(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+
+    def _generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+        raise NotImplementedError(f"{self.name}: no cached generation")
+
+    def _inference(self, model: Any) -> InferencePath:
+        # The fallback composed from _logits: host arrays in and out, so the copies are timed with it.
+        return InferencePath(put=lambda x: x, run=lambda x: self._logits(model, x),
+                             name=f"{self.name} logits (host arrays in and out)")

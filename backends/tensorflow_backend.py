@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable
+from backends.base import Backend, BackendUnavailable, InferencePath
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -584,6 +584,30 @@ class TensorFlowBackend(Backend):
         with tf.device(self._device_name):
             out = self._logits_fn(model)(tf.constant(x))
         return out.numpy().astype(np.float32, copy=False)
+
+    def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
+        from backends.tensorflow_generate import generator
+
+        return generator(self, model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+
+    def _inference(self, model: _Model) -> InferencePath:
+        tf = self._tf
+        fn = self._logits_fn(model)
+
+        def put(x):
+            with tf.device(self._device_name):
+                t = tf.identity(tf.constant(x))  # constant() may alias host memory; identity places it
+            self._synchronize()
+            return t
+
+        def run(x):
+            with tf.device(self._device_name):
+                out = fn(x)
+            self._synchronize()
+            return out
+
+        name = "tf.function" + (" (jit_compile=True, XLA)" if model.mode == "compiled" else " (graph, no XLA)")
+        return InferencePath(put=put, run=run, name=name)
 
     def trace_counts(self, model: _Model) -> dict[str, int]:
         """How often each traced function has been traced (tests check nothing retraces)."""
