@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,9 @@ BEST = "best"
 RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "tf32", "bf16")
+# Deployment formats `tribench run --export` writes: ONNX (served by ONNX Runtime) and each
+# framework's own (torch.export, a Keras SavedModel, jax.export's serialized StableHLO).
+EXPORT_FORMATS = ("onnx", "native")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,25 @@ class Generator:
     first: Callable[[Any], Any]
     rest: Callable[[Any], np.ndarray]
     name: str
+
+
+class ExportUnsupported(RuntimeError):
+    """The adapter has no exporter for this format (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A trained model written in a deployment format and loaded back in the runtime that serves it.
+
+    `files`: what was written; `serve`: the runtime's inference path (its `put` takes canonical
+    host arrays); `logits(x)`: host float32 logits from the runtime, for the parity check;
+    `exporter`: what wrote it and what serves it.
+    """
+
+    files: tuple[Path, ...]
+    serve: InferencePath
+    logits: Callable[[np.ndarray], np.ndarray]
+    exporter: str
 
 
 def is_causal_lm(spec: TaskSpec) -> bool:
@@ -246,6 +269,21 @@ class Backend(abc.ABC):
         gen = self._generator(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
         return Generator(put=lambda x: gen.put(as_input(x)), first=gen.first, rest=gen.rest, name=gen.name)
 
+    def export(self, model: Any, fmt: str, folder: Path) -> Exported:
+        """Write `model` in `fmt` (EXPORT_FORMATS) under `folder` and load it back in its runtime.
+
+        Raises ExportUnsupported where the adapter has no exporter for `fmt`.
+        """
+        self._require_configured()
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORT_FORMATS)}")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        exported = self._export(model, fmt, Path(folder))
+        serve = exported.serve
+        return Exported(files=exported.files, exporter=exported.exporter,
+                        logits=lambda x: np.asarray(exported.logits(as_input(x)), np.float32),
+                        serve=InferencePath(put=lambda x: serve.put(as_input(x)), run=serve.run, name=serve.name))
+
     def rank0_value(self, value: Any) -> Any:
         """Rank 0's `value` on every replica process, so a choice made from timings (the
         best-mode probe) is the same everywhere; with one process, `value` itself."""
@@ -305,6 +343,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _logits(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+
+    def _export(self, model: Any, fmt: str, folder: Path) -> Exported:
+        raise ExportUnsupported(f"{self.name}: no {fmt} exporter")
 
     def _generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
         raise NotImplementedError(f"{self.name}: no cached generation")

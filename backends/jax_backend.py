@@ -702,6 +702,11 @@ class JaxBackend(Backend):
         count = data.n * int(np.prod(data.y.shape[1:]))  # every position of every sample
         return float(loss_sum) / count, float(correct) / count
 
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.jax_export import export
+
+        return export(self, model, fmt, folder)
+
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.jax_generate import generator
 

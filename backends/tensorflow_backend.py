@@ -585,6 +585,11 @@ class TensorFlowBackend(Backend):
             out = self._logits_fn(model)(tf.constant(x))
         return out.numpy().astype(np.float32, copy=False)
 
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.tensorflow_export import export
+
+        return export(self, model, fmt, folder)
+
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.tensorflow_generate import generator
 

@@ -706,6 +706,11 @@ class TorchBackend(Backend):
             out = model.forward(self._compute_view(data.x), False)
         return out.float().to("cpu").numpy()
 
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.torch_export import export
+
+        return export(self, model, fmt, folder)
+
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.torch_generate import generator
 

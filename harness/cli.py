@@ -13,6 +13,7 @@ from backends import BACKENDS
 from backends.base import DEVICES, PRECISIONS, RUN_MODES
 from harness import __version__
 from harness import data as data_mod
+from harness.exporting import INSTALL_HINT, missing_modules, parse_formats
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
 from harness.runner import (
     EXIT_CELL_FAILED,
@@ -102,6 +103,9 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.npz) written by any backend; for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
+    p.add_argument("--export", metavar="FORMATS", help="after training, export the model as onnx and/or native "
+                   "(torch.export, Keras SavedModel, jax.export) and time it in its runtime, ONNX Runtime for onnx; "
+                   f"needs the onnx extra: {INSTALL_HINT}")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
         p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
@@ -199,6 +203,14 @@ def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -
                     init_from=str(args.init_from.resolve()) if args.init_from else None,
                     allow_download=not args.no_download, override=args.override, data_parallel=data_parallel)
     apply_override(cfg)
+    if getattr(args, "export", None):
+        try:
+            cfg.export = list(parse_formats(args.export))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        missing = missing_modules(cfg.export, backends)
+        if missing:
+            raise UsageError(f"--export {args.export} needs {', '.join(missing)}: {INSTALL_HINT}")
     if args.threads:
         cfg.threads = args.threads
     if getattr(args, "shard", None):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from backends.base import Backend
+from backends.base import Backend, InferencePath
 from harness.measure import RssSampler
 
 # The budget: timed calls may take this fraction of the cell's training time (warm-up, epochs and
@@ -38,12 +38,16 @@ def _warm(run, x) -> tuple[float, float]:
 
 
 def measure_inference(backend: Backend, model, x: np.ndarray, *, batch_size: int, train_s: float) -> dict:
-    """Serve `model` through backend.inference and time it on device-resident inputs from `x` (held-out samples).
+    """Serve `model` through backend.inference and time it on held-out samples `x` (see time_path)."""
+    return time_path(backend.inference(model), x, batch_size=batch_size, train_s=train_s)
 
-    Every call returns only once its logits are ready on the device (the adapter synchronises),
+
+def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: float) -> dict:
+    """Time an inference path on device-resident inputs from `x`, within the call budget.
+
+    Every call returns only once its logits are ready on the device (the path synchronises),
     so each latency is one whole request. The host-to-device copy of a request is timed apart.
     """
-    path = backend.inference(model)
     batch_size = min(int(batch_size), len(x))
     budget_s = BUDGET_FRACTION * train_s
     started = time.perf_counter()

@@ -87,6 +87,7 @@ class RunConfig:
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
     override: str | None = None  # --override "d_model=768,layers=12": sizes of tasks that have them (tasks.BUILDERS)
     data_parallel: int = 1  # replicas per cell, each taking an even slice of every global batch
+    export: list[str] = field(default_factory=list)  # --export onnx,native: deployment formats (harness.exporting)
 
     def overrides(self) -> dict:
         changes = {}
@@ -171,7 +172,7 @@ CONFIG_TYPES = {
     "tasks": list, "backends": list, "repeats": int, "seed": int, "data": str, "data_dir": (str, type(None)),
     "epochs": (int, type(None)), "batch_size": (int, type(None)), "device": str, "threads": int, "precision": str,
     "mode": str, "timeout": (int, float, type(None)), "quick": bool, "init_from": (str, type(None)),
-    "allow_download": bool, "override": (str, type(None)), "data_parallel": int,
+    "allow_download": bool, "override": (str, type(None)), "data_parallel": int, "export": list,
 }
 
 
@@ -230,7 +231,7 @@ def apply_override(cfg: RunConfig) -> None:
 
 def check_config(cfg: RunConfig) -> None:
     """Names and ranges every run must satisfy, whether its config came from flags or from run.json."""
-    from backends.base import DEVICES, PRECISIONS, RUN_MODES
+    from backends.base import DEVICES, EXPORT_FORMATS, PRECISIONS, RUN_MODES
     from tasks import TASKS
 
     for name, values, valid in (("task", cfg.tasks, TASKS), ("backend", cfg.backends, BACKENDS),
@@ -238,6 +239,8 @@ def check_config(cfg: RunConfig) -> None:
                                 ("mode", [cfg.mode], RUN_MODES)):
         if not values or not all(isinstance(v, str) and v in valid for v in values):
             raise UsageError(f"{name} {values!r} is not valid; valid: {', '.join(valid)}")
+    if not all(isinstance(f, str) and f in EXPORT_FORMATS for f in cfg.export):
+        raise UsageError(f"export format {cfg.export!r} is not valid; valid: {', '.join(EXPORT_FORMATS)}")
     for name, low in (("repeats", 1), ("threads", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0),
                       ("data_parallel", 1)):
         value = getattr(cfg, name)
@@ -358,7 +361,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "init_from": cfg.init_from,
-        "data_parallel": cfg.data_parallel,
+        "data_parallel": cfg.data_parallel, "export": list(cfg.export),
         "checkpoint_prefix": str(cfg.out / "checkpoints" / f"{cell.task}-{cell.backend}-r{cell.repeat}"),
         "out": str(cfg.out),  # git_dirty leaves the run's own output out
     }
