@@ -15,7 +15,7 @@ from harness.measure import RssSampler
 BUDGET_FRACTION = 0.10
 MIN_LATENCY_CALLS, MAX_LATENCY_CALLS = 200, 2000  # percentiles up to p99 need a few hundred calls
 MIN_THROUGHPUT_CALLS, MAX_THROUGHPUT_CALLS = 3, 100
-WARMUP_CALLS = 5  # after the first call of each shape, which traces or compiles
+WARMUP_CALLS = 2  # after the first call of each shape, which traces or compiles
 
 
 def _timed(fn, *args) -> tuple[object, float]:

@@ -54,3 +54,24 @@ def test_an_unknown_export_format_exits_2(tmp_path, capsys):
     assert main(["run", "--task", "mnist-mlp", "--backend", "torch", "--export", "tflite", "--out",
                  str(tmp_path)]) == 2
     assert "valid formats are onnx, native" in capsys.readouterr().err
+
+
+def test_the_report_shows_each_exported_format_as_a_row_under_its_backend():
+    from record_factory import make_record
+
+    from harness import report
+
+    record = make_record("mnist-mlp", "torch", 0)
+    record["exported"] = {
+        "onnx": {"exporter": "torch.onnx.export(dynamo=True) -> onnxruntime", "size_bytes": 2**20,
+                 "max_abs_logit_diff": 2e-6, "parity_ok": True, "infer_latency_ms_p50": 0.05,
+                 "infer_samples_per_s": 123456.0},
+        "native": {"error": "no exporter", "unsupported": True},
+    }
+    table = report.summary_table([record]).set_index("backend")
+    onnx = table.loc["torch \u2192 onnx"]
+    assert onnx["infer samples/s"].startswith("123,456") and onnx["latency p50 b1 (ms)"].startswith("0.05")
+    assert onnx[report.EXPORT_HEADER] == "1.00 MiB, 2.0e-06 (parity ok)" and onnx["status"] == "ok"
+    native = table.loc["torch \u2192 native"]
+    assert native["status"] == "unsupported" and native["error"] == "no exporter"
+    assert "torch \u2192 onnx" in report.render_terminal([record])
