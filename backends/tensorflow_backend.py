@@ -596,23 +596,28 @@ class TensorFlowBackend(Backend):
         return generator(self, model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
 
     def _inference(self, model: _Model) -> InferencePath:
-        tf = self._tf
         fn = self._logits_fn(model)
 
-        def put(x):
-            with tf.device(self._device_name):
-                t = tf.identity(tf.constant(x))  # constant() may alias host memory; identity places it
-            self._synchronize()
-            return t
-
         def run(x):
-            with tf.device(self._device_name):
-                out = fn(x)
-            self._synchronize()
-            return out
+            return self._served(fn, x)
 
         name = "tf.function" + (" (jit_compile=True, XLA)" if model.mode == "compiled" else " (graph, no XLA)")
-        return InferencePath(put=put, run=run, name=name)
+        return InferencePath(put=self._device_input, run=run, name=name)
+
+    def _device_input(self, x: np.ndarray):
+        """A host array placed on the model's device, the copy finished (serving's inputs)."""
+        tf = self._tf
+        with tf.device(self._device_name):
+            t = tf.identity(tf.constant(x))  # constant() may alias host memory; identity places it
+        self._synchronize()
+        return t
+
+    def _served(self, fn, *args):
+        """fn(*args) on the model's device, returned once its results are ready (serving's calls)."""
+        with self._tf.device(self._device_name):
+            out = fn(*args)
+        self._synchronize()
+        return out
 
     def trace_counts(self, model: _Model) -> dict[str, int]:
         """How often each traced function has been traced (tests check nothing retraces)."""

@@ -23,19 +23,11 @@ def export(backend, model, fmt: str, folder: Path) -> Exported:
     model.keras_model.export(str(path), format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(str(path))
 
-    def put(x):
-        with tf.device(backend._device_name):
-            t = tf.identity(tf.constant(x))
-        backend._synchronize()
-        return t
-
     def run(x):
-        with tf.device(backend._device_name):
-            out = loaded.serve(x)
-        backend._synchronize()
-        return out
+        return backend._served(loaded.serve, x)
 
     files = tuple(p for p in sorted(path.rglob("*")) if p.is_file())
-    return Exported(files=files, serve=InferencePath(put=put, run=run, name="tf.saved_model.load(...).serve"),
-                    logits=lambda x: np.asarray(run(put(x)), np.float32),
+    serve = InferencePath(put=backend._device_input, run=run, name="tf.saved_model.load(...).serve")
+    return Exported(files=files, serve=serve,
+                    logits=lambda x: np.asarray(run(backend._device_input(x)), np.float32),
                     exporter="keras Model.export(format='tf_saved_model') -> tf.saved_model.load")

@@ -74,17 +74,8 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
     def step(token, cache, pos):
         return logits_at(token[:, None], cache, pos)
 
-    def put(x):
-        with tf.device(backend._device_name):
-            t = tf.identity(tf.constant(x))
-        backend._synchronize()
-        return t
-
     def first(x):
-        with tf.device(backend._device_name):
-            token, cache = prefill(x)
-        backend._synchronize()
-        return token, cache
+        return backend._served(prefill, x)
 
     def rest(state):
         token, cache = state
@@ -97,4 +88,4 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
 
     name = (f"tf.function{' (jit_compile=True, XLA)' if compiled else ''} prefill and step, "
             "KV cache written with keras.ops.slice_update")
-    return Generator(put=put, first=first, rest=rest, name=name)
+    return Generator(put=backend._device_input, first=first, rest=rest, name=name)

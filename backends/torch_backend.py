@@ -725,16 +725,18 @@ class TorchBackend(Backend):
         if model.mode == "compiled":
             logits = torch.compile(logits, dynamic=False)  # one graph per batch shape, as in training
 
-        def put(x):
-            t = self._put_data(x, np.zeros(len(x), np.int32)).x
-            self._synchronize()
-            return self._compute_view(t)
-
-        def run(x):
-            with torch.inference_mode():
-                out = logits(x)
-            self._synchronize()
-            return out
-
         name = "torch.inference_mode" + (" + torch.compile" if model.mode == "compiled" else " (eager)")
-        return InferencePath(put=put, run=run, name=name)
+        return InferencePath(put=self._device_input, run=lambda x: self._served(logits, x), name=name)
+
+    def _device_input(self, x: np.ndarray):
+        """A host array on the device in the layout the layers take, the copy finished (serving's inputs)."""
+        t = self._put_data(x, np.zeros(len(x), np.int32)).x
+        self._synchronize()
+        return self._compute_view(t)
+
+    def _served(self, fn, *args):
+        """fn(*args) under inference_mode, returned once its results are ready (serving's calls)."""
+        with self._torch().inference_mode():
+            out = fn(*args)
+        self._synchronize()
+        return out

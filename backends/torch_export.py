@@ -48,16 +48,9 @@ def export(backend, model, fmt: str, folder: Path) -> Exported:
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()
 
-    def put(x):
-        t = torch.from_numpy(_feed(x)).to(backend._device)
-        backend._synchronize()
-        return t
-
     def run(x):
-        with torch.inference_mode():
-            out = loaded(x)
-        backend._synchronize()
-        return out
+        return backend._served(loaded, x)
 
-    return Exported(files=(path,), serve=InferencePath(put=put, run=run, name="torch.export.load(...).module()"),
-                    logits=lambda x: run(put(x)).float().cpu().numpy(), exporter="torch.export.export -> .pt2")
+    serve = InferencePath(put=backend._device_input, run=run, name="torch.export.load(...).module()")
+    return Exported(files=(path,), serve=serve, logits=lambda x: run(backend._device_input(x)).float().cpu().numpy(),
+                    exporter="torch.export.export -> .pt2")

@@ -51,11 +51,6 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
             logits = _cached_run(model.spec.layers, tokens, ctx, cache, pos)
         return logits[:, -1].float().argmax(-1)
 
-    def put(x):
-        t = torch.from_numpy(x.astype(np.int64)).to(backend._device)
-        backend._synchronize()
-        return t
-
     def first(x):
         token = step(x, 0)
         backend._synchronize()
@@ -67,4 +62,5 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
             out.append(step(out[-1][:, None], prompt_len + i))
         return torch.stack(out, 1).to("cpu").numpy().astype(np.int32)
 
-    return Generator(put=put, first=first, rest=rest, name="torch.inference_mode, static KV cache written in place")
+    return Generator(put=backend._device_input, first=first, rest=rest,
+                     name="torch.inference_mode, static KV cache written in place")
