@@ -189,6 +189,7 @@ def summary_table(records: list[dict]):
         row["freezing speed-up"] = _speedup(rs)
         s = summarise_figure(ok, "roofline_fraction")
         row["roofline"] = format_stat(s, lambda v: f"{100 * v:.1f}%") if s["n"] else ""
+        row[EXPORT_HEADER] = ""  # the rows of its exported formats say it
         row["mode"] = ", ".join(_unique(mode_text(r.get("env") or {}) for r in rs))
         row["error"] = error
         rows.append(row)
