@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,9 @@ BEST = "best"
 RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "tf32", "bf16")
+# Deployment formats `tribench run --export` writes: ONNX (served by ONNX Runtime) and each
+# framework's own (torch.export, a Keras SavedModel, jax.export's serialized StableHLO).
+EXPORT_FORMATS = ("onnx", "native")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,67 @@ class Replicas:
             raise ValueError(f"data-parallel replicas must be >= 1, got {self.count}")
         if not 0 <= self.rank < self.count:
             raise ValueError(f"replica rank {self.rank} is outside 0..{self.count - 1}")
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """A trained model served by its framework: no gradients, compiled or not as the model's mode says.
+
+    `put(x)` makes a device-resident input from a host array (the host-to-device copy,
+    finished when it returns); `run(xd)` computes the logits and returns once they are
+    ready on the device; `name` says what runs (e.g. "torch.inference_mode + torch.compile").
+    """
+
+    put: Callable[[np.ndarray], Any]
+    run: Callable[[Any], Any]
+    name: str
+
+
+@dataclass(frozen=True)
+class Generator:
+    """Greedy decoding with a KV cache, for one batch size and prompt length.
+
+    `put(prompts)` puts (batch, prompt_len) int32 ids on the device; `first(xd)` fills the
+    cache from the prompts and returns the first new token once it is ready (the time to
+    first token); `rest(state)` decodes the other new tokens from `first`'s state and returns
+    every new id as a host (batch, new_tokens) int32 array; `name` says what runs.
+    """
+
+    put: Callable[[np.ndarray], Any]
+    first: Callable[[Any], Any]
+    rest: Callable[[Any], np.ndarray]
+    name: str
+
+
+class ExportUnsupported(RuntimeError):
+    """The adapter has no exporter for this format (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A trained model written in a deployment format and loaded back in the runtime that serves it.
+
+    `files`: what was written; `serve`: the runtime's inference path (its `put` takes canonical
+    host arrays); `logits(x)`: host float32 logits from the runtime, for the parity check;
+    `exporter`: what wrote it and what serves it.
+    """
+
+    files: tuple[Path, ...]
+    serve: InferencePath
+    logits: Callable[[np.ndarray], np.ndarray]
+    exporter: str
+
+
+def is_causal_lm(spec: TaskSpec) -> bool:
+    """Whether the model reads token ids through causal attention: a language model that can generate."""
+    return spec.takes_tokens and any(layer.kind == "multiheadselfattention" and layer.causal
+                                     for layer, _, _ in spec.walk())
+
+
+def as_input(x) -> np.ndarray:
+    """A model input as every adapter takes it: int32 token ids, or float32 features."""
+    x = np.asarray(x)
+    return x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
 
 
 class BackendUnavailable(RuntimeError):
@@ -137,9 +203,7 @@ class Backend(abc.ABC):
         self._require_configured()
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        x = np.asarray(x)
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
-        return self._put_data(x, np.asarray(y, np.int32))
+        return self._put_data(as_input(x), np.asarray(y, np.int32))
 
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
               trainable: tuple[str, ...] | None, mode: str) -> Any:
@@ -217,8 +281,40 @@ class Backend(abc.ABC):
         elif tuple(x.shape[1:]) != tuple(spec.input_shape):
             raise ValueError(f"logits need inputs of shape (batch, {', '.join(map(str, spec.input_shape))}), "
                              f"got {x.shape}")
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
-        return self._logits(model, x)
+        return self._logits(model, as_input(x))
+
+    def inference(self, model: Any) -> InferencePath:
+        """The model's forward pass as its framework serves it (see InferencePath); the harness times it."""
+        self._require_configured()
+        path = self._inference(model)
+        return InferencePath(put=lambda x: path.put(as_input(x)), run=path.run, name=path.name)
+
+    def generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+        """Greedy decoding with a KV cache (see Generator) for a causal language model."""
+        self._require_configured()
+        spec = model.spec
+        if not is_causal_lm(spec):
+            raise ValueError(f"{spec.name}: generation needs a causal language model")
+        if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > spec.input_shape[0]:
+            raise ValueError(f"{prompt_len} prompt + {new_tokens} new tokens do not fit the context "
+                             f"{spec.input_shape[0]}")
+        gen = self._generator(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+        return Generator(put=lambda x: gen.put(as_input(x)), first=gen.first, rest=gen.rest, name=gen.name)
+
+    def export(self, model: Any, fmt: str, folder: Path) -> Exported:
+        """Write `model` in `fmt` (EXPORT_FORMATS) under `folder` and load it back in its runtime.
+
+        Raises ExportUnsupported where the adapter has no exporter for `fmt`.
+        """
+        self._require_configured()
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORT_FORMATS)}")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        exported = self._export(model, fmt, Path(folder))
+        serve = exported.serve
+        return Exported(files=exported.files, exporter=exported.exporter,
+                        logits=lambda x: np.asarray(exported.logits(as_input(x)), np.float32),
+                        serve=InferencePath(put=lambda x: serve.put(as_input(x)), run=serve.run, name=serve.name))
 
     def rank0_value(self, value: Any) -> Any:
         """Rank 0's `value` on every replica process, so a choice made from timings (the
@@ -283,3 +379,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _logits(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+
+    def _export(self, model: Any, fmt: str, folder: Path) -> Exported:
+        raise ExportUnsupported(f"{self.name}: no {fmt} exporter")
+
+    def _generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+        raise NotImplementedError(f"{self.name}: no cached generation")
+
+    def _inference(self, model: Any) -> InferencePath:
+        # The fallback composed from _logits: host arrays in and out, so the copies are timed with it.
+        return InferencePath(put=lambda x: x, run=lambda x: self._logits(model, x),
+                             name=f"{self.name} logits (host arrays in and out)")

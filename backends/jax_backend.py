@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable
+from backends.base import Backend, BackendUnavailable, InferencePath
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -139,22 +139,39 @@ def _positional(layer, h, ctx):
     return h + ctx.p(layer, "table")[: h.shape[1]].astype(h.dtype)
 
 
-def _attention(layer, h, ctx):
+def _lora(layer, ctx, name, x, a_eq, b_eq):
+    """(alpha / r) x A B, zero where LoRA does not adapt `name`."""
     import jax
     jnp = jax.numpy
 
-    def lora(name, x, a_eq, b_eq):  # (alpha / r) x A B, zero where LoRA is off
-        if not (layer.lora_rank and name in layer.lora_targets):
-            return 0
-        xa = jnp.einsum(a_eq, x, ctx.p(layer, f"{name}_lora_a").astype(x.dtype))
-        return layer.lora_scale() * jnp.einsum(b_eq, xa, ctx.p(layer, f"{name}_lora_b").astype(x.dtype))
+    if not (layer.lora_rank and name in layer.lora_targets):
+        return 0
+    xa = jnp.einsum(a_eq, x, ctx.p(layer, f"{name}_lora_a").astype(x.dtype))
+    return layer.lora_scale() * jnp.einsum(b_eq, xa, ctx.p(layer, f"{name}_lora_b").astype(x.dtype))
 
-    q, k, v = (jnp.einsum("btd,dhk->bthk", h, ctx.p(layer, f"{n}_kernel").astype(h.dtype))
-               + ctx.p(layer, f"{n}_bias").astype(h.dtype) + lora(n, h, "btd,dr->btr", "btr,rhk->bthk")
-               for n in ("query", "key", "value"))
-    o = _dot_product_attention(q, k, v, causal=layer.causal)
-    return (jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(h.dtype)) + ctx.p(layer, "out_bias")
-            + lora("out", o, "bqhk,hkr->bqr", "bqr,rd->bqd"))
+
+def attention_qkv(layer, h, ctx):
+    """q, k, v of (b, t, d) inputs, each (b, t, heads, head_dim)."""
+    import jax
+    jnp = jax.numpy
+
+    return tuple(jnp.einsum("btd,dhk->bthk", h, ctx.p(layer, f"{n}_kernel").astype(h.dtype))
+                 + ctx.p(layer, f"{n}_bias").astype(h.dtype) + _lora(layer, ctx, n, h, "btd,dr->btr", "btr,rhk->bthk")
+                 for n in ("query", "key", "value"))
+
+
+def attention_out(layer, o, ctx):
+    """The output projection of attention values o (b, t, heads, head_dim): (b, t, d)."""
+    import jax
+    jnp = jax.numpy
+
+    return (jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(o.dtype)) + ctx.p(layer, "out_bias")
+            + _lora(layer, ctx, "out", o, "bqhk,hkr->bqr", "bqr,rd->bqd"))
+
+
+def _attention(layer, h, ctx):
+    q, k, v = attention_qkv(layer, h, ctx)
+    return attention_out(layer, _dot_product_attention(q, k, v, causal=layer.causal), ctx)
 
 
 # Which attention kernel: jax.nn.dot_product_attention, the framework's own op, where it is
@@ -694,6 +711,29 @@ class JaxBackend(Backend):
         self._last = correct
         count = data.n * int(np.prod(data.y.shape[1:]))  # every position of every sample
         return float(loss_sum) / count, float(correct) / count
+
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.jax_export import export
+
+        return export(self, model, fmt, folder)
+
+    def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
+        from backends.jax_generate import generator
+
+        return generator(self, model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+
+    def _inference(self, model: _Model) -> InferencePath:
+        jax = self._jax
+        params = {**model.frozen_params, **model.train_params}
+
+        def put(x):
+            return jax.block_until_ready(self._put(x))
+
+        def run(x):
+            return jax.block_until_ready(model.forward(params, x))
+
+        # Both modes serve the same jitted forward pass: they differ in how training dispatches steps.
+        return InferencePath(put=put, run=run, name="jax.jit forward")
 
     def _logits(self, model: _Model, x: np.ndarray) -> np.ndarray:
         params = {**model.frozen_params, **model.train_params}

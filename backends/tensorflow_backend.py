@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable
+from backends.base import Backend, BackendUnavailable, InferencePath
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -637,6 +637,40 @@ class TensorFlowBackend(Backend):
         with tf.device(self._device_name):
             out = self._logits_fn(model)(tf.constant(x))
         return out.numpy().astype(np.float32, copy=False)
+
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.tensorflow_export import export
+
+        return export(self, model, fmt, folder)
+
+    def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
+        from backends.tensorflow_generate import generator
+
+        return generator(self, model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+
+    def _inference(self, model: _Model) -> InferencePath:
+        fn = self._logits_fn(model)
+
+        def run(x):
+            return self._served(fn, x)
+
+        name = "tf.function" + (" (jit_compile=True, XLA)" if model.mode == "compiled" else " (graph, no XLA)")
+        return InferencePath(put=self._device_input, run=run, name=name)
+
+    def _device_input(self, x: np.ndarray):
+        """A host array placed on the model's device, the copy finished (serving's inputs)."""
+        tf = self._tf
+        with tf.device(self._device_name):
+            t = tf.identity(tf.constant(x))  # constant() may alias host memory; identity places it
+        self._synchronize()
+        return t
+
+    def _served(self, fn, *args):
+        """fn(*args) on the model's device, returned once its results are ready (serving's calls)."""
+        with self._tf.device(self._device_name):
+            out = fn(*args)
+        self._synchronize()
+        return out
 
     def trace_counts(self, model: _Model) -> dict[str, int]:
         """How often each traced function has been traced (tests check nothing retraces)."""

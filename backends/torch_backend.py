@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable
+from backends.base import Backend, BackendUnavailable, InferencePath
 from tasks.spec import TaskSpec
 
 # Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
@@ -204,28 +204,45 @@ def _reshape(layer, h, ctx):
     return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
 
 
-def _attention(layer, h, ctx):
+def _lora(layer, ctx, name, x, y):
+    """y + (alpha / r) x A B where LoRA adapts `name` (A and B canonical), else y."""
+    if not (layer.lora_rank and name in layer.lora_targets):
+        return y
+    a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
+    return y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
+
+
+def attention_qkv(layer, h, ctx):
+    """q, k, v of (b, t, d) inputs, each (b, heads, t, head_dim)."""
     import torch
     import torch.nn.functional as F
 
     b, t, d = h.shape
     names = ("query", "key", "value")
-
-    def lora(name, x, y):  # x W + (alpha / r) x A B, A and B canonical
-        if not (layer.lora_rank and name in layer.lora_targets):
-            return y
-        a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
-        return y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
-
     # q, k and v as one product with the kernels stacked, as nanoGPT's packed c_attn: three
     # (b t, d) x (d, d) products spent 11% more time in matmuls than one (d, 3d) on the CPU
     # (tiny-gpt, torch.profiler over 10 steps: 1.12 s vs nanoGPT's 1.01 s). Stacking copies 3 d^2 floats a step.
     packed = F.linear(h, torch.cat([ctx.p(layer, f"{n}_kernel") for n in names]),
                       torch.cat([ctx.p(layer, f"{n}_bias") for n in names]))
-    q, k, v = (lora(n, h, y).view(b, t, layer.heads, -1).transpose(1, 2) for n, y in zip(names, packed.chunk(3, -1)))
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)  # scale 1/sqrt(head_dim)
+    return tuple(_lora(layer, ctx, n, h, y).view(b, t, layer.heads, -1).transpose(1, 2)
+                 for n, y in zip(names, packed.chunk(3, -1)))
+
+
+def attention_out(layer, o, ctx):
+    """The output projection of attention values o (b, heads, t, head_dim): (b, t, d)."""
+    import torch.nn.functional as F
+
+    b, _, t, _ = o.shape
     o = o.transpose(1, 2).reshape(b, t, -1)
-    return lora("out", o, F.linear(o, ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias")))
+    return _lora(layer, ctx, "out", o, F.linear(o, ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias")))
+
+
+def _attention(layer, h, ctx):
+    import torch.nn.functional as F
+
+    q, k, v = attention_qkv(layer, h, ctx)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)  # scale 1/sqrt(head_dim)
+    return attention_out(layer, o, ctx)
 
 
 def _pool(fn_name):
@@ -697,3 +714,38 @@ class TorchBackend(Backend):
         with torch.no_grad():
             out = model.forward(self._compute_view(data.x), False)
         return out.float().to("cpu").numpy()
+
+    def _export(self, model: _Model, fmt: str, folder):
+        from backends.torch_export import export
+
+        return export(self, model, fmt, folder)
+
+    def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
+        from backends.torch_generate import generator
+
+        return generator(self, model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+
+    def _inference(self, model: _Model) -> InferencePath:
+        torch = self._torch()
+
+        def logits(x):
+            return model.forward(x, False)
+
+        if model.mode == "compiled":
+            logits = torch.compile(logits, dynamic=False)  # one graph per batch shape, as in training
+
+        name = "torch.inference_mode" + (" + torch.compile" if model.mode == "compiled" else " (eager)")
+        return InferencePath(put=self._device_input, run=lambda x: self._served(logits, x), name=name)
+
+    def _device_input(self, x: np.ndarray):
+        """A host array on the device in the layout the layers take, the copy finished (serving's inputs)."""
+        t = self._put_data(x, np.zeros(len(x), np.int32)).x
+        self._synchronize()
+        return self._compute_view(t)
+
+    def _served(self, fn, *args):
+        """fn(*args) under inference_mode, returned once its results are ready (serving's calls)."""
+        with self._torch().inference_mode():
+            out = fn(*args)
+        self._synchronize()
+        return out

@@ -84,7 +84,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
         "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "pinned_mode": cell.pinned_mode, "init_from": cfg.init_from,
-        "data_parallel": cfg.data_parallel,
+        "data_parallel": cfg.data_parallel, "export": list(cfg.export),
         "checkpoint_prefix": str(confine.inside(cfg.out, "checkpoints",
                                                 f"{cell.task}-{cell.backend}-r{cell.repeat}")),
         "out": str(cfg.out),  # git_dirty leaves the run's own output out

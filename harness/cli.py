@@ -16,6 +16,7 @@ from harness import __version__
 from harness import data as data_mod
 from harness.confine import UntrustedInput
 from harness.errors import EXIT_CELL_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from harness.exporting import INSTALL_HINT, missing_modules, parse_formats
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
 from harness.run_config import RunConfig, apply_override, check_config, load_resume
 from harness.runner import available_backends, run_matrix
@@ -98,6 +99,9 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    help="start from a checkpoint (.safetensors, or .npz) written by any backend, or a Hugging "
                    "Face GPT-2 folder for the gpt2 tasks (docs/finetune-hf.md); for finetune, skips pretraining")
     p.add_argument("--no-download", action="store_true", help="never try to download datasets")
+    p.add_argument("--export", metavar="FORMATS", help="after training, export the model as onnx and/or native "
+                   "(torch.export, Keras SavedModel, jax.export) and time it in its runtime, ONNX Runtime for onnx; "
+                   f"needs the onnx extra: {INSTALL_HINT}")
     p.add_argument("--out", type=Path, help="results folder (default results/runs/<UTC time>)")
     if not sweep:
         p.add_argument("--resume", type=Path, metavar="DIR", help="run only the cells missing from DIR")
@@ -195,6 +199,14 @@ def run_config(args, *, batch_size: int | None = None, data_parallel: int = 1) -
                     init_from=str(args.init_from.resolve()) if args.init_from else None,
                     allow_download=not args.no_download, override=args.override, data_parallel=data_parallel)
     apply_override(cfg)
+    if getattr(args, "export", None):
+        try:
+            cfg.export = list(parse_formats(args.export))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        missing = missing_modules(cfg.export, backends)
+        if missing:
+            raise UsageError(f"--export {args.export} needs {', '.join(missing)}: {INSTALL_HINT}")
     if args.threads:
         cfg.threads = args.threads
     if getattr(args, "shard", None):

@@ -85,6 +85,25 @@ FIGURES: tuple[Figure, ...] = (
     Figure("wall_s", "wall time (s)", ".3g", "s", False, exported=True),
     Figure("roofline_fraction", "roofline", lambda v: f"{100 * v:.1f}%", "fraction", True, exported=True),
     RSS_AFTER_IMPORT,
+    # The trained model served (harness/inference.py): batch-1 latency percentiles, throughput at the
+    # eval batch size, the host-to-device copy of a batch apart, host memory while serving.
+    Figure("infer_latency_ms_p50", "latency p50 b1 (ms)", ".3g", "ms", False, "relative", exported=True,
+           report="core", terminal=True, history="inference latency p50, batch 1 (ms)"),
+    Figure("infer_latency_ms_p90", "latency p90 b1 (ms)", ".3g", "ms", False, exported=True, report="extra"),
+    Figure("infer_latency_ms_p99", "latency p99 b1 (ms)", ".3g", "ms", False, "relative", exported=True,
+           report="core"),
+    Figure("infer_samples_per_s", "infer samples/s", ",.0f", "samples/s", True, "relative", exported=True,
+           report="core", terminal=True, history="inference samples/s"),
+    Figure("infer_h2d_ms", "host-to-device copy (ms)", ".3g", "ms", False, exported=True, report="extra"),
+    Figure("infer_peak_rss_mb", "serving peak host RSS (MiB)", ",.0f", "MiB", False, exported=True,
+           report="extra"),
+    # Greedy generation of a language model with a KV cache (harness/generation.py).
+    Figure("generate_tokens_per_s_b1", "generate tokens/s b1", ",.0f", "tokens/s", True, "relative", exported=True,
+           report="extra", terminal=True),
+    Figure("generate_tokens_per_s_b32", "generate tokens/s b32", ",.0f", "tokens/s", True, "relative",
+           exported=True, report="extra"),
+    Figure("time_to_first_token_ms", "time to first token (ms)", ".3g", "ms", False, "relative", exported=True,
+           report="extra"),
     # Per-epoch curves with no final figure of their own.
     Figure("train_loss", "train loss", ".4f", "nats", False, series="epoch_train_loss"),
     Figure("epoch_s", "epoch time (s)", ".3g", "s", False, series="epoch_s"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -11,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import BEST, Backend
+from backends.base import BEST, Backend, is_causal_lm
 from harness.checkpoint import SUFFIX, save_checkpoint
 from harness.data import Dataset
+from harness.generation import measure_generation
+from harness.inference import measure_inference
 from harness.probe import probe_modes
 from harness.weights import initial_weights, reinitialise
 from tasks.spec import TaskSpec
+
+log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
@@ -120,7 +125,30 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
              eval_samples_per_s=m["n_test"] * spec.epochs / sum(m["eval_s"]) if sum(m["eval_s"]) > 0 else None)
     if spec.takes_tokens:
         m.update(sequence_metrics(spec, m, byte_level=data.tokenizer is None))
+    if stage.name == spec.primary_stage:  # the trained model the record is about, served
+        m.update(served_figures(backend, model, data, spec=spec, train_s=warmup_s + train_clock + sum(m["eval_s"])))
     return StageResult(stage.name, m, backend.get_weights(model))
+
+
+def served_figures(backend: Backend, model, data: Dataset, *, spec: TaskSpec, train_s: float) -> dict:
+    """The trained model served: inference figures, and generation for a language model.
+
+    A failure there is recorded under infer_error / generate_error, never fatal to the training figures.
+    """
+    parts = {"infer": lambda: measure_inference(backend, model, data.x_test, batch_size=spec.eval_batch_size,
+                                                train_s=train_s)}
+    if is_causal_lm(spec):
+        parts["generate"] = lambda: measure_generation(backend, model, data.x_test)
+    out: dict = {}
+    for name, measure in parts.items():
+        started = time.perf_counter()
+        try:
+            out.update(measure())
+        except Exception as exc:  # any framework error: the training figures above stand on their own
+            log.warning("%s: %s figures failed: %s", backend.name, name, exc)
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+        out[f"{name}_s"] = time.perf_counter() - started
+    return out
 
 
 def reached_target(spec: TaskSpec, loss: float, accuracy: float) -> bool:

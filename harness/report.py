@@ -54,7 +54,8 @@ MISSING = "\u2014"
 INITIAL_LOSS_RTOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 5e-2}
 
 # Columns computed here rather than read as one figure; shown where some record of the task has them.
-DERIVED_HEADERS = ("freezing speed-up", "roofline", "mode", "error")
+EXPORT_HEADER = "exported (size, max |logit diff|)"
+DERIVED_HEADERS = ("freezing speed-up", "roofline", EXPORT_HEADER, "mode", "error")
 CELL_HEADERS = ("backend", "device", "status", "n")
 KEY_HEADERS = ("task", *CELL_HEADERS, "data")
 # Terminal prose is wrapped to this width; the 8-column main tables are a little wider at most.
@@ -136,6 +137,32 @@ def _optional_headers() -> tuple[str, ...]:
     return (*(f.label for f in report_columns("extra")), *DERIVED_HEADERS)
 
 
+def _exported_rows(cell_row: dict, ok: list[dict]) -> list[dict]:
+    """A row per exported format of a cell (`--export`), under its backend's row: the runtime's figures."""
+    rows = []
+    formats = _unique(fmt for r in ok for fmt in (r.get("exported") or {}))
+    for fmt in formats:
+        runs = [(r.get("exported") or {}).get(fmt) or {} for r in ok]
+        done = [e for e in runs if "error" not in e]
+        row = {h: "" for h in cell_row}
+        row.update(task=cell_row["task"], backend=f"{cell_row['backend']} \u2192 {fmt}", device=cell_row["device"],
+                   n=len(done), data=cell_row["data"], mode=", ".join(_unique(e.get("exporter") for e in done)))
+        row["status"] = "ok" if len(done) == len(runs) else ("unsupported" if any(e.get("unsupported") for e in runs)
+                                                           else "failed")
+        row["error"] = next((str(e["error"]) for e in runs if "error" in e), "")
+        for f in (*report_columns("core"), *report_columns("extra")):
+            s = summarise(e.get(f.name) for e in done)
+            if s["n"]:
+                row[f.label] = format_stat(s, f.fmt)
+        if done:
+            size = max(e.get("size_bytes", 0) for e in done) / 2**20
+            diff = max(e.get("max_abs_logit_diff", 0.0) for e in done)
+            parity = "parity ok" if all(e.get("parity_ok") for e in done) else "PARITY FAILED"
+            row[EXPORT_HEADER] = f"{size:,.2f} MiB, {diff:.1e} ({parity})"
+        rows.append(row)
+    return rows
+
+
 # -- the summary table -------------------------------------------------------------------------
 
 def summary_table(records: list[dict]):
@@ -170,9 +197,11 @@ def summary_table(records: list[dict]):
         row["freezing speed-up"] = _speedup(rs)
         s = summarise_figure(ok, "roofline_fraction")
         row["roofline"] = format_stat(s, lambda v: f"{100 * v:.1f}%") if s["n"] else ""
+        row[EXPORT_HEADER] = ""  # the rows of its exported formats say it
         row["mode"] = ", ".join(_unique(mode_text(r.get("env") or {}) for r in rs))
         row["error"] = error
         rows.append(row)
+        rows += _exported_rows(row, ok)
     columns = [*KEY_HEADERS, *(f.label for f in report_columns("core")), "params (total / trainable)",
                *_optional_headers()]
     return pd.DataFrame(rows, columns=columns)

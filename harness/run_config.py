@@ -52,6 +52,7 @@ class RunConfig:
     shard: list[int] | None = None  # [index, count]: run only that shard of the planned cells (harness.shard)
     override: str | None = None  # --override "d_model=768,layers=12": sizes of tasks that have them (tasks.BUILDERS)
     data_parallel: int = 1  # replicas per cell, each taking an even slice of every global batch
+    export: list[str] = field(default_factory=list)  # --export onnx,native: deployment formats (harness.exporting)
 
     def overrides(self) -> dict:
         changes = {}
@@ -181,7 +182,7 @@ def apply_override(cfg: RunConfig) -> None:
 
 def check_config(cfg: RunConfig) -> None:
     """Names and ranges every run must satisfy, whether its config came from flags or from run.json."""
-    from backends.base import DEVICES, PRECISIONS, RUN_MODES
+    from backends.base import DEVICES, EXPORT_FORMATS, PRECISIONS, RUN_MODES
     from tasks import TASKS
 
     for name, values, valid in (("task", cfg.tasks, TASKS), ("backend", cfg.backends, BACKENDS),
@@ -194,6 +195,8 @@ def check_config(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise UsageError(f"{name} {value} is below {low}")
+    if not all(isinstance(f, str) and f in EXPORT_FORMATS for f in cfg.export):
+        raise UsageError(f"export format {cfg.export!r} is not valid; valid: {', '.join(EXPORT_FORMATS)}")
     if cfg.timeout is not None and not cfg.timeout > 0:
         raise UsageError(f"timeout {cfg.timeout} is not positive")
     try:  # the same types and bounds whether the config came from flags or from run.json

@@ -144,6 +144,7 @@ class Config(_Model):
     shard: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
     override: str | None = None
     data_parallel: Annotated[int, Field(ge=1, le=MAX_DATA_PARALLEL)] = 1
+    export: Annotated[list[SafeName], Field(max_length=8)] = []
 
     @model_validator(mode="after")
     def _known_and_shard(self):

@@ -139,6 +139,9 @@ def run_cell(cfg: dict, record: dict) -> dict:
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["env"]["execution"] = record["metrics"].pop("execution")
             record["status"] = "ok"
+            if cfg.get("export"):
+                record["exported"] = export_trained(backend, spec, results[spec.primary_stage], dataset, cfg,
+                                                    mode=record["env"]["mode"])
         except BackendUnavailable as exc:  # the mode asked for cannot run this model here
             record.update(status="skipped", error=str(exc))
         except Diverged as exc:
@@ -150,6 +153,18 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["metrics"]["wall_s"] = time.perf_counter() - started
     record["metrics"]["cpu_s"] = time.process_time()  # this process's CPU seconds, all threads: wall_s without the load
     return record
+
+
+def export_trained(backend, spec, result, dataset, cfg: dict, *, mode: str) -> dict:
+    """The primary stage's trained weights in each --export format, under the results folder's exports/."""
+    from harness.exporting import export_figures
+
+    m = result.metrics
+    model = backend.build(spec, result.weights, trainable=None, mode=mode)
+    folder = Path(cfg["out"]) / "exports" / f"{cfg['task']}-{cfg['backend']}-r{cfg['repeat']}"
+    return export_figures(backend, model, dataset.x_test, formats=cfg["export"], folder=folder,
+                          batch_size=spec.eval_batch_size,
+                          train_s=m["warmup_s"] + sum(m["epoch_s"]) + sum(m["eval_s"]))
 
 
 def main(argv: list[str] | None = None) -> int:

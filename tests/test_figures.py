@@ -31,3 +31,18 @@ def test_a_new_registry_entry_reaches_report_compare_history_and_exports(monkeyp
     table = report.summary_table([record])
     assert table["widgets/s"].iloc[0].startswith("1,234")
     assert "widgets/s" in report.render_terminal([record])
+
+
+def test_compare_calls_a_slower_batch1_latency_a_regression_and_a_faster_one_an_improvement():
+    base = make_record("mnist-mlp", "torch", 0)
+    base["metrics"].update(infer_latency_ms_p50=1.0, infer_latency_ms_p99=2.0, infer_samples_per_s=1000.0)
+    slower = make_record("mnist-mlp", "torch", 0)
+    slower["metrics"].update(infer_latency_ms_p50=1.5, infer_latency_ms_p99=2.0, infer_samples_per_s=1000.0)
+    text, code = compare.compare_records([base], [slower])
+    assert code == 1 and "mnist-mlp/torch/cpu: infer_latency_ms_p50" in text
+    assert "infer_latency_ms_p50 (lower better)" in text
+    faster = make_record("mnist-mlp", "torch", 0)
+    faster["metrics"].update(infer_latency_ms_p50=0.5, infer_latency_ms_p99=2.0, infer_samples_per_s=1000.0)
+    text, _ = compare.compare_records([base], [faster])
+    line = next(ln for ln in text.splitlines() if "infer_latency_ms_p50 (lower better)" in ln)
+    assert "improved" in line

@@ -12,6 +12,7 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parent
 SUMMARY_ENV = "TRIBENCH_BENCH_SUMMARY"  # a path: the yardstick table is also written there as markdown
 ROWS = pytest.StashKey[list]()
+INFER_ROWS = pytest.StashKey[list]()
 STARTED = pytest.StashKey[dict]()
 FRAMEWORK_ORDER = ("torch", "tensorflow", "jax")
 ROOFLINE_TARGET = 0.6  # the fastest backend on the MLP, compiled mode
@@ -23,6 +24,7 @@ def _in_bench(item: pytest.Item) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[ROWS] = []
+    config.stash[INFER_ROWS] = []
     config.stash[STARTED] = {"time": time.time(), "loadavg": loadavg()}
 
 
@@ -51,6 +53,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def yardstick_rows(request) -> list:
     """Where the yardstick comparisons put their rows for the end-of-session table."""
     return request.config.stash[ROWS]
+
+
+@pytest.fixture(scope="session")
+def inference_rows(request) -> list:
+    """Where the inference comparisons put their rows for the end-of-session table."""
+    return request.config.stash[INFER_ROWS]
+
+
+def inference_lines(rows: list[dict]) -> list[str]:
+    """The serving table: batch-1 latency and eval-batch throughput, harness beside the framework's own predict."""
+    if not rows:
+        return []
+    lines = ["| backend | task | harness path (mode) | b1 latency ms harness [min-max] | yardstick "
+             "| ratio | samples/s harness (batch) [min-max] | yardstick | ratio |", "|" + "---|" * 9]
+    for r in rows:
+        lat, rate = r["latency_ms"], r["samples_per_s"]
+        lines.append(f"| {r['backend']} | {r['task']} | {r['path']} ({r['ran_in']}) "
+                     f"| {lat['harness']['median']:.3f} [{lat['harness']['min']:.3f}-{lat['harness']['max']:.3f}] "
+                     f"| {lat['yardstick']['median']:.3f} | {r['latency_ratio']:.2f}x "
+                     f"| {rate['harness']['median']:,.0f} ({r['batch']}) [{rate['harness']['min']:,.0f}-"
+                     f"{rate['harness']['max']:,.0f}] | {rate['yardstick']['median']:,.0f} | {r['rate_ratio']:.2f}x |")
+    return lines + ["", f"Median of {rows[0]['repeats']} interleaved rounds (yardstick, then harness); latency ratio = "
+                        "yardstick / harness, throughput ratio = harness / yardstick (>= 1.0: the harness is as fast)."]
 
 
 def loadavg() -> list[float] | None:
@@ -119,9 +144,11 @@ def summary_lines(rows: list[dict], *, started: dict) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     rows = config.stash.get(ROWS, [])
-    if not rows:
+    serving = inference_lines(config.stash.get(INFER_ROWS, []))
+    if not rows and not serving:
         return
-    lines = summary_lines(rows, started=config.stash[STARTED])
+    lines = summary_lines(rows, started=config.stash[STARTED]) if rows else []
+    lines += ([""] if lines and serving else []) + serving
     terminalreporter.section("tribench: harness vs framework yardsticks")
     for line in lines:
         terminalreporter.write_line(line)

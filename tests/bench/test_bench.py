@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,3 +291,56 @@ def against_yardstick(benchmark, yardstick_rows: list, c: Cell, stick, mode: str
     expected = [window] * REPEATS
     assert [s for s, _ in harness_runs] == expected, f"harness trained {harness_runs}, expected {expected}"
     assert [s for s, _ in yard_runs] == expected, f"yardstick trained {yard_runs}, expected {expected}"
+
+
+# -- serving: the harness's inference path beside each framework's own predict --------------
+
+INFER_TASKS = (MNIST_MLP.name, CIFAR_CNN.name)
+INFER_CALLS = {"b1": 200, "batch": 5}  # per repeat and side: batch-1 latency calls, eval-batch throughput calls
+
+
+def _calls(run, x, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@pytest.mark.parametrize(("backend", "task"), [(b, t) for b in BACKENDS for t in INFER_TASKS],
+                         ids=[f"{b}-{t}" for b in BACKENDS for t in INFER_TASKS])
+def test_inference_yardstick(benchmark, backend, task, inference_rows):
+    """Batch-1 latency and eval-batch throughput, REPEATS interleaved rounds of (yardstick, harness), same weights."""
+    c = cell(backend, task, BEST)
+    stick = yardstick(backend, task)
+    stick.epoch(epoch_order(SEED, 0, 0, c.n_train, c.spec.batch_size))  # both sides: one epoch trained
+    c.backend.train_epoch(c.model, c.train, epoch_order(SEED, 0, 0, c.n_train, c.spec.batch_size), c.spec.batch_size)
+    x = dataset(task, c.n_train).x_test
+    batch = min(c.spec.eval_batch_size, len(x))
+    path = c.backend.inference(c.model)
+    sides = {"harness": (path.run, path.put), "yardstick": (stick.predict, stick.predict_input)}
+    inputs = {(side, n): put(x[:n]) for side, (_, put) in sides.items() for n in (1, batch)}
+    for side, (run, _) in sides.items():  # warm-up: traces and compiles both shapes
+        for n in (1, batch):
+            _calls(run, inputs[side, n], 3)
+    latency = {side: [] for side in sides}
+    rate = {side: [] for side in sides}
+
+    def one_round():
+        for side in ("yardstick", "harness"):
+            run = sides[side][0]
+            latency[side].append(1e3 * statistics.median(_calls(run, inputs[side, 1], INFER_CALLS["b1"])))
+            rate[side].append(batch / statistics.median(_calls(run, inputs[side, batch], INFER_CALLS["batch"])))
+
+    benchmark.group = f"inference vs yardstick {task}"
+    benchmark.pedantic(one_round, rounds=REPEATS, iterations=1)
+    row = {"backend": backend, "task": task, "ran_in": c.mode, "path": path.name, "batch": batch,
+           "latency_ms": {s: spread(v) for s, v in latency.items()},
+           "samples_per_s": {s: spread(v) for s, v in rate.items()},
+           "latency_ratio": statistics.median(latency["yardstick"]) / statistics.median(latency["harness"]),
+           "rate_ratio": statistics.median(rate["harness"]) / statistics.median(rate["yardstick"]),
+           "repeats": REPEATS, "device": c.backend.environment()["device_name"]}
+    benchmark.extra_info.update(row)
+    inference_rows.append(row)
+    assert all(finite_positive(v) for side in sides for v in latency[side] + rate[side])

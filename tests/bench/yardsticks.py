@@ -77,6 +77,14 @@ class Yardstick:
         """Untimed steps (None: a whole epoch) that pay for tracing, compiling and first allocations."""
         self.epoch(order if steps is None else order[: steps * self.batch_size])
 
+    def predict_input(self, x: np.ndarray):
+        """A canonical host batch as the tutorial's predict call takes it (on its device where it keeps one)."""
+        return x
+
+    def predict(self, x):
+        """The framework's own idiomatic prediction of the current weights, returning once the logits are ready."""
+        raise NotImplementedError
+
 
 # -- PyTorch: nn.Sequential and the quickstart tutorial's loop ----------------------------
 
@@ -114,6 +122,19 @@ class TorchYardstick(Yardstick):
         self.yt = torch.from_numpy(self.y.astype(np.int64))
         self.scheduler, self.clip, self.log_every = None, None, TORCH_LOG_EVERY
         self._torch = torch
+
+    def predict_input(self, x: np.ndarray):
+        torch = self._torch
+        t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x.astype(np.int64))
+        return t.to(self.device)
+
+    def predict(self, x):
+        torch = self._torch
+        with torch.inference_mode():  # the tutorials' `model.eval()` + no-grad prediction
+            out = self.model.eval()(x)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     def _setup_gpt(self, torch) -> None:
         """nanoGPT's model.py and train.py, cut down to the task: the same blocks, AdamW, warm-up + cosine, clipping."""
@@ -229,6 +250,9 @@ class KerasYardstick(Yardstick):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         self.model = model
 
+    def predict(self, x):
+        return self.model.predict_on_batch(x)  # numpy out: the logits are ready
+
     def _train(self, order: np.ndarray, *, record: bool) -> tuple[EpochTiming, np.ndarray | None]:
         import keras
 
@@ -314,6 +338,13 @@ class FlaxYardstick(Yardstick):
 
         self.train_step = train_step
         self._jax = jax
+        self._apply = jax.jit(module.apply)  # flax examples' jitted eval apply
+
+    def predict_input(self, x: np.ndarray):
+        return self._jax.device_put(x)
+
+    def predict(self, x):
+        return self._jax.block_until_ready(self._apply({"params": self.state.params}, x))
 
     def _train(self, order: np.ndarray, *, record: bool) -> tuple[EpochTiming, np.ndarray | None]:
         jax = self._jax

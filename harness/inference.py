@@ -1,0 +1,79 @@
+"""Inference figures of a trained model: batch-1 latency percentiles, throughput, host-to-device copies apart."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from backends.base import Backend, InferencePath
+from harness.measure import RssSampler
+
+# The budget: timed calls may take this fraction of the cell's training time (warm-up, epochs and
+# evaluations), split evenly between the latency and the throughput calls. The call counts below
+# bound it; the record states the budget, the counts chosen and the time actually spent.
+BUDGET_FRACTION = 0.10
+MIN_LATENCY_CALLS, MAX_LATENCY_CALLS = 200, 2000  # percentiles up to p99 need a few hundred calls
+MIN_THROUGHPUT_CALLS, MAX_THROUGHPUT_CALLS = 3, 100
+WARMUP_CALLS = 2  # after the first call of each shape, which traces or compiles
+
+
+def _timed(fn, *args) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def _calls(budget_s: float, per_call_s: float, low: int, high: int) -> int:
+    """How many timed calls fit the budget at the warm-up's pace, within [low, high]."""
+    fit = int(budget_s / per_call_s) if per_call_s > 0 else high
+    return max(low, min(high, fit))
+
+
+def _warm(run, x) -> tuple[float, float]:
+    """(first call s, median s of the warm-up calls after it): the first traces or compiles."""
+    _, first = _timed(run, x)
+    pace = float(np.median([_timed(run, x)[1] for _ in range(WARMUP_CALLS)]))
+    return first, pace
+
+
+def measure_inference(backend: Backend, model, x: np.ndarray, *, batch_size: int, train_s: float) -> dict:
+    """Serve `model` through backend.inference and time it on held-out samples `x` (see time_path)."""
+    return time_path(backend.inference(model), x, batch_size=batch_size, train_s=train_s)
+
+
+def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: float) -> dict:
+    """Time an inference path on device-resident inputs from `x`, within the call budget.
+
+    Every call returns only once its logits are ready on the device (the path synchronises),
+    so each latency is one whole request. The host-to-device copy of a request is timed apart.
+    """
+    batch_size = min(int(batch_size), len(x))
+    budget_s = BUDGET_FRACTION * train_s
+    started = time.perf_counter()
+    with RssSampler() as rss:
+        one, h2d_one = _timed(path.put, x[:1])
+        batch, h2d_batch = _timed(path.put, x[:batch_size])
+        first_one, pace_one = _warm(path.run, one)
+        first_batch, pace_batch = _warm(path.run, batch)
+        warmup_s = time.perf_counter() - started
+        n_one = _calls(budget_s / 2, pace_one, MIN_LATENCY_CALLS, MAX_LATENCY_CALLS)
+        latencies = np.array([_timed(path.run, one)[1] for _ in range(n_one)])
+        n_batch = _calls(budget_s / 2, pace_batch, MIN_THROUGHPUT_CALLS, MAX_THROUGHPUT_CALLS)
+        t0 = time.perf_counter()
+        for _ in range(n_batch):
+            path.run(batch)
+        batch_s = time.perf_counter() - t0
+    p50, p90, p99 = np.percentile(latencies * 1e3, [50, 90, 99])
+    return {
+        "infer_path": path.name,
+        "infer_latency_ms_p50": float(p50), "infer_latency_ms_p90": float(p90), "infer_latency_ms_p99": float(p99),
+        "infer_latency_calls": n_one,
+        "infer_samples_per_s": n_batch * batch_size / batch_s if batch_s > 0 else None,
+        "infer_batch_size": batch_size, "infer_throughput_calls": n_batch,
+        "infer_h2d_ms_b1": 1e3 * h2d_one, "infer_h2d_ms": 1e3 * h2d_batch,
+        "infer_first_call_ms_b1": 1e3 * first_one, "infer_first_call_ms": 1e3 * first_batch,
+        "infer_warmup_s": warmup_s,
+        "infer_peak_rss_mb": rss.peak_mb,
+        "infer_budget_s": budget_s,
+    }

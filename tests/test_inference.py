@@ -1,0 +1,41 @@
+"""Serving a trained model: each framework's inference path gives its logits, and the harness times it within budget."""
+
+import numpy as np
+import pytest
+from conftest import configured
+
+from harness import inference
+from harness.data import synthetic
+from harness.weights import initial_weights
+from tasks import get_task
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_the_inference_path_gives_the_models_logits(backend_name, mode):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    x = synthetic("mnist", n_train=64, n_test=64, seed=0).x_test
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode=mode)
+    path = backend.inference(model)
+    out = path.run(path.put(x))
+    out = np.asarray(out.detach().cpu() if hasattr(out, "detach") else out, np.float32)  # torch: off the device
+    np.testing.assert_allclose(out, backend.logits(model, x), rtol=1e-5, atol=1e-6)
+    assert path.name
+
+
+def test_inference_figures_take_at_least_200_calls_and_keep_to_the_call_budget(backend_name, monkeypatch):
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    x = synthetic("mnist", n_train=64, n_test=256, seed=0).x_test
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
+    monkeypatch.setattr(inference, "MAX_LATENCY_CALLS", 300)
+    tiny = inference.measure_inference(backend, model, x, batch_size=128, train_s=1e-6)  # budget: a microsecond
+    assert tiny["infer_latency_calls"] == inference.MIN_LATENCY_CALLS
+    assert tiny["infer_throughput_calls"] == inference.MIN_THROUGHPUT_CALLS
+    assert tiny["infer_latency_ms_p50"] <= tiny["infer_latency_ms_p90"] <= tiny["infer_latency_ms_p99"]
+    assert tiny["infer_samples_per_s"] > 0 and tiny["infer_batch_size"] == 128
+    assert tiny["infer_h2d_ms"] >= 0 and tiny["infer_peak_rss_mb"] > 0
+    roomy = inference.measure_inference(backend, model, x, batch_size=128, train_s=1e4)  # budget: 1,000 s
+    assert roomy["infer_latency_calls"] == 300
+    assert roomy["infer_throughput_calls"] == inference.MAX_THROUGHPUT_CALLS
+    assert roomy["infer_budget_s"] == pytest.approx(1e3)
