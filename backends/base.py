@@ -15,7 +15,10 @@ MODES = ("compiled", "eager")  # what a model is built and trained in
 BEST = "best"
 RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
-PRECISIONS = ("fp32", "tf32", "bf16")
+# fp64: float64 weights, data and arithmetic throughout, so that two computations of the same
+# math (N replicas vs one device, eager vs compiled, backend vs backend) agree to ~1e-12 on
+# any CPU; float32 rounding, which kernels amplify differently per CPU, is out of the picture.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Backend(abc.ABC):
     The public methods below hold the rules for every backend (checked once, here) and
     call the protected hooks `_configure`, `_build`, ... that an adapter implements.
 
-    Canonical weights: float32 numpy arrays flat in spec order (`spec.params()`), each
+    Canonical weights: float32 (fp64: float64) numpy arrays flat in spec order (`spec.params()`), each
     in the layout tasks/README.md writes down; images NHWC, token ids int32. Loss:
     softmax cross-entropy on logits with integer labels. The optimizer, schedule and
     clipping follow spec.optimizer exactly (tasks/optim.py).
@@ -63,6 +66,7 @@ class Backend(abc.ABC):
 
     _configured = False
     replicas: Replicas = Replicas()
+    float_dtype: type = np.float32  # of weights, features, losses and logits: float64 under precision fp64
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -83,6 +87,7 @@ class Backend(abc.ABC):
         if self.REPLICA_PROCESSES and replicas.count > 1 and not replicas.address:
             raise ValueError(f"{self.name}: replica processes need an address to meet at")
         self.replicas = replicas
+        self.float_dtype = np.float64 if precision == "fp64" else np.float32
         self._configure(device=device, threads=threads, precision=precision)
         self._configured = True
 
@@ -112,15 +117,19 @@ class Backend(abc.ABC):
     def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
         """Move a dataset to the device once; returns a handle.
 
-        x: float32 features (NHWC images), or integer token ids (kept as int32); y: int32
+        x: float features (NHWC images, cast to float_dtype), or integer token ids (kept as int32); y: int32
         labels, one per sample or one per position.
         """
         self._require_configured()
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        x = np.asarray(x)
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
+        x = self._features(x)
         return self._put_data(x, np.asarray(y, np.int32))
+
+    def _features(self, x) -> np.ndarray:
+        """Token ids as int32, anything else as float_dtype."""
+        x = np.asarray(x)
+        return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else self.float_dtype, copy=False)
 
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
               trainable: tuple[str, ...] | None, mode: str) -> Any:
@@ -141,10 +150,10 @@ class Backend(abc.ABC):
         if missing:
             raise ValueError(f"{self.name}: no implementation of layer kind(s) {', '.join(missing)}")
         spec.check_weights(weights)
-        return self._build(spec, [np.asarray(w, np.float32) for w in weights], trainable=trainable, mode=mode)
+        return self._build(spec, [np.asarray(w, self.float_dtype) for w in weights], trainable=trainable, mode=mode)
 
     def get_weights(self, model: Any) -> list[np.ndarray]:
-        """The current weights in canonical layout (fresh float32 copies), running statistics included."""
+        """The current weights in canonical layout (fresh copies in float_dtype), running statistics included."""
         self._require_configured()
         return self._get_weights(model)
 
@@ -152,14 +161,14 @@ class Backend(abc.ABC):
         """Load canonical weights and reset the optimizer state (moments, step count, schedule)."""
         self._require_configured()
         model.spec.check_weights(weights)
-        self._set_weights(model, [np.asarray(w, np.float32) for w in weights])
+        self._set_weights(model, [np.asarray(w, self.float_dtype) for w in weights])
 
     # -- primitive steps the harness loop calls -----------------------------------------
 
     def train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
         """One optimizer step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
 
-        Returns the per-step losses as float32, read from the device once at the end (no
+        Returns the per-step losses in float_dtype, read from the device once at the end (no
         per-step host sync). With replicas, each loss is the mean over the global batch (the
         same on every replica process), and the weights after the step equal one device's
         up to float32 summation order.
@@ -183,10 +192,9 @@ class Backend(abc.ABC):
         return self._evaluate(model, data, int(batch_size))
 
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks)."""
+        """Forward pass in evaluation mode on a host array; returns logits in float_dtype (for parity checks)."""
         self._require_configured()
-        x = np.asarray(x)
-        x = x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
+        x = self._features(x)
         return self._logits(model, x)
 
     def rank0_value(self, value: Any) -> Any:
