@@ -17,7 +17,10 @@ MODES = ("compiled", "eager")  # what a model is built and trained in
 BEST = "best"
 RUN_MODES = (BEST, *MODES)
 DEVICES = ("auto", "cpu", "gpu")
-PRECISIONS = ("fp32", "tf32", "bf16")
+# fp64: float64 weights, data and arithmetic throughout, so that two computations of the same
+# math (N replicas vs one device, eager vs compiled, backend vs backend) agree to ~1e-12 on
+# any CPU; float32 rounding, which kernels amplify differently per CPU, is out of the picture.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 # Deployment formats `tribench run --export` writes: ONNX (served by ONNX Runtime) and each
 # framework's own (torch.export, a Keras SavedModel, jax.export's serialized StableHLO).
 EXPORT_FORMATS = ("onnx", "native")
@@ -97,12 +100,6 @@ def is_causal_lm(spec: TaskSpec) -> bool:
                                      for layer, _, _ in spec.walk())
 
 
-def as_input(x) -> np.ndarray:
-    """A model input as every adapter takes it: int32 token ids, or float32 features."""
-    x = np.asarray(x)
-    return x.astype(np.int32, copy=False) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
-
-
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here: framework missing, or the device asked for absent."""
 
@@ -113,7 +110,7 @@ class Backend(abc.ABC):
     The public methods below hold the rules for every backend (checked once, here) and
     call the protected hooks `_configure`, `_build`, ... that an adapter implements.
 
-    Canonical weights: float32 numpy arrays flat in spec order (`spec.params()`), each
+    Canonical weights: float32 (fp64: float64) numpy arrays flat in spec order (`spec.params()`), each
     in the layout tasks/README.md writes down; images NHWC, token ids int32. Loss:
     softmax cross-entropy on logits with integer labels. The optimizer, schedule and
     clipping follow spec.optimizer exactly (tasks/optim.py).
@@ -132,6 +129,7 @@ class Backend(abc.ABC):
 
     _configured = False
     replicas: Replicas = Replicas()
+    float_dtype: type = np.float32  # of weights, features, losses and logits: float64 under precision fp64
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -152,6 +150,7 @@ class Backend(abc.ABC):
         if self.REPLICA_PROCESSES and replicas.count > 1 and not replicas.address:
             raise ValueError(f"{self.name}: replica processes need an address to meet at")
         self.replicas = replicas
+        self.float_dtype = np.float64 if precision == "fp64" else np.float32
         self._configure(device=device, threads=threads, precision=precision)
         self._configured = True
 
@@ -197,13 +196,18 @@ class Backend(abc.ABC):
     def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
         """Move a dataset to the device once; returns a handle.
 
-        x: float32 features (NHWC images), or integer token ids (kept as int32); y: int32
+        x: float features (NHWC images, cast to float_dtype), or integer token ids (kept as int32); y: int32
         labels, one per sample or one per position.
         """
         self._require_configured()
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        return self._put_data(as_input(x), np.asarray(y, np.int32))
+        return self._put_data(self._features(x), np.asarray(y, np.int32))
+
+    def _features(self, x) -> np.ndarray:
+        """Token ids as int32, anything else as float_dtype."""
+        x = np.asarray(x)
+        return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else self.float_dtype, copy=False)
 
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
               trainable: tuple[str, ...] | None, mode: str) -> Any:
@@ -225,10 +229,10 @@ class Backend(abc.ABC):
             raise ValueError(f"{self.name}: no implementation of layer kind(s) {', '.join(missing)}")
         spec.check_weights(weights)
         mode = self.execution(spec, mode)[0]
-        return self._build(spec, [np.asarray(w, np.float32) for w in weights], trainable=trainable, mode=mode)
+        return self._build(spec, [np.asarray(w, self.float_dtype) for w in weights], trainable=trainable, mode=mode)
 
     def get_weights(self, model: Any) -> list[np.ndarray]:
-        """The current weights in canonical layout (fresh float32 copies), running statistics included."""
+        """The current weights in canonical layout (fresh copies in float_dtype), running statistics included."""
         self._require_configured()
         return self._get_weights(model)
 
@@ -236,14 +240,14 @@ class Backend(abc.ABC):
         """Load canonical weights and reset the optimizer state (moments, step count, schedule)."""
         self._require_configured()
         model.spec.check_weights(weights)
-        self._set_weights(model, [np.asarray(w, np.float32) for w in weights])
+        self._set_weights(model, [np.asarray(w, self.float_dtype) for w in weights])
 
     # -- primitive steps the harness loop calls -----------------------------------------
 
     def train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
         """One optimizer step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
 
-        Returns the per-step losses as float32, read from the device once at the end (no
+        Returns the per-step losses in float_dtype, read from the device once at the end (no
         per-step host sync). With replicas, each loss is the mean over the global batch (the
         same on every replica process), and the weights after the step equal one device's
         up to float32 summation order.
@@ -267,7 +271,7 @@ class Backend(abc.ABC):
         return self._evaluate(model, data, int(batch_size))
 
     def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Forward pass in evaluation mode on a host array; returns float32 logits (for parity checks).
+        """Forward pass in evaluation mode on a host array; returns logits in float_dtype (for parity checks).
 
         A language model (spec.any_length) takes windows of any length up to its context: causal
         logits of a prefix are the full window's first positions."""
@@ -281,13 +285,13 @@ class Backend(abc.ABC):
         elif tuple(x.shape[1:]) != tuple(spec.input_shape):
             raise ValueError(f"logits need inputs of shape (batch, {', '.join(map(str, spec.input_shape))}), "
                              f"got {x.shape}")
-        return self._logits(model, as_input(x))
+        return self._logits(model, self._features(x))
 
     def inference(self, model: Any) -> InferencePath:
         """The model's forward pass as its framework serves it (see InferencePath); the harness times it."""
         self._require_configured()
         path = self._inference(model)
-        return InferencePath(put=lambda x: path.put(as_input(x)), run=path.run, name=path.name)
+        return InferencePath(put=lambda x: path.put(self._features(x)), run=path.run, name=path.name)
 
     def generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
         """Greedy decoding with a KV cache (see Generator) for a causal language model."""
@@ -299,7 +303,7 @@ class Backend(abc.ABC):
             raise ValueError(f"{prompt_len} prompt + {new_tokens} new tokens do not fit the context "
                              f"{spec.input_shape[0]}")
         gen = self._generator(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
-        return Generator(put=lambda x: gen.put(as_input(x)), first=gen.first, rest=gen.rest, name=gen.name)
+        return Generator(put=lambda x: gen.put(self._features(x)), first=gen.first, rest=gen.rest, name=gen.name)
 
     def export(self, model: Any, fmt: str, folder: Path) -> Exported:
         """Write `model` in `fmt` (EXPORT_FORMATS) under `folder` and load it back in its runtime.
@@ -313,8 +317,8 @@ class Backend(abc.ABC):
         exported = self._export(model, fmt, Path(folder))
         serve = exported.serve
         return Exported(files=exported.files, exporter=exported.exporter,
-                        logits=lambda x: np.asarray(exported.logits(as_input(x)), np.float32),
-                        serve=InferencePath(put=lambda x: serve.put(as_input(x)), run=serve.run, name=serve.name))
+                        logits=lambda x: np.asarray(exported.logits(self._features(x)), np.float32),
+                        serve=InferencePath(put=lambda x: serve.put(self._features(x)), run=serve.run, name=serve.name))
 
     def rank0_value(self, value: Any) -> Any:
         """Rank 0's `value` on every replica process, so a choice made from timings (the

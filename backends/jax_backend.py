@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # jax_default_matmul_precision per run precision. Without "highest", XLA on Ampere and
 # Hopper GPUs runs float32 matmuls and convolutions in TF32; PyTorch does not.
-_MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
+_MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default", "fp64": "highest"}
 # The one mesh axis of data parallelism: each step's global batch is split along it.
 DATA_AXIS = "data"
 _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -203,10 +203,11 @@ def _dot_product_attention(q, k, v, *, causal: bool):
             if key not in _fused_refused:
                 _fused_refused.add(key)
                 log.warning("jax: cuDNN attention refused %s %s (%s); using XLA einsums", q.shape, q.dtype, exc)
-    # Scores and softmax in float32 whatever the compute dtype (as torch's kernels and jax's own
-    # op do): bf16 scores would round the softmax's inputs to 3 significant digits.
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(q.shape[-1]).astype(np.float32)
+    # Scores and softmax in at least float32 whatever the compute dtype (as torch's kernels and jax's
+    # own op do): bf16 scores would round the softmax's inputs to 3 significant digits.
+    score_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=score_dtype)
+    scores = scores / np.sqrt(q.shape[-1]).astype(score_dtype)
     if causal:
         t = q.shape[1]
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
@@ -294,7 +295,7 @@ def _optimizer(o, decays: dict[str, bool]):
     import jax.numpy as jnp
     import optax
 
-    table = jnp.asarray(o.lr_table(), jnp.float32)
+    table = jnp.asarray(o.lr_table(), jnp.result_type(float))  # float64 under fp64 (jax_enable_x64)
 
     def lr(count):
         return table[jnp.minimum(count, len(table) - 1)]
@@ -313,7 +314,7 @@ def _optimizer(o, decays: dict[str, bool]):
 
 @dataclass
 class _Data:
-    x: Any  # device float32 NHWC, or int32 token ids
+    x: Any  # device float32 (fp64: float64) NHWC, or int32 token ids
     y: Any  # device int32
     n: int
     eval_index: dict = field(default_factory=dict)  # batch_size -> (index, mask) on device
@@ -434,7 +435,8 @@ class JaxBackend(Backend):
         if self._device.platform == "cpu" and precision == "tf32":
             log.warning("jax: tf32 asked for on CPU, where matmuls run in float32 anyway")
         jax.config.update("jax_default_matmul_precision", _MATMUL_PRECISION[precision])
-        self._compute_dtype = jax.numpy.bfloat16 if precision == "bf16" else jax.numpy.float32
+        jax.config.update("jax_enable_x64", precision == "fp64")  # without it jax has no float64
+        self._compute_dtype = {"bf16": jax.numpy.bfloat16, "fp64": jax.numpy.float64}.get(precision, jax.numpy.float32)
         self._jax = jax
         self._precision = precision
         self._threads = threads if threads == 1 else (os.cpu_count() if self._device.platform == "cpu" else threads)
@@ -499,7 +501,7 @@ class JaxBackend(Backend):
     def _split(self, model_spec: TaskSpec, weights: list[np.ndarray], train_names) -> tuple[dict, dict]:
         """(trainable, frozen) dicts of device arrays by canonical name, from canonical weights."""
         # Own copies: the epoch donates parameter buffers, which must never alias a caller's array.
-        params = {e.name: self._put(np.array(w, np.float32, copy=True))
+        params = {e.name: self._put(np.array(w, self.float_dtype, copy=True))
                   for e, w in zip(model_spec.params(), weights)}
         return ({n: params[n] for n in train_names}, {n: a for n, a in params.items() if n not in train_names})
 
@@ -529,7 +531,7 @@ class JaxBackend(Backend):
         from jax import lax
 
         layers = spec.layers
-        compute_dtype = self._compute_dtype
+        compute_dtype, out_dtype = self._compute_dtype, self.float_dtype
         base_key = jax.random.PRNGKey(spec.seed)
         batch_sharding = self._batch_sharding
 
@@ -547,7 +549,7 @@ class JaxBackend(Backend):
         def forward(params, x, train=False, key=None):
             ctx = _Ctx(params, train=train, frozen=frozen_layers, key=key)
             h = x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-            return _run(layers, h, ctx).astype(jnp.float32), ctx.state
+            return _run(layers, h, ctx).astype(out_dtype), ctx.state
 
         def cross_entropy(logits, y):
             return optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -589,10 +591,10 @@ class JaxBackend(Backend):
                 logits, _ = forward(params, gather(x, rows))
                 yb, m = gather(y, rows), split(m)
                 m = m.reshape(m.shape + (1,) * (yb.ndim - 1))  # per-position labels: mask every position
-                correct = (jnp.argmax(logits, axis=-1) == yb).astype(jnp.float32)
+                correct = (jnp.argmax(logits, axis=-1) == yb).astype(out_dtype)
                 return (carry[0] + jnp.sum(cross_entropy(logits, yb) * m), carry[1] + jnp.sum(correct * m)), None
 
-            (loss_sum, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), (index, mask))
+            (loss_sum, correct), _ = lax.scan(body, (jnp.zeros((), out_dtype), jnp.zeros((), out_dtype)), (index, mask))
             return loss_sum, correct
 
         # With replicas every output is pinned replicated, as the inputs are: the next call
@@ -616,7 +618,7 @@ class JaxBackend(Backend):
 
     def _get_weights(self, model: _Model) -> list[np.ndarray]:
         params = {**model.frozen_params, **model.train_params}
-        return [np.array(params[e.name], np.float32, copy=True) for e in model.spec.params()]
+        return [np.array(params[e.name], self.float_dtype, copy=True) for e in model.spec.params()]
 
     def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
         model.train_params, model.frozen_params = self._split(model.spec, weights, model.train_names)
@@ -649,7 +651,7 @@ class JaxBackend(Backend):
 
     def _loss_buffer(self, index):
         # Committed like the step's outputs, so the first step hits the warmed jit entry.
-        return self._put(np.zeros(index.shape[0], np.float32))
+        return self._put(np.zeros(index.shape[0], self.float_dtype))
 
     def _train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
         index = self._index(order, batch_size)
@@ -669,7 +671,7 @@ class JaxBackend(Backend):
                         window.popleft().block_until_ready()
         model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
         self._last = losses
-        return np.asarray(losses, dtype=np.float32)  # the one host read of the epoch
+        return np.asarray(losses, dtype=self.float_dtype)  # the one host read of the epoch
 
     def warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
                eval_data: Any, eval_batch_size: int) -> None:
@@ -702,7 +704,7 @@ class JaxBackend(Backend):
             width = -(-batch_size // self.replicas.count) * self.replicas.count
             batches = -(-data.n // width)
             flat = np.arange(batches * width)
-            mask = (flat < data.n).astype(np.float32).reshape(batches, width)
+            mask = (flat < data.n).astype(self.float_dtype).reshape(batches, width)
             index = np.minimum(flat, data.n - 1).astype(np.int32).reshape(batches, width)
             cached = (self._put(index), self._put(mask))
             data.eval_index[batch_size] = cached
@@ -740,4 +742,4 @@ class JaxBackend(Backend):
         # Replicated, not split: a parity check's batch need not divide by the replica count.
         out = model.forward(params, self._put(x))
         self._last = out
-        return np.array(out, np.float32)
+        return np.array(out, self.float_dtype)

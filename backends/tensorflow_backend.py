@@ -45,10 +45,19 @@ def _mirrored_strategy(devices: tuple[str, ...]):
     return sys.modules["tensorflow"].distribute.MirroredStrategy(list(devices))
 
 
+def _gelu(v, *, approximate: bool):
+    """tf.nn.gelu's formulas with Python-float constants, which take v's dtype: tf.nn.gelu casts
+    1/sqrt(2) and 0.044715 from float32, which leaves a float64 GELU ~5e-9 off (float32's is the same)."""
+    ops = sys.modules["keras"].ops
+    if approximate:
+        return 0.5 * v * (1.0 + ops.tanh(0.7978845608028654 * (v + 0.044715 * ops.power(v, 3))))
+    return 0.5 * v * ops.erfc(-v * 0.7071067811865476)
+
+
 def _activation(keras, name: str):
     fns = {"linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
-           "gelu": lambda v: keras.activations.gelu(v, approximate=False),
-           "gelu_tanh": lambda v: keras.activations.gelu(v, approximate=True)}
+           "gelu": lambda v: _gelu(v, approximate=False),
+           "gelu_tanh": lambda v: _gelu(v, approximate=True)}
     return fns[name]
 
 
@@ -144,7 +153,7 @@ def _spec_attention_class():
         def project(self, name, x, eq, a_eq, b_eq):
             layer = self.spec_layer
             y = ops.einsum(eq, x, self.p[f"{name}_kernel"]) + self.p[f"{name}_bias"]
-            if name in layer.lora_targets:
+            if layer.lora_rank and name in layer.lora_targets:
                 xa = ops.einsum(a_eq, x, self.p[f"{name}_lora_a"])
                 y = y + layer.lora_scale() * ops.einsum(b_eq, xa, self.p[f"{name}_lora_b"])
             return y
@@ -177,7 +186,8 @@ def _spec_attention_class():
 # supported in tensorflow backend").
 def _attention(layer, h):
     keras = sys.modules["keras"]
-    if layer.lora_rank:
+    # Under fp64 the spec's own einsums too: MultiHeadAttention rounds 1/sqrt(key_dim) through float32.
+    if layer.lora_rank or keras.config.floatx() == "float64":
         return _spec_attention_class()(layer)(h)
     d, heads, hd = layer.dims(tuple(h.shape[1:]))
     mha = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=hd, value_dim=hd, name=layer.name,
@@ -240,7 +250,7 @@ class _Model:
     train_vars: list  # the variables the optimizer updates
     slots: list  # per train var: [m, v] for Adam(W), [buf] for SGD
     step: Any  # tf.Variable int64: steps taken
-    lr_table: Any  # tf.constant float32: lr per step, the last entry holding
+    lr_table: Any  # tf.constant float32 (float64 under fp64): lr per step, the last entry holding
     mode: str
     decays: list = field(default_factory=list)  # per train var: whether AdamW's weight decay applies
     fns: dict = field(default_factory=dict)  # traced tf.functions keyed by (kind, batch_size)
@@ -257,6 +267,7 @@ class TensorFlowBackend(Backend):
         self._device_name = None  # "/CPU:0" | "/GPU:0"
         self._threads = None
         self._precision = None
+        self._float = None  # tf.float32, or tf.float64 under fp64: features, losses, logits, lr
         self._strategy = None  # MirroredStrategy over the replica devices, when replicas.count > 1
         self._replica_devices = None  # their names, e.g. ["/device:CPU:0", "/device:CPU:1"]
 
@@ -281,8 +292,12 @@ class TensorFlowBackend(Backend):
             self._strategy = _mirrored_strategy(tuple(self._replica_devices))
         # TF32 is on by default in TF on Ampere+; the spec pins one precision per run.
         tf.config.experimental.enable_tensor_float_32_execution(precision == "tf32")
-        # Layers compute in bf16 with float32 variables; the loss casts logits to float32.
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+        # Layers compute in bf16 with float32 variables; the loss casts logits to float32 (float64 under fp64).
+        policy = {"bf16": "mixed_bfloat16", "fp64": "float64"}.get(precision, "float32")
+        keras.mixed_precision.set_global_policy(policy)
+        # Keras converts Python floats to floatx (e.g. attention's 1/sqrt(key_dim)): float32 would round them.
+        keras.config.set_floatx("float64" if precision == "fp64" else "float32")
+        self._float = tf.float64 if precision == "fp64" else tf.float32
         self._precision = precision
 
     def _set_threads(self, tf, threads: int) -> None:
@@ -398,7 +413,7 @@ class TensorFlowBackend(Backend):
             # Language models take any length up to the context (logits of a shorter window); the
             # training and evaluation functions still trace the full context, a static shape.
             shape = (None,) if spec.any_length else tuple(spec.input_shape)
-            inputs = keras.Input(shape=shape, dtype="int32" if spec.takes_tokens else "float32")
+            inputs = keras.Input(shape=shape, dtype="int32" if spec.takes_tokens else self._float.name)
             _BUILT.clear()
             model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
             by_layer = {}
@@ -413,7 +428,7 @@ class TensorFlowBackend(Backend):
             slots = [[tf.Variable(tf.zeros_like(p), trainable=False) for _ in range(self._slot_count(spec))]
                      for p in train_vars]
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            table = tf.constant(spec.optimizer.lr_table(), tf.float32)
+            table = tf.constant(spec.optimizer.lr_table(), self._float)
         handle = _Model(spec=spec, trainable_layers=trainable, keras_model=model, variables=variables,
                         train_vars=train_vars, slots=slots, step=step, lr_table=table, mode=mode,
                         decays=[spec.decays(e) for e in spec.params() if spec.trains(e, trainable)])
@@ -426,7 +441,7 @@ class TensorFlowBackend(Backend):
         return (1 if o.momentum else 0) if o.kind == "sgd" else 2
 
     def _get_weights(self, model: _Model) -> list[np.ndarray]:
-        return [np.array(v.value.numpy(), dtype=np.float32, copy=True) for v in model.variables]
+        return [np.array(v.value.numpy(), dtype=self.float_dtype, copy=True) for v in model.variables]
 
     def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
         for var, w, entry in zip(model.variables, weights, model.spec.params()):
@@ -443,7 +458,7 @@ class TensorFlowBackend(Backend):
 
     def _loss_terms(self, model: _Model, xb, yb, training: bool):
         tf = self._tf
-        logits = tf.cast(model.keras_model(xb, training=training), tf.float32)
+        logits = tf.cast(model.keras_model(xb, training=training), self._float)
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
         return logits, losses
 
@@ -456,7 +471,7 @@ class TensorFlowBackend(Backend):
         grads = [tf.convert_to_tensor(g) for g in grads]
         if o.clip_norm is not None:
             norm = tf.linalg.global_norm(grads)
-            grads = [g * tf.minimum(1.0, o.clip_norm / norm) for g in grads]
+            grads = [g * tf.minimum(o.clip_norm / norm, 1.0) for g in grads]  # norm first: 1.0 takes its dtype
         steps_before = model.step.assign_add(1) - 1
         lr = tf.gather(model.lr_table, tf.minimum(steps_before, len(o.lr_table()) - 1))
         if o.kind == "sgd":
@@ -466,8 +481,8 @@ class TensorFlowBackend(Backend):
                     g = g + o.momentum * buf if o.nesterov else buf
                 p.assign_sub(lr * g)
             return
-        t = tf.cast(steps_before + 1, tf.float32)
-        bc1, bc2 = 1.0 - tf.pow(o.beta1, t), 1.0 - tf.pow(o.beta2, t)
+        t = tf.cast(steps_before + 1, self._float)
+        bc1, bc2 = 1.0 - tf.pow(tf.constant(o.beta1, t.dtype), t), 1.0 - tf.pow(tf.constant(o.beta2, t.dtype), t)
         for p, g, (m, v), decays in zip(model.train_vars, grads, model.slots, model.decays):
             if decays:
                 p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
@@ -545,10 +560,10 @@ class TensorFlowBackend(Backend):
         return step
 
     def _signatures(self, model: _Model):
-        """TensorSpecs of x and y: float32 features or int32 ids; one label per sample or per position."""
+        """TensorSpecs of x and y: float features or int32 ids; one label per sample or per position."""
         tf = self._tf
         spec = model.spec
-        x_dtype = tf.int32 if spec.takes_tokens else tf.float32
+        x_dtype = tf.int32 if spec.takes_tokens else self._float
         return (tf.TensorSpec((None, *spec.input_shape), x_dtype),
                 tf.TensorSpec((None, *spec.layer_shapes()[-1][:-1]), tf.int32))
 
@@ -562,7 +577,7 @@ class TensorFlowBackend(Backend):
         @tf.function(input_signature=[*self._signatures(model), tf.TensorSpec([None], tf.int32)])
         def epoch(x, y, order):
             steps = tf.shape(order)[0] // batch_size
-            losses = tf.TensorArray(tf.float32, size=steps)
+            losses = tf.TensorArray(self._float, size=steps)
             for i in tf.range(steps):
                 idx = tf.slice(order, [i * batch_size], [batch_size])  # static batch shape
                 losses = losses.write(i, step(tf.gather(x, idx), tf.gather(y, idx)))
@@ -579,7 +594,7 @@ class TensorFlowBackend(Backend):
 
         def batch_sums(xb, yb):
             logits, losses = self._loss_terms(model, xb, yb, training=False)
-            correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb), tf.float32)
+            correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb), self._float)
             return tf.reduce_sum(losses), tf.reduce_sum(correct)
 
         # XLA compiles once per batch shape: the full batch and the last partial one.
@@ -588,13 +603,13 @@ class TensorFlowBackend(Backend):
         @tf.function(input_signature=list(self._signatures(model)))
         def evaluate(x, y):
             n = tf.shape(y)[0]
-            loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+            loss_sum, correct = tf.constant(0.0, self._float), tf.constant(0.0, self._float)
             for start in tf.range(0, n, batch_size):
                 stop = tf.minimum(start + batch_size, n)
                 b_loss, b_correct = batch_sums(x[start:stop], y[start:stop])
                 loss_sum += b_loss
                 correct += b_correct
-            count = tf.cast(tf.size(y), tf.float32)  # every position of every sample
+            count = tf.cast(tf.size(y), self._float)  # every position of every sample
             return tf.stack([loss_sum / count, correct / count])
 
         model.fns[key] = evaluate
@@ -607,7 +622,7 @@ class TensorFlowBackend(Backend):
             if model.spec.any_length:  # any window length up to the context
                 x_spec = tf.TensorSpec((None, None), x_spec.dtype)
             model.fns["logits"] = tf.function(
-                lambda x: tf.cast(model.keras_model(x, training=False), tf.float32),
+                lambda x: tf.cast(model.keras_model(x, training=False), self._float),
                 input_signature=[x_spec],
                 jit_compile=model.mode == "compiled")
         return model.fns["logits"]
@@ -620,7 +635,7 @@ class TensorFlowBackend(Backend):
         with tf.device(self._device_name):
             order_t = tf.constant(order.astype(np.int32, copy=False))  # one upload per epoch
             losses = self._epoch_fn(model, int(batch_size))(x, y, order_t)
-        return losses.numpy().astype(np.float32, copy=False)  # the one host read
+        return losses.numpy().astype(self.float_dtype, copy=False)  # the one host read
 
     def _evaluate(self, model: _Model, data: Any, batch_size: int) -> tuple[float, float]:
         tf = self._tf
@@ -636,7 +651,7 @@ class TensorFlowBackend(Backend):
         tf = self._tf
         with tf.device(self._device_name):
             out = self._logits_fn(model)(tf.constant(x))
-        return out.numpy().astype(np.float32, copy=False)
+        return out.numpy().astype(self.float_dtype, copy=False)
 
     def _export(self, model: _Model, fmt: str, folder):
         from backends.tensorflow_export import export

@@ -160,9 +160,10 @@ def _batch_moments(h, reduce, ctx: _Ctx):
         return torch.var_mean(h, dim=reduce, correction=0)
     total = ctx.replica_sum
     count = ctx.replicas * (h.numel() // h.shape[1 if h.dim() == 4 else -1])  # equal slices (base checks)
-    # float32 sums whatever autocast made h, so the all-reduced sums keep float32 precision.
-    mean = total(h.sum(dim=reduce, dtype=torch.float32)) / count
-    var = total((h - _channel_view(h, mean)).square().sum(dim=reduce, dtype=torch.float32)) / count
+    # At least float32 sums whatever autocast made h, so the all-reduced sums keep float32 precision.
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    mean = total(h.sum(dim=reduce, dtype=dtype)) / count
+    var = total((h - _channel_view(h, mean)).square().sum(dim=reduce, dtype=dtype)) / count
     return var, mean
 
 
@@ -464,7 +465,7 @@ class TorchBackend(Backend):
     def _to_storage(self, x):
         """NHWC host array -> device tensor in storage layout (NCHW, or NHWC for channels_last)."""
         torch = self._torch()
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._device)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=self.float_dtype)).to(self._device)
         if t.dim() == 4 and not CHANNELS_LAST:
             t = t.permute(0, 3, 1, 2).contiguous()  # converted once, here, not per batch
         return t
@@ -494,7 +495,7 @@ class TorchBackend(Backend):
         kinds = {layer.name: layer.kind for layer, _, _ in spec.walk()}
         for entry, w in zip(spec.params(), weights):
             to_torch = LAYERS[kinds[entry.layer]].layouts.get(entry.param.name, (lambda a: a, None))[0]
-            t = torch.from_numpy(np.array(to_torch(w), np.float32)).to(self._device)
+            t = torch.from_numpy(np.array(to_torch(w), self.float_dtype)).to(self._device)
             if CHANNELS_LAST and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             if spec.trains(entry, trainable):
@@ -552,12 +553,13 @@ class TorchBackend(Backend):
         replicas = self.replicas.count
         batchnorm = any(layer.kind == "batchnorm" for layer, _, _ in model.spec.walk())
         replica_sum = _replica_sum_op() if replicas > 1 and batchnorm else None
+        logits_dtype = torch.float64 if self.float_dtype == np.float64 else torch.float32
 
         def forward(x, train):
             # A training step's batch statistics span the replicas; evaluation needs none.
             ctx = _Ctx(params, train=train, frozen=frozen, replicas=replicas if train else 1, replica_sum=replica_sum)
             with autocast():
-                return _run(layers, x, ctx).float()
+                return _run(layers, x, ctx).to(logits_dtype)
 
         def loss_fn(xb, yb):
             logits = forward(xb, True)
@@ -650,7 +652,7 @@ class TorchBackend(Backend):
             for entry, t, layout in self._layouts(model):
                 a = t.detach().to("cpu").numpy()
                 a = layout[1](a, entry.param.shape) if layout else a
-                out.append(np.array(a, dtype=np.float32, order="C"))
+                out.append(np.array(a, dtype=self.float_dtype, order="C"))
         return out
 
     def _set_weights(self, model: _Model, weights: list[np.ndarray]) -> None:
@@ -660,7 +662,7 @@ class TorchBackend(Backend):
                 a = layout[0](w) if layout else w
                 # copy_ keeps the tensor objects (and their memory format), so the
                 # optimizer and any compiled graph keep pointing at the same tensors.
-                t.copy_(torch.from_numpy(np.ascontiguousarray(a, np.float32)))
+                t.copy_(torch.from_numpy(np.ascontiguousarray(a, self.float_dtype)))
                 t.grad = None
         # A fresh optimizer: zero moments, step count 0, the schedule at its start.
         model.optimizer, model.scheduler = self._new_optimizer(model)
@@ -674,7 +676,7 @@ class TorchBackend(Backend):
         torch = self._torch()
         steps = len(order) // batch_size
         if steps == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, self.float_dtype)
         replicas, rank = self.replicas.count, self.replicas.rank
         if replicas > 1:  # this rank's contiguous slice of every step's global batch
             batch_size //= replicas
@@ -692,7 +694,7 @@ class TorchBackend(Backend):
 
             dist.all_reduce(losses)
             losses /= replicas
-        return losses.to("cpu").numpy().astype(np.float32)
+        return losses.to("cpu").numpy().astype(self.float_dtype)
 
     def _evaluate(self, model: _Model, data: _Data, batch_size: int) -> tuple[float, float]:
         torch = self._torch()
@@ -713,7 +715,7 @@ class TorchBackend(Backend):
         data = self._put_data(x, np.zeros(len(x), np.int32))
         with torch.no_grad():
             out = model.forward(self._compute_view(data.x), False)
-        return out.float().to("cpu").numpy()
+        return out.to("cpu").numpy().astype(self.float_dtype)
 
     def _export(self, model: _Model, fmt: str, folder):
         from backends.torch_export import export

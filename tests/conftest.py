@@ -77,15 +77,37 @@ def fast_backend() -> str:
     pytest.skip("no backend installed")
 
 
-_configured: dict[str, object] = {}
+# Threads per framework in the in-process tests; CI reruns the parity tests with 1
+# (tox -e parity-shuffled), so a tolerance that holds for one kernel choice only fails there.
+TEST_THREADS = int(os.environ.get("TRIBENCH_TEST_THREADS", "2"))
+_configured: dict[str, tuple[object, str]] = {}
 
 
-def configured(name: str):
-    """One configured adapter per backend per test process (frameworks configure once)."""
+def configured(name: str, precision: str = "fp32"):
+    """One adapter per backend per test process (frameworks start once), configured for `precision`.
+
+    A backend asked for another precision than its last is configured again: precision is
+    process-wide framework state (jax's x64 flag, Keras's dtype policy), set by configure.
+    """
     from backends import get_backend
 
-    if name not in _configured:
+    backend, current = _configured.get(name, (None, None))
+    if backend is None:
         backend = get_backend(name)
-        backend.configure(device="cpu", threads=2, precision="fp32")
-        _configured[name] = backend
-    return _configured[name]
+    if current != precision:
+        backend.configure(device="cpu", threads=TEST_THREADS, precision=precision)
+        _configured[name] = backend, precision
+    return backend
+
+
+def seed_framework(name: str, seed: int) -> None:
+    """Seed the framework generator that `name`'s adapter draws dropout masks from, so a test owns its
+    masks instead of taking whatever state earlier tests left. JAX needs none: its keys come from spec.seed."""
+    if name == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+    elif name == "tensorflow":
+        import keras
+
+        keras.utils.set_random_seed(seed)  # Python's, numpy's and TF's generators, and Keras's seed generators

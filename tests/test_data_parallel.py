@@ -121,16 +121,21 @@ def test_two_replicas_end_where_one_device_ends(one_and_two, backend, task):
 
 # --- faults --------------------------------------------------------------------------------
 
-def _workers() -> set[int]:
-    """PIDs of tribench worker processes alive now."""
+MARKER = "TRIBENCH_TEST_RUN"  # set in this test's run only; every process it starts inherits it
+
+
+def _processes_marked(marker: str) -> set[int]:
+    """PIDs of processes alive now whose environment holds MARKER=marker: this test's own, none of
+    another tribench run on the machine (a user's, another test's)."""
     pids = set()
+    needle = f"{MARKER}={marker}".encode()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:  # gone, or another user's
                 continue
-            if b"harness.worker" in cmd:
+            if needle in environ.split(b"\0"):
                 pids.add(int(entry))
     return pids
 
@@ -139,14 +144,15 @@ def _workers() -> set[int]:
 @pytest.mark.parametrize("fault, says", [("oom", "SIGKILL"), ("raise", "injected fault")])
 def test_a_dead_replica_fails_its_cell_with_its_rank_and_leaves_no_process(tmp_path, fault, says):
     require("torch")
-    before = _workers()
+    marker = f"{os.getpid()}-{tmp_path.name}"
     out = run_cli("run", "--task", "mnist-mlp,cifar-cnn", "--backend", "torch", "--data", "synthetic", "--quick",
                   "--epochs", "1", "--mode", "eager", "--data-parallel", "2", "--out", str(tmp_path),
-                  env={"TRIBENCH_FAULT": f"{fault}@mnist-mlp/torch", "TRIBENCH_FAULT_RANK": "1"}, timeout=600)
+                  env={"TRIBENCH_FAULT": f"{fault}@mnist-mlp/torch", "TRIBENCH_FAULT_RANK": "1", MARKER: marker},
+                  timeout=600)
     assert out.returncode == 1, out.stderr[-3000:]
     records = {r["task"]: r for r in read_records(tmp_path)}
     failed = records["mnist-mlp"]
     assert failed["status"] == "failed" and failed["failure"]["reason"] == "replica"
     assert failed["failure"]["rank"] == 1 and "replica rank 1 failed" in failed["error"] and says in failed["error"]
     assert records["cifar-cnn"]["status"] == "ok"  # the cell went down, not the matrix
-    assert _workers() - before == set()
+    assert _processes_marked(marker) == set()  # the run, its workers and their replica processes all ended
