@@ -156,11 +156,15 @@ class RayExecutor:
         self.connected = False
 
     def start(self, cfg: RunConfig) -> None:
+        try:
+            if self.address:
+                _probe(self.address)  # before Ray is imported: its handlers would keep SIGTERM from ending it
+        except OSError as exc:
+            raise UsageError(f"--ray-address {self.address}: cannot join that Ray cluster ({exc})") from None
         import ray
 
         try:
             if self.address:
-                _probe(self.address)
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 # A private instance for this run, sized like the local executor's machine.

@@ -1,5 +1,6 @@
 """Results folders, task files and shards from someone else: nothing written outside, no forged result believed."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -21,8 +22,18 @@ from harness.cli import main
 from harness.results import RECORDS_FILE, read_records, total_memory_bytes
 from harness.run_config import RunConfig, write_run_file
 from harness.shard import in_shard
+from tasks import TASKS
 
 Q = ["--backend", "torch", "--data", "synthetic", "--quick", "--mode", "eager", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def task_registry():
+    """Task files register their tasks; take them out again, so that no later test runs a 24 GiB model."""
+    saved = dict(TASKS)
+    yield
+    TASKS.clear()
+    TASKS.update(saved)
 
 
 def one_line_error(capsys, *words):
@@ -94,35 +105,21 @@ def test_storage_never_writes_through_a_symlink(tmp_path):
 
 # -- names that become paths ----------------------------------------------------------------
 
-MLP_TOML = """
-name = "{name}"
-dataset = "mnist"
-input_shape = [28, 28, 1]
-batch_size = 32
-epochs = 1
-target_accuracy = 0.5
-[optimizer]
-kind = "sgd"
-lr = 0.1
-[[layers]]
-kind = "flatten"
-name = "flat"
-[[layers]]
-kind = "dense"
-name = "hidden"
-units = {units}
-activation = "relu"
-[[layers]]
-kind = "dense"
-name = "head"
-units = 10
-"""
+def task_toml(name: str = "tiny", *, hidden: int | None = None) -> str:
+    """test_taskfile's good task file, renamed, with a Dense layer of `hidden` units before the head if given."""
+    from test_taskfile import GOOD
+
+    text = GOOD.replace('name = "tiny"', f'name = "{name}"', 1)
+    head = '[[layers]]\nkind = "dense"\nname = "head"'
+    assert head in text
+    return text.replace(head, f'[[layers]]\nkind = "dense"\nname = "hidden"\nunits = {hidden}\n\n{head}') \
+        if hidden else text
 
 
 @pytest.mark.parametrize("name", ["../../../../escape/pwn", ".hidden", "a/b", "x" * 129, ""])
 def test_a_task_name_that_is_not_a_safe_name_is_refused_at_the_source(tmp_path, capsys, name):
     path = tmp_path / "task.toml"
-    path.write_text(MLP_TOML.format(name=name, units=8))
+    path.write_text(task_toml(name))
     assert main(["run", "--task", str(path), *Q, "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys, "not a safe name")
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escape").exists()
@@ -222,14 +219,14 @@ def test_a_bad_override_exits_2_with_one_line(tmp_path, capsys, override, words)
 def test_a_model_larger_than_memory_is_refused_from_its_parameter_count(tmp_path, capsys):
     units = total_memory_bytes() // (8 * 784) + 1  # 8 bytes per parameter: weights and gradients alone
     path = tmp_path / "big.toml"
-    path.write_text(MLP_TOML.format(name="big", units=units))
+    path.write_text(task_toml("big", hidden=units))
     assert main(["run", "--task", str(path), *Q, "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "parameters need at least", "more than this machine's")
 
 
 def test_a_large_toml_is_refused_by_its_size(tmp_path, capsys):
     path = tmp_path / "big.toml"
-    path.write_text(MLP_TOML.format(name="t", units=8) + "# pad\n" * 200_000)
+    path.write_text(task_toml() + "# pad\n" * 200_000)
     assert main(["show", str(path)]) == 2
     one_line_error(capsys, "more than the 1,048,576")
 
@@ -437,7 +434,12 @@ def silent_server():
     server.bind(("127.0.0.1", 0))
     server.listen()
     held = []  # the accepted connections stay open, unanswered, while the caller holds this list
-    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+
+    def accept():
+        with contextlib.suppress(OSError):  # the test closed the server first
+            held.append(server.accept())
+
+    threading.Thread(target=accept, daemon=True).start()
     return server, held
 
 

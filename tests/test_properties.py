@@ -192,16 +192,12 @@ def test_resume_reads_any_run_json_with_one_line_or_not_at_all(saved):
         assert snapshot(Path(tmp), skip=()) == before
 
 
-def valid_toml() -> str:
-    from test_attacks import MLP_TOML
-
-    return MLP_TOML.format(name="prop", units=8)
-
-
 @examples(60)
 @given(cut=st.integers(0, 400), insert=st.text(alphabet="[]{}=\"',.#\n abc019-_\\", max_size=20))
 def test_any_task_file_gives_a_spec_or_one_line(cut, insert):
-    text = valid_toml()
+    from test_taskfile import GOOD
+
+    text = GOOD
     text = text[:cut] + insert + text[cut:]
     with tempfile.TemporaryDirectory() as tmp, watched():
         path = Path(tmp) / "t.toml"
