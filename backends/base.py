@@ -121,8 +121,12 @@ class Backend(abc.ABC):
     # process per replica, each making the same calls in the same order; rank 0 reports.
     # False: one process drives every replica (tf.distribute, jax.sharding).
     REPLICA_PROCESSES: bool = False
-    # kind -> the adapter's implementation: the one table that maps spec layers to the framework.
+    # The adapter's tables, checked for coverage of a spec before anything is built or traced:
+    # layer kind -> its implementation; activation name -> the framework's; optimizer kind ->
+    # its pinned form (tasks/optim.py) in the framework.
     LAYERS: dict = {}
+    ACTIVATIONS: dict = {}
+    OPTIMIZERS: dict = {}
     # mode -> the program it runs, as the framework names it (docs/modes.md), e.g. "jax lax.scan epoch";
     # a mode missing here is named "<backend> <mode>".
     EXECUTIONS: dict[str, str] = {}
@@ -224,12 +228,20 @@ class Backend(abc.ABC):
         unknown = set(trainable or ()) - set(names) - {e.name for e in spec.params()}
         if unknown:
             raise ValueError(f"trainable names unknown parameter layers {sorted(unknown)}; valid: {names}")
-        missing = sorted({layer.kind for layer, _, _ in spec.walk()} - set(self.LAYERS))
+        missing = self.uncovered(spec)
         if missing:
-            raise ValueError(f"{self.name}: no implementation of layer kind(s) {', '.join(missing)}")
+            raise ValueError(f"{self.name}: no implementation of {', '.join(missing)}")
         spec.check_weights(weights)
         mode = self.execution(spec, mode)[0]
         return self._build(spec, [np.asarray(w, self.float_dtype) for w in weights], trainable=trainable, mode=mode)
+
+    def uncovered(self, spec: TaskSpec) -> list[str]:
+        """What `spec` uses that this adapter's tables lack, named ("layer kind conv3d", "optimizer lion")."""
+        kinds = {layer.kind for layer, _, _ in spec.walk()}
+        activations = {layer.activation for layer, _, _ in spec.walk() if hasattr(layer, "activation")}
+        return ([f"layer kind {k}" for k in sorted(kinds - set(self.LAYERS))]
+                + [f"activation {a}" for a in sorted(activations - set(self.ACTIVATIONS))]
+                + ([f"optimizer {spec.optimizer.kind}"] if spec.optimizer.kind not in self.OPTIMIZERS else []))
 
     def get_weights(self, model: Any) -> list[np.ndarray]:
         """The current weights in canonical layout (fresh copies in float_dtype), running statistics included."""

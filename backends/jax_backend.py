@@ -54,12 +54,18 @@ def _run(layers, h, ctx: _Ctx):
     return h
 
 
+# Every activation the spec names, as (jax, array) -> array; base.build checks coverage.
+ACTIVATIONS = {
+    "linear": lambda jax, v: v, "relu": lambda jax, v: jax.nn.relu(v), "tanh": lambda jax, v: jax.numpy.tanh(v),
+    "silu": lambda jax, v: jax.nn.silu(v), "gelu": lambda jax, v: jax.nn.gelu(v, approximate=False),
+    "gelu_tanh": lambda jax, v: jax.nn.gelu(v, approximate=True),
+}
+
+
 def _activation(name: str, h):
     import jax
 
-    fns = {"linear": lambda v: v, "relu": jax.nn.relu, "tanh": jax.numpy.tanh, "silu": jax.nn.silu,
-           "gelu": lambda v: jax.nn.gelu(v, approximate=False), "gelu_tanh": lambda v: jax.nn.gelu(v, approximate=True)}
-    return fns[name](h)
+    return ACTIVATIONS[name](jax, h)
 
 
 def _dense(layer, h, ctx):
@@ -288,6 +294,17 @@ SCAN_UNROLL = 1
 SCAN_CONV_ON_CPU = False
 
 
+# Every optimizer kind of tasks/optim.py, as (optax, optimizer spec, lr schedule, decay mask) -> transformation.
+OPTIMIZERS = {
+    "sgd": lambda optax, o, lr, decays: optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov),
+    # optax.adam: p -= lr * m_hat / (sqrt(v_hat) + eps), the spec's "sqrt_v_hat"; eps_root stays 0.
+    "adam": lambda optax, o, lr, decays: optax.adam(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0),
+    # optax.adamw: p -= lr * (adam + weight_decay * p), torch's decoupled decay.
+    "adamw": lambda optax, o, lr, decays: optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0,
+                                                      weight_decay=o.weight_decay, mask=decays),
+}
+
+
 def _optimizer(o, decays: dict[str, bool]):
     """optax for the spec's optimizer: the same formulas tasks/optim.py pins (optax's own forms).
 
@@ -300,15 +317,7 @@ def _optimizer(o, decays: dict[str, bool]):
     def lr(count):
         return table[jnp.minimum(count, len(table) - 1)]
 
-    if o.kind == "sgd":
-        opt = optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov)
-    elif o.kind == "adamw":
-        # optax.adamw: p -= lr * (adam + weight_decay * p), torch's decoupled decay.
-        opt = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0, weight_decay=o.weight_decay,
-                          mask=decays)
-    else:
-        # optax.adam: p -= lr * m_hat / (sqrt(v_hat) + eps), the spec's "sqrt_v_hat"; eps_root stays 0.
-        opt = optax.adam(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, eps_root=0.0)
+    opt = OPTIMIZERS[o.kind](optax, o, lr, decays)
     return opt if o.clip_norm is None else optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
 
 
@@ -342,6 +351,8 @@ class _Model:
 class JaxBackend(Backend):
     name = "jax"
     LAYERS = LAYERS
+    ACTIVATIONS = ACTIVATIONS
+    OPTIMIZERS = OPTIMIZERS
     EXECUTIONS = {"eager": "jax.jit step", "compiled": "jax lax.scan epoch"}
 
     def __init__(self):

@@ -54,11 +54,15 @@ def _gelu(v, *, approximate: bool):
     return 0.5 * v * ops.erfc(-v * 0.7071067811865476)
 
 
+# Every activation the spec names, as what a Keras layer's `activation` takes; base.build checks coverage.
+ACTIVATIONS = {
+    "linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
+    "gelu": functools.partial(_gelu, approximate=False), "gelu_tanh": functools.partial(_gelu, approximate=True),
+}
+
+
 def _activation(keras, name: str):
-    fns = {"linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
-           "gelu": lambda v: _gelu(v, approximate=False),
-           "gelu_tanh": lambda v: _gelu(v, approximate=True)}
-    return fns[name]
+    return ACTIVATIONS[name]
 
 
 def _positional_embedding(keras):
@@ -256,6 +260,38 @@ class _Model:
     fns: dict = field(default_factory=dict)  # traced tf.functions keyed by (kind, batch_size)
 
 
+def _sgd_update(tf, model, grads, *, lr, step) -> None:
+    o = model.spec.optimizer
+    for p, g, slots in zip(model.train_vars, grads, model.slots):
+        if slots:
+            buf = slots[0].assign(o.momentum * slots[0] + g)
+            g = g + o.momentum * buf if o.nesterov else buf
+        p.assign_sub(lr * g)
+
+
+def _adam_update(tf, model, grads, *, lr, step) -> None:
+    """Adam, and AdamW's decoupled decay on the arrays that decay (model.decays)."""
+    o = model.spec.optimizer
+    bc1 = 1.0 - tf.pow(tf.constant(o.beta1, step.dtype), step)
+    bc2 = 1.0 - tf.pow(tf.constant(o.beta2, step.dtype), step)
+    for p, g, (m, v), decays in zip(model.train_vars, grads, model.slots, model.decays):
+        if decays:
+            p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
+        # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
+        # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
+        m_new = m.assign(o.beta1 * m + (1.0 - o.beta1) * g)
+        v_new = v.assign(o.beta2 * v + (1.0 - o.beta2) * tf.square(g))
+        p.assign_sub(lr * (m_new / bc1) / (tf.sqrt(v_new / bc2) + o.eps))
+
+
+# Every optimizer kind of tasks/optim.py, in its pinned form: (slots per trained variable, update step).
+OPTIMIZERS = {
+    "sgd": (lambda o: 1 if o.momentum else 0, _sgd_update),
+    "adam": (lambda o: 2, _adam_update),
+    "adamw": (lambda o: 2, _adam_update),
+}
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     EXECUTIONS = {"eager": "tf.function step", "compiled": "tf.function+XLA step"}
@@ -274,6 +310,8 @@ class TensorFlowBackend(Backend):
     # -- set-up --------------------------------------------------------------------------
 
     LAYERS = LAYERS
+    ACTIVATIONS = ACTIVATIONS
+    OPTIMIZERS = OPTIMIZERS
 
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         tf, keras = _import_tf()
@@ -437,8 +475,7 @@ class TensorFlowBackend(Backend):
 
     @staticmethod
     def _slot_count(spec: TaskSpec) -> int:
-        o = spec.optimizer
-        return (1 if o.momentum else 0) if o.kind == "sgd" else 2
+        return OPTIMIZERS[spec.optimizer.kind][0](spec.optimizer)
 
     def _get_weights(self, model: _Model) -> list[np.ndarray]:
         return [np.array(v.value.numpy(), dtype=self.float_dtype, copy=True) for v in model.variables]
@@ -474,23 +511,7 @@ class TensorFlowBackend(Backend):
             grads = [g * tf.minimum(o.clip_norm / norm, 1.0) for g in grads]  # norm first: 1.0 takes its dtype
         steps_before = model.step.assign_add(1) - 1
         lr = tf.gather(model.lr_table, tf.minimum(steps_before, len(o.lr_table()) - 1))
-        if o.kind == "sgd":
-            for p, g, slots in zip(model.train_vars, grads, model.slots):
-                if slots:
-                    buf = slots[0].assign(o.momentum * slots[0] + g)
-                    g = g + o.momentum * buf if o.nesterov else buf
-                p.assign_sub(lr * g)
-            return
-        t = tf.cast(steps_before + 1, self._float)
-        bc1, bc2 = 1.0 - tf.pow(tf.constant(o.beta1, t.dtype), t), 1.0 - tf.pow(tf.constant(o.beta2, t.dtype), t)
-        for p, g, (m, v), decays in zip(model.train_vars, grads, model.slots, model.decays):
-            if decays:
-                p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
-            # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
-            # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
-            m_new = m.assign(o.beta1 * m + (1.0 - o.beta1) * g)
-            v_new = v.assign(o.beta2 * v + (1.0 - o.beta2) * tf.square(g))
-            p.assign_sub(lr * (m_new / bc1) / (tf.sqrt(v_new / bc2) + o.eps))
+        OPTIMIZERS[o.kind][1](tf, model, grads, lr=lr, step=tf.cast(steps_before + 1, self._float))
 
     def _step_fn(self, model: _Model):
         tf = self._tf

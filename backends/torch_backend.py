@@ -83,12 +83,18 @@ def _run(layers, h, ctx: _Ctx):
     return h
 
 
+# Every activation the spec names, as (torch.nn.functional, tensor) -> tensor; base.build checks coverage.
+ACTIVATIONS = {
+    "linear": lambda F, v: v, "relu": lambda F, v: F.relu(v), "tanh": lambda F, v: F.tanh(v),
+    "silu": lambda F, v: F.silu(v), "gelu": lambda F, v: F.gelu(v, approximate="none"),
+    "gelu_tanh": lambda F, v: F.gelu(v, approximate="tanh"),
+}
+
+
 def _activation(name: str, h):
     import torch.nn.functional as F
 
-    fns = {"linear": lambda v: v, "relu": F.relu, "tanh": F.tanh, "silu": F.silu,
-           "gelu": lambda v: F.gelu(v, approximate="none"), "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
-    return fns[name](h)
+    return ACTIVATIONS[name](F, h)
 
 
 def _dense(layer, h, ctx):
@@ -323,6 +329,32 @@ class _Model:
     forward: Any = None
 
 
+def _sgd(torch, model, o):
+    # torch's SGD is the spec's form (dampening 0): buf = momentum buf + g.
+    return torch.optim.SGD(model.trainable, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+def _adam(torch, model, o, cls=None, groups=None):
+    # fused=True: one kernel over all parameters (CPU and CUDA); faster than foreach and the
+    # default on the MNIST-MLP step (docs/performance.md).
+    groups = groups or [{"params": model.trainable}]
+    return (cls or torch.optim.Adam)([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
+                                     eps=o.eps, fused=True)
+
+
+def _adamw(torch, model, o):
+    """Two groups: the arrays that decay and those that do not (AdamW.decay)."""
+    spec = model.spec
+    named = [(e, model.params[e.name]) for e in spec.params() if spec.trains(e, model.trainable_layers)]
+    return _adam(torch, model, o, cls=torch.optim.AdamW, groups=[
+        {"params": [t for e, t in named if spec.decays(e)], "weight_decay": o.weight_decay},
+        {"params": [t for e, t in named if not spec.decays(e)], "weight_decay": 0.0}])
+
+
+# Every optimizer kind of tasks/optim.py, as (torch, model, optimizer spec) -> torch optimizer.
+OPTIMIZERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
 class TorchBackend(Backend):
     name = "torch"
     # compiled: forward, loss and their backward through torch.compile; the optimizer step stays eager.
@@ -342,6 +374,8 @@ class TorchBackend(Backend):
     # -- set-up --------------------------------------------------------------------------
 
     LAYERS = LAYERS
+    ACTIVATIONS = ACTIVATIONS
+    OPTIMIZERS = OPTIMIZERS
 
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         try:
@@ -515,21 +549,7 @@ class TorchBackend(Backend):
         o = model.spec.optimizer
         if not model.trainable:
             return None, None
-        if o.kind == "sgd":
-            # torch's SGD is the spec's form (dampening 0): buf = momentum buf + g.
-            opt = torch.optim.SGD(model.trainable, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-        else:
-            # fused=True: one kernel over all parameters (CPU and CUDA). MNIST-MLP step,
-            # 40 interleaved chunks of 20 steps on the loaded 2-core CPU, samples/s best /
-            # median: fused 51.8k / 15.6k, foreach 41.5k / 13.4k, default 37.6k / 14.2k.
-            cls, groups = torch.optim.Adam, [{"params": model.trainable}]
-            if o.kind == "adamw":  # two groups: the arrays that decay and those that do not (AdamW.decay)
-                spec = model.spec
-                named = [(e, model.params[e.name]) for e in spec.params() if spec.trains(e, model.trainable_layers)]
-                cls, groups = torch.optim.AdamW, [
-                    {"params": [t for e, t in named if spec.decays(e)], "weight_decay": o.weight_decay},
-                    {"params": [t for e, t in named if not spec.decays(e)], "weight_decay": 0.0}]
-            opt = cls([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        opt = OPTIMIZERS[o.kind](torch, model, o)
         table = o.lr_table()
         if len(table) == 1:
             return opt, None

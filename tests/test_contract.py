@@ -242,3 +242,28 @@ def test_every_adapter_table_covers_the_vocabulary(backend_name):
     from tasks.layers import KINDS
 
     assert set(configured(backend_name).LAYERS) == set(KINDS)
+
+
+def test_every_adapter_covers_every_activation_and_optimizer(backend_name):
+    from tasks.layers import ACTIVATIONS
+    from tasks.optim import OPTIMIZERS
+
+    backend = configured(backend_name)
+    assert set(backend.ACTIVATIONS) == set(ACTIVATIONS)
+    assert set(backend.OPTIMIZERS) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("table, entry, task", [
+    ("OPTIMIZERS", "adamw", "tiny-gpt"), ("OPTIMIZERS", "adam", "mnist-mlp"),
+    ("ACTIVATIONS", "relu", "mnist-mlp"), ("ACTIVATIONS", "gelu", "tiny-gpt"),
+])
+def test_a_missing_table_entry_is_refused_naming_it_before_anything_is_built(backend_name, monkeypatch, table, entry,
+                                                                              task):
+    backend = configured(backend_name)
+    spec = get_task(task)
+    kept = {k: v for k, v in getattr(backend, table).items() if k != entry}
+    monkeypatch.setattr(type(backend), table, kept)
+    monkeypatch.setattr(type(backend), "_build", lambda *a, **k: pytest.fail("built with a missing table entry"))
+    what = "optimizer" if table == "OPTIMIZERS" else "activation"
+    with pytest.raises(ValueError, match=f"{backend_name}: no implementation of {what} {entry}"):
+        backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
