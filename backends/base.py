@@ -342,10 +342,15 @@ class Backend(abc.ABC):
                eval_data: Any, eval_batch_size: int) -> None:
         """Compile and warm caches so that the timed epochs are steady state.
 
-        The default runs a few real steps and one evaluation, then restores the weights
-        and optimizer state, so training starts exactly where it would have. Adapters
-        whose compiled code depends on the epoch length override this.
+        The default (_warmup) runs a few real steps and one evaluation, then restores the
+        weights and optimizer state, so training starts exactly where it would have. Adapters
+        whose compiled code depends on the epoch length override the hook.
         """
+        self._require_configured()
+        self._warmup(model, data, np.asarray(order), int(batch_size), eval_data, int(eval_batch_size))
+
+    def _warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
+                eval_data: Any, eval_batch_size: int) -> None:
         initial = self.get_weights(model)
         self.train_epoch(model, data, order[: 2 * batch_size], batch_size)
         self.evaluate(model, eval_data, eval_batch_size)

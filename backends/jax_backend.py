@@ -684,8 +684,8 @@ class JaxBackend(Backend):
         self._last = losses
         return np.asarray(losses, dtype=self.float_dtype)  # the one host read of the epoch
 
-    def warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
-               eval_data: Any, eval_batch_size: int) -> None:
+    def _warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
+                eval_data: Any, eval_batch_size: int) -> None:
         """Compile for the real epoch length without running a training step.
 
         Compiled mode lowers and compiles the fused epoch ahead of time (the executable is

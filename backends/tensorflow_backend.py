@@ -394,11 +394,6 @@ class TensorFlowBackend(Backend):
             env["replica_devices"] = list(self._strategy.extended.worker_devices)
         return env
 
-    def devices(self) -> list[str]:
-        self._require_configured()
-        tf = self._tf
-        return ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
-
     def _synchronize(self) -> None:
         tf = self._tf
         # Results are read with .numpy(), which already waits; this makes explicit timing

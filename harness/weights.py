@@ -21,7 +21,7 @@ def draw(param: Param, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(-limit, limit, size=param.shape).astype(np.float32)
     if param.init == "normal":
         return (rng.standard_normal(param.shape) * param.std).astype(np.float32)
-    return np.full(param.shape, 1.0 if param.init == "ones" else 0.0, np.float32)
+    return np.full(param.shape, {"ones": 1.0, "zeros": 0.0}[param.init], np.float32)
 
 
 def _draw_layers(spec: TaskSpec, seed: int, stream: int, keep) -> list[np.ndarray | None]:

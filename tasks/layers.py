@@ -45,6 +45,11 @@ class Param:
     trainable: bool = True
     std: float = EMBEDDING_STD  # for init "normal"
 
+    def __post_init__(self):
+        # harness.weights.draw knows exactly these: an unknown one must not become zeros.
+        if self.init not in INITS:
+            raise SpecError(f"parameter {self.name!r}: init {self.init!r} is not one of {', '.join(INITS)}")
+
 
 def _positive_int(layer, attr: str) -> None:
     value = getattr(layer, attr)

@@ -94,3 +94,13 @@ def test_batchnorm_statistics_are_state_in_the_weights():
     assert not np.any(w["stem_bn.running_mean"]) and np.all(w["stem_bn.running_var"] == 1)
     state = [e.name for e in spec.params() if not e.param.trainable]
     assert state and all(n.endswith(("running_mean", "running_var")) for n in state)
+
+
+def test_an_unknown_init_is_refused_not_drawn_as_zeros():
+    import pytest
+
+    from tasks.layers import Param
+    from tasks.spec import SpecError
+
+    with pytest.raises(SpecError, match="init 'uniform' is not one of"):
+        Param("w", (2, 2), "uniform")
