@@ -333,7 +333,7 @@ class TensorFlowBackend(Backend):
         # Layers compute in bf16 with float32 variables; the loss casts logits to float32 (float64 under fp64).
         policy = {"bf16": "mixed_bfloat16", "fp64": "float64"}.get(precision, "float32")
         keras.mixed_precision.set_global_policy(policy)
-        # Keras converts Python floats to floatx (e.g. attention's 1/sqrt(key_dim)): float32 would round them.
+        # Keras's default float for what it makes from Python numbers; _attention reads it too.
         keras.config.set_floatx("float64" if precision == "fp64" else "float32")
         self._float = tf.float64 if precision == "fp64" else tf.float32
         self._precision = precision
