@@ -148,6 +148,9 @@ def test_a_staged_task_decides_once_in_its_first_stage(monkeypatch, fake_backend
     first, *later = stages.values()
     assert first.metrics["mode_probe"]["chosen"] == "compiled"
     assert all(s.metrics["mode"] == "compiled" and s.metrics["mode_probe"] is None for s in later)
+    from harness.loop import flatten_metrics
+
+    assert flatten_metrics(spec, stages, peak_gflops=None)["mode_probe"] == first.metrics["mode_probe"]
 
 
 def test_a_short_epoch_probes_fewer_steps(monkeypatch, fake_backend):
