@@ -201,3 +201,11 @@ def test_training_after_the_probe_is_a_forced_run_of_the_chosen_mode(monkeypatch
     for key in ("initial_test_loss", "epoch_train_loss", "epoch_test_loss"):
         assert best.metrics[key] == forced.metrics[key], key
     assert all(np.array_equal(a, b) for a, b in zip(best.weights, forced.weights))
+
+
+def test_rates_within_the_probes_noise_choose_the_eager_program(monkeypatch, fake_backend):
+    slow_mode(monkeypatch, fake_backend, "eager", factor=1.03)  # compiled 3% faster: a tie
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert m["mode"] == probe.TIE_CHOICE == "eager" and m["mode_probe"]["compiled"] > m["mode_probe"]["eager"]
+    assert probe.faster({"compiled": 110.0, "eager": 100.0}, candidates=MODES) == "compiled"
