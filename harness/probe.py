@@ -61,7 +61,8 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
         raise BackendUnavailable("; ".join(unavailable.values()))
     best: dict[str, float | None] = {mode: None for mode in MODES}
     rounds = 0
-    while len(models) > 1 and rounds < PROBE_ROUNDS and not clear_winner(best):
+    # Replica processes must run as many rounds as rank 0 (each train_epoch is collective).
+    while len(models) > 1 and rounds < PROBE_ROUNDS and not backend.rank0_value(clear_winner(best)):
         rounds += 1
         for mode in models:
             samples, seconds = 0, 0.0
