@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from backends.base import BEST
 from harness import confine
 from harness import data as data_mod
-from harness.run_config import RunConfig
+from harness.run_config import QUICK_SUBSETS, RunConfig
 from tasks import get_task
 
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
-# --quick: one epoch on the first samples of each split (enough to see every backend
-# learn, small enough for a 2-core laptop to finish all tasks in about two minutes).
-QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000), "text": (256, 64)}  # text: windows
 
 
 @dataclass

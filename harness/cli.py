@@ -18,7 +18,7 @@ from harness.confine import UntrustedInput
 from harness.errors import EXIT_CELL_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from harness.exporting import INSTALL_HINT, missing_modules, parse_formats
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
-from harness.run_config import RunConfig, apply_override, check_config, load_resume
+from harness.run_config import QUICK_EPOCHS, QUICK_SUBSETS, RunConfig, apply_override, check_config, load_resume
 from harness.runner import available_backends, run_matrix
 from harness.shard import parse_shard
 from tasks import DEFAULT_TASKS, TASKS, get_task, is_task_file, load_task
@@ -90,11 +90,12 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
     p.add_argument("--threads", type=positive(int), help="intra-op threads for every framework (default: all cores)")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
-    p.add_argument("--mode", default="best", help=f"one of {', '.join(RUN_MODES)} (default best: each cell "
-                   "probes both modes' training steps and trains in the faster)")
+    p.add_argument("--mode", default="best", help=f"one of {', '.join(RUN_MODES)} (default best: each cell's first "
+                   "repeat probes the modes' training steps, every repeat trains in the faster; docs/modes.md)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
-                   help="1 epoch on 12000/2000 samples for the MLP or 4000/1000 for the CNN tasks: a smoke run")
+                   help=f"a smoke run: {QUICK_EPOCHS} epoch(s) on the first train/test samples per dataset kind ("
+                   + ", ".join(f"{kind} {n}/{m}" for kind, (n, m) in QUICK_SUBSETS.items()) + "; text in windows)")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.safetensors, or .npz) written by any backend, or a Hugging "
                    "Face GPT-2 folder for the gpt2 tasks (docs/finetune-hf.md); for finetune, skips pretraining")

@@ -220,6 +220,8 @@ def flatten_metrics(spec: TaskSpec, results: dict[str, StageResult], *, peak_gfl
     metrics = {k: v for k, v in primary.items() if k != "trainable"}
     metrics["stages"] = {name: r.metrics for name, r in results.items()}
     metrics["warmup_s"] = sum(r.metrics["warmup_s"] for r in results.values())
+    # --mode best decided in the first stage for all: its probe heads the record, whichever stage is primary.
+    metrics["mode_probe"] = next((r.metrics["mode_probe"] for r in results.values() if r.metrics["mode_probe"]), None)
     # Parity of the starting point: the first stage run starts from the same weights on
     # every backend; later stages start from each backend's own training.
     first = next(iter(results.values())).metrics

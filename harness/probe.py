@@ -15,10 +15,14 @@ from tasks.spec import TaskSpec
 # alternate the modes, so a burst of load from elsewhere hits both, and each mode's best round
 # counts (interference only ever slows a round down). A mode CLEAR_WIN times faster than every
 # other after a round has won: more rounds would only cost time (docs/modes.md).
+# Rates within TIE of each other are the probe's noise: then the eager program, which compiles
+# least, is chosen, so two runs that cannot tell the modes apart still choose alike.
 PROBE_STEPS = 10
 PROBE_ROUND_S = 0.3
 PROBE_ROUNDS = 3
 CLEAR_WIN = 1.5
+TIE = 1.05
+TIE_CHOICE = "eager"
 
 
 def clock() -> float:
@@ -57,7 +61,8 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
         raise BackendUnavailable("; ".join(unavailable.values()))
     best: dict[str, float | None] = {mode: None for mode in MODES}
     rounds = 0
-    while len(models) > 1 and rounds < PROBE_ROUNDS and not clear_winner(best):
+    # Replica processes must run as many rounds as rank 0 (each train_epoch is collective).
+    while len(models) > 1 and rounds < PROBE_ROUNDS and not backend.rank0_value(clear_winner(best)):
         rounds += 1
         for mode in models:
             samples, seconds = 0, 0.0
@@ -72,7 +77,7 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
                 samples += len(order)
             best[mode] = max(best[mode] or 0.0, samples / seconds)  # seconds >= PROBE_ROUND_S
     # Replica processes time their own probes; all must train in the mode rank 0 chose.
-    chosen = backend.rank0_value(max(models, key=lambda mode: best[mode] or 0.0))
+    chosen = backend.rank0_value(faster(best, candidates=tuple(models)))
     model = models.pop(chosen)
     models.clear()  # the other mode's model and compiled code are not needed for training
     if rounds:
@@ -81,6 +86,14 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
             "programs": {mode: backend.execution(spec, mode)[1] for mode in backend.distinct_modes(spec)},
             **({"unavailable": unavailable} if unavailable else {})}
     return chosen, model, info
+
+
+def faster(best: dict[str, float | None], *, candidates: tuple[str, ...]) -> str:
+    """The candidate with the higher best rate; TIE_CHOICE when the rates are within TIE of each other."""
+    top = max(candidates, key=lambda mode: best[mode] or 0.0)
+    rates = sorted(best[mode] or 0.0 for mode in candidates)
+    tied = len(rates) > 1 and rates[-1] < TIE * rates[-2]
+    return TIE_CHOICE if tied and TIE_CHOICE in candidates else top
 
 
 def clear_winner(best: dict[str, float | None]) -> bool:

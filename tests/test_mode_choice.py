@@ -88,3 +88,13 @@ def test_jax_compiled_with_convolutions_on_a_cpu_is_the_eager_program():
     assert backend.distinct_modes(get_task("cifar-cnn")) == ("eager",)
     assert backend.execution(get_task("mnist-mlp"), "compiled") == ("compiled", "jax lax.scan epoch")
     assert backend.distinct_modes(get_task("mnist-mlp")) == ("compiled", "eager")
+
+
+def test_the_report_flags_cells_run_under_load():
+    from harness.report import render_terminal
+
+    quiet, loaded = make_record(), make_record(backend="jax")
+    quiet["env"]["load"] = {"start": [0.2, 0.1, 0.1], "end": [1.9, 0.8, 0.3], "cpu_steal": 0.0}
+    loaded["env"]["load"] = {"start": [6.0, 5.0, 4.0], "end": [7.5, 5.5, 4.2], "cpu_steal": None}
+    text = render_terminal([quiet, loaded])
+    assert "UNDER LOAD: jax r0 (load 7.5 on 2 cores)" in text and "torch r0" not in text

@@ -148,6 +148,9 @@ def test_a_staged_task_decides_once_in_its_first_stage(monkeypatch, fake_backend
     first, *later = stages.values()
     assert first.metrics["mode_probe"]["chosen"] == "compiled"
     assert all(s.metrics["mode"] == "compiled" and s.metrics["mode_probe"] is None for s in later)
+    from harness.loop import flatten_metrics
+
+    assert flatten_metrics(spec, stages, peak_gflops=None)["mode_probe"] == first.metrics["mode_probe"]
 
 
 def test_a_short_epoch_probes_fewer_steps(monkeypatch, fake_backend):
@@ -198,3 +201,11 @@ def test_training_after_the_probe_is_a_forced_run_of_the_chosen_mode(monkeypatch
     for key in ("initial_test_loss", "epoch_train_loss", "epoch_test_loss"):
         assert best.metrics[key] == forced.metrics[key], key
     assert all(np.array_equal(a, b) for a, b in zip(best.weights, forced.weights))
+
+
+def test_rates_within_the_probes_noise_choose_the_eager_program(monkeypatch, fake_backend):
+    slow_mode(monkeypatch, fake_backend, "eager", factor=1.03)  # compiled 3% faster: a tie
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert m["mode"] == probe.TIE_CHOICE == "eager" and m["mode_probe"]["compiled"] > m["mode_probe"]["eager"]
+    assert probe.faster({"compiled": 110.0, "eager": 100.0}, candidates=MODES) == "compiled"

@@ -5,8 +5,8 @@ import pytest
 from conftest import configured, require
 
 from harness import text
-from harness.cells import QUICK_SUBSETS
 from harness.loop import run_stages
+from harness.run_config import QUICK_SUBSETS
 from harness.weights import initial_weights
 from tasks.optim import WarmupCosine
 from tasks.spec import SpecError
