@@ -25,7 +25,7 @@ def _output(attn, o):
     return attn._output_dense(o)
 
 
-def _cached_run(keras_model, layers, h, cache: dict, pos):
+def _cached_run(keras_model, layers, h, *, cache: dict, pos):
     """The spec's layers by name on the tokens at positions pos.., replacing `cache` entries."""
     import keras
 
@@ -45,7 +45,7 @@ def _cached_run(keras_model, layers, h, cache: dict, pos):
             scores = ops.where(seen, scores, float(np.finfo(np.float32).min))
             h = _output(attn, ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), values))
         elif layer.kind == "residual":
-            h = h + _cached_run(keras_model, layer.body, h, cache, pos)
+            h = h + _cached_run(keras_model, layer.body, h, cache=cache, pos=pos)
         else:
             h = keras_model.get_layer(layer.name)(h, training=False)
     return h
@@ -61,7 +61,7 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
 
     def logits_at(tokens, cache, pos):
         cache = dict(zip(names, cache))
-        out = _cached_run(model.keras_model, spec.layers, tokens, cache, pos)
+        out = _cached_run(model.keras_model, spec.layers, tokens, cache=cache, pos=pos)
         token = tf.cast(tf.argmax(tf.cast(out[:, -1], tf.float32), axis=-1), tf.int32)
         return token, tuple(cache[n] for n in names)
 
