@@ -728,7 +728,7 @@ class JaxBackend(Backend):
     def _export(self, model: _Model, fmt: str, folder):
         from backends.jax_export import export
 
-        return export(self, model, fmt, folder)
+        return export(self, model, fmt, folder=folder)
 
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.jax_generate import generator

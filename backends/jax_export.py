@@ -9,7 +9,7 @@ import numpy as np
 from backends.base import Exported, ExportUnsupported, InferencePath
 
 
-def export(backend, model, fmt: str, folder: Path) -> Exported:
+def export(backend, model, fmt: str, *, folder: Path) -> Exported:
     if fmt == "onnx":
         raise ExportUnsupported("jax: no maintained JAX-to-ONNX exporter (jax2onnx is third-party and "
                                 "jax.experimental.jax2tf + tf2onnx is deprecated); use --export native")

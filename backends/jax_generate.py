@@ -8,7 +8,7 @@ from backends.base import Generator
 from backends.jax_backend import LAYERS, _Ctx, attention_out, attention_qkv
 
 
-def _cached_run(layers, h, ctx: _Ctx, cache: dict, pos):
+def _cached_run(layers, h, ctx: _Ctx, *, cache: dict, pos):
     """The spec's layers on the tokens at positions pos.. (traced), updating `cache` (a dict of
     (keys, values) arrays, replaced functionally); the other layers as in training."""
     import jax
@@ -18,15 +18,15 @@ def _cached_run(layers, h, ctx: _Ctx, cache: dict, pos):
             table = ctx.p(layer, "table")
             h = h + jax.lax.dynamic_slice_in_dim(table, pos, h.shape[1]).astype(h.dtype)
         elif layer.kind == "multiheadselfattention":
-            h = _cached_attention(layer, h, ctx, cache, pos)
+            h = _cached_attention(layer, h, ctx, cache=cache, pos=pos)
         elif layer.kind == "residual":
-            h = h + _cached_run(layer.body, h, ctx, cache, pos)
+            h = h + _cached_run(layer.body, h, ctx, cache=cache, pos=pos)
         else:
             h = LAYERS[layer.kind](layer, h, ctx)
     return h
 
 
-def _cached_attention(layer, h, ctx: _Ctx, cache: dict, pos):
+def _cached_attention(layer, h, ctx: _Ctx, *, cache: dict, pos):
     import jax
     jnp = jax.numpy
 
@@ -54,7 +54,7 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
     def logits_at(params, tokens, cache, pos):
         ctx = _Ctx(params, train=False, frozen=frozenset())
         cache = dict(cache)
-        out = _cached_run(spec.layers, tokens, ctx, cache, pos)
+        out = _cached_run(spec.layers, tokens, ctx, cache=cache, pos=pos)
         return jnp.argmax(out[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32), cache
 
     @jax.jit

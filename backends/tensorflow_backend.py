@@ -672,7 +672,7 @@ class TensorFlowBackend(Backend):
     def _export(self, model: _Model, fmt: str, folder):
         from backends.tensorflow_export import export
 
-        return export(self, model, fmt, folder)
+        return export(self, model, fmt, folder=folder)
 
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.tensorflow_generate import generator

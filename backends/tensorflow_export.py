@@ -10,7 +10,7 @@ from backends.base import Exported, InferencePath
 from backends.onnx_runtime import onnx_session
 
 
-def export(backend, model, fmt: str, folder: Path) -> Exported:
+def export(backend, model, fmt: str, *, folder: Path) -> Exported:
     tf = backend._tf
     stem = folder / f"{model.spec.name}-tensorflow"
     if fmt == "onnx":

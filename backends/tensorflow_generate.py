@@ -1,7 +1,9 @@
 """Greedy decoding with a KV cache for the Keras adapter: the model's own layers, cached steps in tf.functions.
 
-The cache is written as keras_hub's CachedMultiHeadAttention writes one: the attention
-layer's own query/key/value projections, `keras.ops.slice_update` at the step's position.
+As keras_hub's CachedMultiHeadAttention, the attention layer's own query/key/value projections
+fill the cache. It is written with `tf.tensor_scatter_nd_update` along its leading (position)
+axis rather than `keras.ops.slice_update`, whose TensorFlow form pads by the position: XLA
+needs paddings at compile time and compiled every step anew (63 s against 3 s for 24 tokens).
 """
 
 from __future__ import annotations
@@ -25,27 +27,30 @@ def _output(attn, o):
     return attn._output_dense(o)
 
 
-def _cached_run(keras_model, layers, h, cache: dict, pos):
+def _cached_run(keras_model, layers, h, *, cache: dict, pos):
     """The spec's layers by name on the tokens at positions pos.., replacing `cache` entries."""
     import keras
+    import tensorflow as tf
 
     ops = keras.ops
     for layer in layers:
         if layer.kind == "positionalembedding":
             table = keras_model.get_layer(layer.name).table
-            h = h + ops.cast(ops.slice(table, (pos, 0), (h.shape[1], table.shape[1])), h.dtype)
+            h = h + ops.cast(tf.gather(table, pos + tf.range(h.shape[1])), h.dtype)
         elif layer.kind == "multiheadselfattention":
             attn = keras_model.get_layer(layer.name)
             q, k, v = _projections(attn, h)
-            keys, values = (ops.slice_update(c, (0, pos, 0, 0), ops.cast(new, c.dtype))
+            rows = (pos + tf.range(h.shape[1]))[:, None]
+            # The cache is (position, batch, heads, head_dim): the new positions are whole leading rows.
+            keys, values = (tf.tensor_scatter_nd_update(c, rows, tf.transpose(ops.cast(new, c.dtype), (1, 0, 2, 3)))
                             for c, new in zip(cache[layer.name], (k, v)))
             cache[layer.name] = (keys, values)
-            scores = ops.einsum("bqhk,bshk->bhqs", q, keys) / float(np.sqrt(q.shape[-1]))
-            seen = ops.arange(keys.shape[1])[None, :] <= pos + ops.arange(q.shape[1])[:, None]
+            scores = ops.einsum("bqhk,sbhk->bhqs", q, keys) / float(np.sqrt(q.shape[-1]))
+            seen = ops.arange(keys.shape[0])[None, :] <= pos + ops.arange(q.shape[1])[:, None]
             scores = ops.where(seen, scores, float(np.finfo(np.float32).min))
-            h = _output(attn, ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), values))
+            h = _output(attn, ops.einsum("bhqs,sbhk->bqhk", ops.softmax(scores, axis=-1), values))
         elif layer.kind == "residual":
-            h = h + _cached_run(keras_model, layer.body, h, cache, pos)
+            h = h + _cached_run(keras_model, layer.body, h, cache=cache, pos=pos)
         else:
             h = keras_model.get_layer(layer.name)(h, training=False)
     return h
@@ -61,13 +66,13 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
 
     def logits_at(tokens, cache, pos):
         cache = dict(zip(names, cache))
-        out = _cached_run(model.keras_model, spec.layers, tokens, cache, pos)
+        out = _cached_run(model.keras_model, spec.layers, tokens, cache=cache, pos=pos)
         token = tf.cast(tf.argmax(tf.cast(out[:, -1], tf.float32), axis=-1), tf.int32)
         return token, tuple(cache[n] for n in names)
 
     @tf.function(jit_compile=compiled)
     def prefill(prompts):
-        cache = tuple(tuple(tf.zeros((batch, length, dims[n][1], dims[n][2])) for _ in range(2)) for n in names)
+        cache = tuple(tuple(tf.zeros((length, batch, dims[n][1], dims[n][2])) for _ in range(2)) for n in names)
         return logits_at(prompts, cache, 0)
 
     @tf.function(jit_compile=compiled)

@@ -740,7 +740,7 @@ class TorchBackend(Backend):
     def _export(self, model: _Model, fmt: str, folder):
         from backends.torch_export import export
 
-        return export(self, model, fmt, folder)
+        return export(self, model, fmt, folder=folder)
 
     def _generator(self, model: _Model, *, batch: int, prompt_len: int, new_tokens: int):
         from backends.torch_generate import generator

@@ -27,7 +27,7 @@ def _feed(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
 
 
-def export(backend, model, fmt: str, folder: Path) -> Exported:
+def export(backend, model, fmt: str, *, folder: Path) -> Exported:
     torch = backend._torch()
     spec = model.spec
     dtype = np.int32 if spec.takes_tokens else np.float32

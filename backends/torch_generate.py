@@ -8,21 +8,21 @@ from backends.base import Generator
 from backends.torch_backend import LAYERS, _Ctx, attention_out, attention_qkv
 
 
-def _cached_run(layers, h, ctx: _Ctx, cache: dict, pos: int):
+def _cached_run(layers, h, ctx: _Ctx, *, cache: dict, pos: int):
     """The spec's layers on the tokens at positions pos.., reading and writing the cache; the others as in training."""
     for layer in layers:
         if layer.kind == "positionalembedding":
             h = h + ctx.p(layer, "table")[pos: pos + h.shape[1]]
         elif layer.kind == "multiheadselfattention":
-            h = _cached_attention(layer, h, ctx, cache, pos)
+            h = _cached_attention(layer, h, ctx, cache=cache, pos=pos)
         elif layer.kind == "residual":
-            h = h + _cached_run(layer.body, h, ctx, cache, pos)
+            h = h + _cached_run(layer.body, h, ctx, cache=cache, pos=pos)
         else:
             h = LAYERS[layer.kind].forward(layer, h, ctx)
     return h
 
 
-def _cached_attention(layer, h, ctx: _Ctx, cache: dict, pos: int):
+def _cached_attention(layer, h, ctx: _Ctx, *, cache: dict, pos: int):
     import torch.nn.functional as F
 
     q, k, v = attention_qkv(layer, h, ctx)  # (b, heads, t, head_dim)
@@ -48,7 +48,7 @@ def generator(backend, model, *, batch: int, prompt_len: int, new_tokens: int) -
 
     def step(tokens, pos):
         with torch.inference_mode(), backend._autocast():
-            logits = _cached_run(model.spec.layers, tokens, ctx, cache, pos)
+            logits = _cached_run(model.spec.layers, tokens, ctx, cache=cache, pos=pos)
         return logits[:, -1].float().argmax(-1)
 
     def first(x):

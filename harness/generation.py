@@ -24,7 +24,7 @@ def fixed_prompts(x_test: np.ndarray, batch: int, prompt_len: int) -> np.ndarray
     return np.ascontiguousarray(x_test[rows, :prompt_len], np.int32)
 
 
-def greedy_uncached(backend: Backend, model, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+def greedy_uncached(backend: Backend, model, prompts: np.ndarray, *, new_tokens: int) -> np.ndarray:
     """Greedy ids from full forward passes over the growing sequence: the reference the cache must match.
 
     Each pass sees the whole context, zero-padded on the right: causal attention keeps the
@@ -38,7 +38,7 @@ def greedy_uncached(backend: Backend, model, prompts: np.ndarray, new_tokens: in
     return seq[:, prompt_len: prompt_len + new_tokens].copy()
 
 
-def generate(backend: Backend, model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float, float]:
+def generate(backend: Backend, model, prompts: np.ndarray, *, new_tokens: int) -> tuple[np.ndarray, float, float]:
     """(new ids, time to first token s, whole generation s) of one timed run after a warm-up run of the same shape."""
     gen = backend.generator(model, batch=len(prompts), prompt_len=prompts.shape[1], new_tokens=new_tokens)
     x = gen.put(prompts)
@@ -55,7 +55,7 @@ def measure_generation(backend: Backend, model, x_test: np.ndarray) -> dict:
     prompt_len, new = prompt_shape(model.spec.input_shape[0])
     out: dict = {"generate_prompt_tokens": prompt_len, "generate_new_tokens": new}
     for batch in BATCHES:
-        ids, first_s, total_s = generate(backend, model, fixed_prompts(x_test, batch, prompt_len), new)
+        ids, first_s, total_s = generate(backend, model, fixed_prompts(x_test, batch, prompt_len), new_tokens=new)
         out[f"generate_tokens_per_s_b{batch}"] = batch * new / total_s
         if batch == 1:
             out["time_to_first_token_ms"] = 1e3 * first_s

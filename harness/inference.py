@@ -24,7 +24,7 @@ def _timed(fn, *args) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
-def _calls(budget_s: float, per_call_s: float, low: int, high: int) -> int:
+def _calls(budget_s: float, per_call_s: float, *, low: int, high: int) -> int:
     """How many timed calls fit the budget at the warm-up's pace, within [low, high]."""
     fit = int(budget_s / per_call_s) if per_call_s > 0 else high
     return max(low, min(high, fit))
@@ -57,9 +57,9 @@ def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: f
         first_one, pace_one = _warm(path.run, one)
         first_batch, pace_batch = _warm(path.run, batch)
         warmup_s = time.perf_counter() - started
-        n_one = _calls(budget_s / 2, pace_one, MIN_LATENCY_CALLS, MAX_LATENCY_CALLS)
+        n_one = _calls(budget_s / 2, pace_one, low=MIN_LATENCY_CALLS, high=MAX_LATENCY_CALLS)
         latencies = np.array([_timed(path.run, one)[1] for _ in range(n_one)])
-        n_batch = _calls(budget_s / 2, pace_batch, MIN_THROUGHPUT_CALLS, MAX_THROUGHPUT_CALLS)
+        n_batch = _calls(budget_s / 2, pace_batch, low=MIN_THROUGHPUT_CALLS, high=MAX_THROUGHPUT_CALLS)
         t0 = time.perf_counter()
         for _ in range(n_batch):
             path.run(batch)

@@ -140,8 +140,8 @@ def run_cell(cfg: dict, record: dict) -> dict:
             record["env"]["execution"] = record["metrics"].pop("execution")
             record["status"] = "ok"
             if cfg.get("export"):
-                record["exported"] = export_trained(backend, spec, results[spec.primary_stage], dataset, cfg,
-                                                    mode=record["env"]["mode"])
+                record["exported"] = export_trained(backend, spec, results[spec.primary_stage], dataset=dataset,
+                                                    cfg=cfg, mode=record["env"]["mode"])
         except BackendUnavailable as exc:  # the mode asked for cannot run this model here
             record.update(status="skipped", error=str(exc))
         except Diverged as exc:
@@ -155,7 +155,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
     return record
 
 
-def export_trained(backend, spec, result, dataset, cfg: dict, *, mode: str) -> dict:
+def export_trained(backend, spec, result, *, dataset, cfg: dict, mode: str) -> dict:
     """The primary stage's trained weights in each --export format, under the results folder's exports/."""
     from harness.exporting import export_figures
 

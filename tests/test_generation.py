@@ -24,9 +24,9 @@ def test_cached_generation_gives_the_ids_of_uncached_decoding(backend_name, mode
     spec = small_gpt()
     model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode=mode)
     x = prompts(3, 16)
-    ids, first_s, total_s = generate(backend, model, x, 24)
+    ids, first_s, total_s = generate(backend, model, x, new_tokens=24)
     assert ids.shape == (3, 24) and ids.dtype == np.int32
-    assert np.array_equal(ids, greedy_uncached(backend, model, x, 24))
+    assert np.array_equal(ids, greedy_uncached(backend, model, x, new_tokens=24))
     assert 0 < first_s <= total_s
 
 
@@ -43,7 +43,7 @@ def test_generation_figures_and_ids_are_the_same_on_every_backend(backend_pair):
         model = backend.build(spec, weights, trainable=None, mode="eager")
         runs[name] = measure_generation(backend, model, x_test)
         prompt_len, new = prompt_shape(40)
-        ids32, _, _ = generate(backend, model, fixed_prompts(x_test, 32, prompt_len), new)
+        ids32, _, _ = generate(backend, model, fixed_prompts(x_test, 32, prompt_len), new_tokens=new)
         runs[name]["ids32"] = ids32
         if name == backend_pair[0]:
             seq = np.concatenate([fixed_prompts(x_test, 32, prompt_len), ids32], 1)
