@@ -23,16 +23,8 @@ _MATMUL_PRECISION = {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "defaul
 # The one mesh axis of data parallelism: each step's global batch is split along it.
 DATA_AXIS = "data"
 _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-# Eager steps a multi-device CPU run may have dispatched but not finished. XLA's CPU client
-# admits at most 32 computations in flight per device (CpuClientOptions::
-# max_inflight_computations_per_device, which jax does not expose); a step dispatched past
-# that blocks its launch in Semaphore::ScopedAcquire, and with an all-reduce in the step
-# this deadlocks: one device's program waits in the all-reduce rendezvous for the other
-# device's, which never starts, until XLA aborts the process (SIGABRT after 40 s). With 2
-# host devices (jaxlib 0.10.2, 2-core host) a bare GSPMD step loop hung in 3 of 3 runs when
-# it synchronised every 33 or 40 steps or never, and in 0 of 3 every 31 or 16 steps; the
-# harness flow hung in about 1 run in 3. Waiting for the step 16 back keeps far under the
-# limit without ever draining the queue, so dispatch still overlaps compute.
+# Eager steps in flight on a multi-device CPU run: past XLA:CPU's 32 per device an all-reduce step
+# deadlocks; waiting on the 16th step back stays under it (docs/performance.md).
 _CPU_MAX_STEPS_IN_FLIGHT = 16
 
 
@@ -180,18 +172,8 @@ def _attention(layer, h, ctx):
     return attention_out(layer, _dot_product_attention(q, k, v, causal=layer.causal), ctx)
 
 
-# Which attention kernel: jax.nn.dot_product_attention, the framework's own op, where it is
-# faster. On XLA:CPU it is not: its "xla" implementation (what implementation=None runs) vmaps
-# the same einsums over head groups and builds the full (B, N, T, T) mask. Measured on the 2-core
-# VM shared with other jobs (jaxlib 0.10.2, tiny-gpt default sizes, fp32, training epochs of the
-# op against the einsums below, interleaved, median pair ratio [min-max]): compiled 0.95x
-# [0.92-1.02] (15 pairs of 4 steps) and 0.87x [0.73-1.18] (9 pairs of 8); eager 0.99x [0.44-1.88]
-# and 1.07x [0.87-2.02], load noise; the attention alone (forward + backward, 32 x 128 x 4 x 32,
-# median of 9) 37 and 36 ms against 23 and 22 ms; equal losses. On a GPU in bf16/fp16 its
-# "cudnn" implementation is cuDNN's fused flash attention (fp16/bf16 only, per jax's docs), which
-# never writes the T x T scores to memory: that is used there (not yet run on a GPU), the einsums
-# the fallback for shapes cuDNN refuses while tracing. fp32 on a GPU keeps the einsums (XLA's op
-# is the same arithmetic there).
+# Attention: jax.nn.dot_product_attention's cuDNN kernel in bf16/fp16 on a GPU, the einsums below
+# elsewhere (XLA's op is no faster on a CPU; measured in docs/performance.md).
 _FUSED_DTYPES = ("bfloat16", "float16")
 _fused_refused: set = set()  # shapes/dtypes cuDNN refused, warned about once each
 

@@ -175,19 +175,8 @@ def _spec_attention_class():
     return SpecAttention
 
 
-# Which attention: Keras's own where it is as fast. Plain attention is Keras's MultiHeadAttention,
-# which runs keras.ops.dot_product_attention(is_causal=True) (Keras 3.15). LoRA needs adapters
-# Keras's layer lacks: SpecAttention computes it with einsums rather than Keras's op, which is
-# slower without XLA (it masks through a full (B, N, T, T) boolean array). Measured on the 2-core VM
-# shared with other jobs (TF 2.21, Keras 3.15, tiny-gpt default sizes, fp32, training epochs,
-# interleaved, median pair ratio [min-max]): SpecAttention's einsums against MultiHeadAttention
-# 1.04x [0.79-1.12] (eager, 15 pairs) and 1.00x [0.84-1.21] (9), 1.01x [0.70-1.49] (compiled, 15)
-# and 0.99x [0.71-1.70] (9): within noise, so Keras's layer stays; LoRA with ops.dot_product_attention
-# against its einsums 0.91x [0.79-1.09] eager, 1.02x [0.75-1.63] compiled; the attention alone
-# (forward + backward, 32 x 128 x 4 x 32, median of 9, two runs) 24 and 24 ms against 19 and 22 ms
-# as a tf.function, 22 and 20 against 21 and 20 under XLA. On a GPU there is no faster Keras
-# kernel to choose: the TensorFlow backend's dot_product_attention refuses flash_attention ("not
-# supported in tensorflow backend").
+# Attention: Keras's MultiHeadAttention where the spec allows (as fast as the einsums), the spec's
+# einsums for LoRA, which Keras's layer lacks (measured in docs/performance.md).
 def _attention(layer, h):
     keras = sys.modules["keras"]
     # Under fp64 the spec's own einsums too: MultiHeadAttention rounds 1/sqrt(key_dim) through float32.

@@ -592,21 +592,8 @@ class TorchBackend(Backend):
             return losses, correct
 
         if model.mode == "compiled":
-            # torch.compile (inductor, C++ codegen) of forward + loss; autograd runs the
-            # compiled backward graph; the fused Adam step stays eager. On this 2-core CPU
-            # it does NOT pay off (interleaved chunks, shared loaded machine, samples/s
-            # best / median): MLP plain 26.0k / 10.6k, eager 35.3k / 17.2k, compiled
-            # 27.2k / 14.9k; CNN plain 492 / 386, eager 518 / 414, compiled 373 / 299
-            # (also 0.78x plain with NCHW). Compile adds ~3 s (MLP) and ~3-18 s (CNN, warm
-            # vs cold inductor cache) to warm-up. Eager is the adapter's best on CPU; on
-            # CUDA compiled mode is expected to win (fused kernels, fewer launches).
-            # dynamic=False: every batch shape gets its own specialised graph (the last
-            # partial eval batch is one more); automatic dynamic shapes would otherwise
-            # recompile the whole graph symbolically, which is slower on CPU.
-            # With replicas, the compiled loss is DDP's inner module, as torch's docs advise
-            # ("compile the inner module passed to the wrapper"): dynamo never traces DDP's
-            # hooks, and the compiled backward hands DDP all gradients at its end (no
-            # overlap of all-reduce and backward, which two CPU processes would not gain from).
+            # torch.compile of forward + loss (the fused Adam step stays eager), one graph per batch
+            # shape; with replicas, DDP's inner module. Why, and what it measured: docs/performance.md.
             loss_fn = torch.compile(loss_fn, dynamic=False)
             eval_fn = torch.compile(eval_fn, dynamic=False)
 

@@ -12,6 +12,7 @@ from harness.figures import BY_NAME, followed, percent
 from harness.results import RECORDS_FILE, read_records
 from harness.stats import (
     data_label,
+    figure,
     format_stat,
     judged_by_loss,
     ok_records,
@@ -74,10 +75,13 @@ def by_loss(series: dict) -> set:
     return {k for k, by_commit in series.items() if judged_by_loss(r for rs in by_commit.values() for r in rs)}
 
 
-def figures(loss_keys: set) -> tuple:
-    """(figure, label, format) followed across commits, the held-out loss where any series (of `loss_keys`,
-    by_loss's) is judged by it: a loss-judged task's accuracy is a token accuracy that says less."""
-    return tuple((f.name, f.history, f.fmt) for f in followed(by_loss=bool(loss_keys)))
+def figures(series: dict, loss_keys: set) -> tuple:
+    """(figure, label, format) followed across commits that some record of `series` has, the held-out loss
+    where any series (of `loss_keys`, by_loss's) is judged by it: a loss-judged task's accuracy is a token
+    accuracy that says less. A figure no record has (runs from before it was measured) gets no table or panel."""
+    records = [r for by_commit in series.values() for rs in by_commit.values() for r in rs]
+    return tuple((f.name, f.history, f.fmt) for f in followed(by_loss=bool(loss_keys))
+                 if any(figure(r, f.name) is not None for r in records))
 
 
 def render_markdown(series: dict, commits: list[str], root: Path) -> str:
@@ -93,7 +97,7 @@ def render_markdown(series: dict, commits: list[str], root: Path) -> str:
         keys = [k for k in series if k[0] == m]
         used = [c for c in commits if any(c in series[k] for k in keys)]
         out += [f"## {m}", ""]
-        for name, label, form in figures(loss_keys):
+        for name, label, form in figures(series, loss_keys):
             rows = [k for k in keys if not BY_NAME[name].loss_only or k in loss_keys]
             if not rows:
                 continue
@@ -120,7 +124,7 @@ def plot_trends(series: dict, commits: list[str], path) -> str:  # path: a file 
     plt = _pyplot()
     rows = sorted({(k[0], k[1]) for k in series})
     loss_keys = by_loss(series)
-    columns, loss_tasks = figures(loss_keys), {k[1] for k in loss_keys}
+    columns, loss_tasks = figures(series, loss_keys), {k[1] for k in loss_keys}
     fig, axes = plt.subplots(len(rows), len(columns), squeeze=False, layout="constrained",
                              figsize=(4.2 * len(columns) + 3.5, 3.4 * len(rows) + 0.6))
     cycle = plt.get_cmap("tab10")

@@ -100,6 +100,8 @@ class _Common:
 
         Adapters index this table (clamped) instead of re-writing the schedule's formula.
         """
+        require(not isinstance(self.schedule, WarmupCosine) or self.schedule.total_steps is not None,
+                "the warmup_cosine schedule has no length yet: size the spec for its data first (TaskSpec.sized_for)")
         steps = self.schedule.total_steps + 1 if isinstance(self.schedule, WarmupCosine) else 1
         return [self.lr_at(s) for s in range(steps)]
 

@@ -27,7 +27,8 @@ def test_a_new_registry_entry_reaches_report_compare_history_and_exports(monkeyp
     assert "widgets_per_s" in compare.parse_thresholds("widgets_per_s=3%")
     text, _ = compare.compare_records([record], [record])
     assert "widgets_per_s (higher better)" in text
-    assert ("widgets_per_s", "widgets/s", ",.0f") in history.figures(set())
+    series = {("machine", "mnist-mlp", "torch", "variant"): {"commit": [record]}}
+    assert ("widgets_per_s", "widgets/s", ",.0f") in history.figures(series, set())
     table = report.summary_table([record])
     assert table["widgets/s"].iloc[0].startswith("1,234")
     assert "widgets/s" in report.render_terminal([record])

@@ -9,6 +9,8 @@ from harness import probe
 from harness.data import synthetic
 from harness.loop import run_stages
 from tasks import get_task
+from tasks.layers import ACTIVATIONS as LAYER_ACTIVATIONS
+from tasks.optim import OPTIMIZERS as OPTIMIZER_KINDS
 
 
 class FakeClock:
@@ -40,6 +42,9 @@ class NumpyBackend(Backend):
 
     name = "numpy-fake"
     LAYERS = {"dense": None, "activation": None, "flatten": None}
+    # Its step ignores the activation and the optimizer's formula, so it takes every one.
+    ACTIVATIONS = dict.fromkeys(LAYER_ACTIVATIONS)
+    OPTIMIZERS = dict.fromkeys(OPTIMIZER_KINDS)
 
     class Model:
         def __init__(self, spec, weights, trainable, mode):

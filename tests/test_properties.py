@@ -80,8 +80,11 @@ def snapshot(root: Path, *, skip: tuple[Path, ...]) -> dict:
             if p.is_file() and not any(p.is_relative_to(s) for s in skip)}
 
 
+# No subnormal floats: torch's configure flushes them on every thread of this process (an earlier
+# test may have run it), and hypothesis refuses to draw them there; every other float stays in.
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats() | st.text(max_size=12),
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_subnormal=False)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=12)
 RECORD_FIELDS = ["task", "backend", "repeat", "seed", "status", "error", "failure", "data", "metrics", "memory",
