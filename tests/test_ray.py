@@ -155,7 +155,10 @@ def test_a_node_that_dies_mid_cell_is_retried_on_another_then_recorded(tmp_path)
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
+        # A forced mode: under --mode best repeat 1 waits for repeat 0's choice, and this test needs
+        # repeat 1 finished while repeat 0 hangs on a dying node.
         proc = subprocess.Popen([sys.executable, "-m", "harness", *RUN, "--backend", "jax", "--repeats", "2",
+                                 "--mode", "eager",
                                  "--seed", str(SEED + 2), "--executor", "ray", "--ray-address", cluster.address,
                                  "--out", str(out)],
                                 env={**os.environ, "TRIBENCH_FAULT": "hang@mnist-mlp/jax/0"},
