@@ -17,9 +17,8 @@ steps by an amount that depends on the CPU's kernels; float64 takes that out.
 What the tolerances catch: per-replica BatchNorm statistics (torch's default under DDP,
 what the adapter must NOT do) move every conv kernel by 0.1-0.16 relative; a gradient
 summed instead of averaged, or a replica stepping on another slice, by order 1.
-Biases feeding a BatchNorm (zero true gradient: Adam turns rounding noise into lr-sized
-steps of random sign) and that BatchNorm's running mean are held only to
-data_parallel_run.noise_bound.
+Biases feeding a BatchNorm have a zero true gradient and move only by rounding noise, so
+their relative error means nothing: they are held to the absolute bound alone.
 """
 
 from __future__ import annotations
