@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from backends.base import BEST
 from harness import confine
 from harness import data as data_mod
-from harness.run_config import QUICK_SUBSETS, RunConfig
+from harness.run_config import RunConfig
 from tasks import get_task
+from tasks.datasets import DATASETS
 
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
@@ -71,14 +72,13 @@ def deciding_first(cells: list[Cell], pins: dict) -> tuple[list[Cell], list[Cell
 
 
 def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> dict:
-    kind = get_task(cell.task).dataset
     return {
         "task": cell.task, "task_spec": get_task(cell.task).to_dict(), "backend": cell.backend, "repeat": cell.repeat,
         # Repeat r of every backend uses seed + r: identical weights and batch order across
         # backends within a repeat, a fresh draw between repeats (so the spread is real).
         "seed": cfg.seed + cell.repeat, "data_seed": cfg.seed,
         "data": source[0], "data_folder": None if source[0] == "synthetic" else source[1],
-        "subset": QUICK_SUBSETS[kind] if cfg.quick else None,
+        "subset": DATASETS[get_task(cell.task).dataset].quick if cfg.quick else None,
         "overrides": cfg.overrides(), "device": cfg.device, "threads": cfg.threads,
         "precision": cfg.precision, "mode": cfg.mode, "pinned_mode": cell.pinned_mode, "init_from": cfg.init_from,
         "data_parallel": cfg.data_parallel, "export": list(cfg.export),
