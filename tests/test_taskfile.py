@@ -122,7 +122,8 @@ def test_a_task_file_may_name_any_dataset_of_the_table(tmp_path, dataset, shape)
     ("fortunes", "[28, 28, 1]", ["'fortunes' is text", "one axis"]),
 ])
 def test_a_dataset_the_input_does_not_fit_is_one_line_naming_the_field(tmp_path, capsys, dataset, shape, words):
-    path = write(tmp_path, IMAGE_MLP.replace('dataset = "mnist"', f'dataset = "{dataset}"').replace("[28, 28, 1]", shape))
+    text = IMAGE_MLP.replace('dataset = "mnist"', f'dataset = "{dataset}"')
+    path = write(tmp_path, text.replace("[28, 28, 1]", shape))
     assert main(["show", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "field 'dataset'" in err

@@ -123,7 +123,8 @@ def test_auto_uses_the_data_dir_then_fortunes_then_synthetic(tmp_path, monkeypat
     assert resolve(corpora, "auto", data_dir=corpus)[:2] == ("text", str(corpus))
     ds = text.load("text", str(corpus), context=16, seed=0, subset=None)
     assert not ds.synthetic and len(ds.x_train) == (1080 - 1) // 16
-    monkeypatch.setitem(DATASETS, "fortunes", dataclasses.replace(DATASETS["fortunes"], system_dir=str(tmp_path / "none")))
+    monkeypatch.setitem(DATASETS, "fortunes",
+                        dataclasses.replace(DATASETS["fortunes"], system_dir=str(tmp_path / "none")))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with caplog.at_level("WARNING"):
         assert resolve(corpora, "auto", allow_download=False)[:2] == ("synthetic", "synthetic")
