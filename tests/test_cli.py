@@ -12,7 +12,6 @@ from conftest import need, require
 from harness.cli import main
 from harness.results import read_records
 
-
 EXAMPLES = Path(__file__).parent.parent / "examples" / "tasks"
 
 
