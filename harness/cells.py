@@ -14,9 +14,10 @@ from backends.base import BEST
 from harness import confine
 from harness import data as data_mod
 from harness.confine import UntrustedInput
-from harness.run_config import QUICK_SUBSETS, RunConfig
+from harness.run_config import RunConfig
 from harness.schema import MAX_DATA_PARALLEL, MAX_REPEATS, MAX_THREADS, Count, SafeName, first_error
 from tasks import get_task
+from tasks.datasets import DATASETS
 
 FINISHED = ("ok", "diverged")  # cells --resume does not run again; failed and skipped cells are retried
 
@@ -139,7 +140,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> CellConf
         # backends within a repeat, a fresh draw between repeats (so the spread is real).
         seed=cfg.seed + cell.repeat, data_seed=cfg.seed,
         data=source[0], data_folder=None if source[0] == "synthetic" else source[1],
-        subset=QUICK_SUBSETS[spec.dataset] if cfg.quick else None,
+        subset=DATASETS[spec.dataset].quick if cfg.quick else None,
         overrides=cfg.overrides(), device=cfg.device, threads=cfg.threads,
         precision=cfg.precision, mode=cfg.mode, pinned_mode=cell.pinned_mode, init_from=cfg.init_from,
         data_parallel=cfg.data_parallel, export=tuple(cfg.export),

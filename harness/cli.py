@@ -18,13 +18,14 @@ from harness.confine import UntrustedInput
 from harness.errors import EXIT_CELL_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from harness.exporting import INSTALL_HINT, missing_modules, parse_formats
 from harness.figures import TEST_ACCURACY, TRAIN_RATE
-from harness.run_config import QUICK_EPOCHS, QUICK_SUBSETS, RunConfig, apply_override, check_config, load_resume
+from harness.run_config import QUICK_EPOCHS, RunConfig, apply_override, check_config, load_resume
 from harness.runner import available_backends, run_matrix
 from harness.shard import parse_shard
 from tasks import DEFAULT_TASKS, TASKS, get_task, is_task_file, load_task
+from tasks.datasets import DATASETS, IMAGE, TEXT, findable, of_kind
 from tasks.targets import TARGETS, accepted
 
-DATA_CHOICES = ["auto", *data_mod.text.SYSTEM_CORPORA, *data_mod.SOURCES, "synthetic"]
+DATA_CHOICES = ["auto", *findable(), "synthetic"]
 EXECUTORS = ("local", "ray")
 
 
@@ -94,8 +95,10 @@ def add_run_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    "repeat probes the modes' training steps, every repeat trains in the faster; docs/modes.md)")
     p.add_argument("--timeout", type=positive(float), help="seconds before a cell's worker is killed")
     p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: {QUICK_EPOCHS} epoch(s) on the first train/test samples per dataset kind ("
-                   + ", ".join(f"{kind} {n}/{m}" for kind, (n, m) in QUICK_SUBSETS.items()) + "; text in windows)")
+                   help=f"a smoke run: {QUICK_EPOCHS} epoch(s) on the first train/test samples the dataset table "
+                   "gives the task's dataset (" + ", ".join(f"{d.name} {d.quick[0]}/{d.quick[1]}" for d in
+                                                            DATASETS.values() if d.name in (*of_kind(IMAGE), TEXT))
+                   + " windows)")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a checkpoint (.safetensors, or .npz) written by any backend, or a Hugging "
                    "Face GPT-2 folder for the gpt2 tasks (docs/finetune-hf.md); for finetune, skips pretraining")
@@ -177,10 +180,6 @@ def task_names(value: str) -> list[str]:
             spec = load_task(item)
         except TaskFileError as exc:
             raise UsageError(str(exc)) from None
-        shape = data_mod.SHAPES.get(spec.dataset)
-        if shape is None or tuple(spec.input_shape) != tuple(shape):
-            raise UsageError(f"{item}: field 'dataset': {spec.dataset!r} with input_shape {tuple(spec.input_shape)} "
-                             f"is no dataset here; valid: " + ", ".join(f"{k} {v}" for k, v in data_mod.SHAPES.items()))
         loaded.append(spec.name)
     return names(",".join(loaded), TASKS, "task")
 
@@ -291,13 +290,15 @@ def cmd_list(args) -> int:
         state = "installed" if info.available() else f"not installed ({info.install_hint})"
         print(f"  {name:10s} {state}")
     print("Data sources:")
-    for name, source in data_mod.SOURCES.items():
-        folder, looked = data_mod.find_source(source, None)
-        where = f"found in {folder}" if folder else f"not found (looked in {', '.join(map(str, looked))})"
-        print(f"  {name:14s} {where}")
-    for name, (folder, how) in data_mod.text.SYSTEM_CORPORA.items():
-        found = data_mod.text.system_corpus(name)
-        print(f"  {name:14s} {f'found in {found}' if found else f'not found in {folder} ({how})'} (text)")
+    for name in findable():
+        info = DATASETS[name]
+        if info.system_dir:
+            found = data_mod.text.system_corpus(name)
+            where = f"found in {found}" if found else f"not found in {info.system_dir} ({info.how_to_get})"
+        else:
+            folder, looked = data_mod.find_source(info, None)
+            where = f"found in {folder}" if folder else f"not found (looked in {', '.join(map(str, looked))})"
+        print(f"  {name:14s} {where} ({info.kind})")
     print("  synthetic      always available (generated from the seed, labelled synthetic everywhere)")
     return 0
 

@@ -1,4 +1,4 @@
-"""Datasets: IDX and CIFAR readers, checksums, search order, download, synthetic data."""
+"""Datasets: the IDX and CIFAR readers, checksums, search order, download, synthetic data, and loading by the table."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from harness import safepickle, text
+from harness.arrays import Dataset, check_labels
+from harness.errors import DataError
+from tasks.datasets import DATASETS, IMAGE, TEXT, DatasetInfo, findable, is_text
+from tasks.targets import accepted
 
 log = logging.getLogger(__name__)
 
@@ -24,105 +27,8 @@ ENV_VAR = "TRIBENCH_DATA"
 SYSTEM_DIRS = (Path("/usr/share/datasets"),)
 
 
-class DataError(RuntimeError):
-    """Data that cannot be found, read or trusted; the message says what to do."""
-
-
 class ChecksumError(DataError):
     pass
-
-
-@dataclass(frozen=True)
-class Source:
-    """A real dataset: its files, their SHA-256 digests and where to download them."""
-
-    name: str
-    kind: str  # "mnist" (IDX gz files) or "cifar10" (python pickle batches)
-    files: dict[str, str]  # file name -> sha256
-    url: str  # base URL the file names are appended to
-    how_to_get: str
-    # Files of the extracted archive (CIFAR-10's cifar-10-batches-py folder) -> digest, where
-    # published: torchvision's MD5s. MD5 still resists second preimages, so a crafted file
-    # cannot pass for an official one.
-    extracted: dict[str, str] = field(default_factory=dict)
-
-
-SOURCES: dict[str, Source] = {s.name: s for s in (
-    Source("mnist", "mnist", {
-        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-    }, "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        "put the four MNIST *-ubyte.gz files in one of those folders (a 'mnist' subfolder)"),
-    Source("fashion-mnist", "mnist", {
-        "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-        "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-        "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-        "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-    }, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        "on Debian/Ubuntu: apt-get install dataset-fashion-mnist; or put the four files in a "
-        "'fashion-mnist' subfolder of one of those folders"),
-    Source("cifar10", "cifar10", {
-        "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-    }, "https://www.cs.toronto.edu/~kriz/",
-        "put cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder, in a 'cifar10' "
-        "subfolder of one of those folders", {
-            "data_batch_1": "c99cafc152244af753f735de768cd75f",
-            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-            "data_batch_4": "634d18415352ddfa80567beed471001a",
-            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-            "test_batch": "40351d587109b95175f43aff81a1287e",
-        }),
-    # char-rnn's tiny-shakespeare, 1,115,394 bytes (the digest several projects pin).
-    Source("tiny-shakespeare", text.KIND, {
-        "input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    }, "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
-        "put char-rnn's input.txt in a 'tiny-shakespeare' subfolder of one of those folders"),
-)}
-
-# The shape synthetic data takes for a task whose own dataset is of this kind (real shapes: tasks/targets.py).
-SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-
-
-@dataclass
-class Dataset:
-    name: str
-    source: str  # a path, or "synthetic"
-    synthetic: bool
-    x_train: np.ndarray  # float32 NHWC in [0, 1]
-    y_train: np.ndarray  # int32
-    x_test: np.ndarray
-    y_test: np.ndarray
-    subset: str | None = None  # a note when only part of the data is used
-    tokenizer: str | None = None  # text: the tokenizer.json whose ids the windows hold; None: bytes
-
-    def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "synthetic": self.synthetic,
-                "n_train": int(len(self.y_train)), "n_test": int(len(self.y_test)), "subset": self.subset,
-                "tokenizer": self.tokenizer}
-
-    def head(self, n_train: int, n_test: int) -> Dataset:
-        """The first n samples of each split (a documented, reproducible subset)."""
-        note = f"first {n_train} train / {n_test} test samples"
-        return Dataset(self.name, self.source, self.synthetic, self.x_train[:n_train], self.y_train[:n_train],
-                       self.x_test[:n_test], self.y_test[:n_test], subset=note, tokenizer=self.tokenizer)
-
-    def classes(self, keep: tuple[int, ...] | None) -> Dataset:
-        """Only the samples of `keep`, relabelled 0..len(keep)-1 in that order."""
-        if keep is None:
-            return self
-        lookup = np.full(max(int(self.y_train.max()), int(self.y_test.max()), *keep) + 1, -1, np.int32)
-        lookup[list(keep)] = np.arange(len(keep), dtype=np.int32)
-
-        def pick(x, y):
-            mask = lookup[y] >= 0
-            return x[mask], lookup[y[mask]]
-
-        x_tr, y_tr = pick(self.x_train, self.y_train)
-        x_te, y_te = pick(self.x_test, self.y_test)
-        return Dataset(self.name, self.source, self.synthetic, x_tr, y_tr, x_te, y_te, subset=self.subset)
 
 
 # -- file formats ------------------------------------------------------------------------
@@ -255,12 +161,12 @@ def search_dirs(data_dir: str | Path | None) -> list[Path]:
     return dirs + [cache_dir(), *SYSTEM_DIRS]
 
 
-def candidates(source: Source, root: Path) -> list[Path]:
+def candidates(source: DatasetInfo, root: Path) -> list[Path]:
     """A dataset may sit in root/<name>/ or directly in root."""
     return [root / source.name, root]
 
 
-def find_source(source: Source, data_dir=None) -> tuple[Path | None, list[Path]]:
+def find_source(source: DatasetInfo, data_dir=None) -> tuple[Path | None, list[Path]]:
     """(folder holding verified files or None, every folder looked in).
 
     A folder whose files exist but fail their checksum is reported and skipped: a
@@ -290,7 +196,7 @@ def _verified(folder: Path, files: dict[str, str]) -> bool:
     return True
 
 
-def download(source: Source, *, timeout: float = 30.0) -> Path:
+def download(source: DatasetInfo, *, timeout: float = 30.0) -> Path:
     """Fetch into the cache: temp file, verify, then rename; a bad download never lands."""
     folder = cache_dir() / source.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -313,7 +219,7 @@ def download(source: Source, *, timeout: float = 30.0) -> Path:
 
 def locate(name: str, data_dir=None, *, allow_download: bool = True) -> Path:
     """The folder holding verified files of real dataset `name`, downloading where possible."""
-    source = SOURCES[name]
+    source = DATASETS[name]
     folder, looked = find_source(source, data_dir)
     if folder is None and allow_download:
         try:
@@ -327,16 +233,21 @@ def locate(name: str, data_dir=None, *, allow_download: bool = True) -> Path:
     return folder
 
 
+def _read_cifar(info: DatasetInfo, folder: Path) -> tuple[np.ndarray, ...]:
+    # The extracted folder only when every batch matches its published digest (the
+    # runner checked too, but this process may have been handed any folder).
+    extracted = folder / "cifar-10-batches-py"
+    use = extracted.is_dir() and _verified(extracted, info.extracted)
+    return load_cifar(extracted if use else folder / "cifar-10-python.tar.gz")
+
+
+# The image readers by the table's `reader` (text: harness.text).
+IMAGE_READERS = {"idx": lambda info, folder: load_mnist_dir(folder), "cifar": _read_cifar}
+
+
 def load_real(name: str, folder: Path) -> Dataset:
-    if SOURCES[name].kind == "mnist":
-        arrays = load_mnist_dir(folder)
-    else:
-        # The extracted folder only when every batch matches its published digest (the
-        # runner checked too, but this process may have been handed any folder).
-        extracted = folder / "cifar-10-batches-py"
-        use = extracted.is_dir() and _verified(extracted, SOURCES[name].extracted)
-        arrays = load_cifar(extracted if use else folder / "cifar-10-python.tar.gz")
-    return Dataset(name, str(folder), False, *arrays)
+    info = DATASETS[name]
+    return Dataset(name, str(folder), False, *IMAGE_READERS[info.reader](info, folder))
 
 
 # -- synthetic data -----------------------------------------------------------------------
@@ -344,23 +255,24 @@ def load_real(name: str, folder: Path) -> Dataset:
 SYNTHETIC_LABEL_NOISE = 0.05  # flipped labels: caps accuracy near 95% so parity gaps can show
 
 
-def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
-    """Deterministic, learnable data with the real shapes.
+def synthetic(dataset: str, *, n_train: int, n_test: int, seed: int, shape: tuple[int, ...] | None = None,
+              classes: int | None = None) -> Dataset:
+    """Deterministic, learnable images of `shape` in `classes` classes (default: image dataset `dataset`'s).
 
     Each class has a smooth random prototype image; a sample is its class prototype
     at a random contrast blended with uniform noise, and 5% of the labels are flipped.
-    A model must learn the templates to beat chance (10%) and cannot reach 100%, so
+    A model must learn the templates to beat chance (1 / classes) and cannot reach 100%, so
     accuracy differences between backends stay visible.
     """
-    shape = SHAPES[kind]
-    h, w, c = shape
+    h, w, c = shape or DATASETS[dataset].shape
+    classes = classes or DATASETS[dataset].classes
     rng = np.random.default_rng([seed, 0x5EED])
-    coarse = rng.random((10, (h + 3) // 4, (w + 3) // 4, c), dtype=np.float32)
+    coarse = rng.random((classes, (h + 3) // 4, (w + 3) // 4, c), dtype=np.float32)
     prototypes = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, :h, :w, :]
 
     def split(n: int, stream: int):
         r = np.random.default_rng([seed, stream])
-        y = r.integers(0, 10, n).astype(np.int32)
+        y = r.integers(0, classes, n).astype(np.int32)
         x = np.empty((n, h, w, c), np.float32)
         for start in range(0, n, 4096):  # chunks keep peak memory near the output size
             stop = min(n, start + 4096)
@@ -369,25 +281,24 @@ def synthetic(kind: str, *, n_train: int, n_test: int, seed: int) -> Dataset:
             noise = r.random((m, h, w, c), dtype=np.float32)
             x[start:stop] = contrast * prototypes[y[start:stop]] + (1 - contrast) * noise
         flip = r.random(n) < SYNTHETIC_LABEL_NOISE
-        y[flip] = r.integers(0, 10, int(flip.sum()))
+        y[flip] = r.integers(0, classes, int(flip.sum()))
         return x, y
 
     x_tr, y_tr = split(n_train, 1)
     x_te, y_te = split(n_test, 2)
-    return Dataset(f"synthetic-{kind}", "synthetic", True, x_tr, y_tr, x_te, y_te)
+    return Dataset(f"synthetic-{dataset}", "synthetic", True, x_tr, y_tr, x_te, y_te)
 
 
 def accepted_for(spec) -> tuple[str, ...]:
-    """The real datasets (or corpora) a task can train on, its own first."""
-    from tasks.targets import accepted
-
-    if spec.dataset == text.KIND:
-        return (*text.SYSTEM_CORPORA, *[s.name for s in SOURCES.values() if s.kind == text.KIND])
+    """The real datasets a task can train on, its own first: a language model's are the text corpora."""
+    if is_text(spec.dataset):
+        corpora = [n for n in findable() if DATASETS[n].kind == TEXT]
+        return tuple(sorted(corpora, key=lambda n: n != spec.dataset))  # stable: the table's order after its own
     return accepted(spec)
 
 
 def choices_for(accepted: tuple[str, ...]) -> list[str]:
-    """Valid --data values for a task that accepts the real datasets `accepted`."""
+    """Valid --data values for a task that accepts the real datasets `accepted` (accepted_for)."""
     return ["auto", *accepted, "synthetic"]
 
 
@@ -402,9 +313,6 @@ def choice_for(accepted: tuple[str, ...], choices: str) -> str:
         if value in choices_for(accepted):
             return value
     raise DataError(f"--data {choices!r} has nothing for this task; valid: {', '.join(choices_for(accepted))}")
-
-
-REAL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
 
 def not_found_line(names: list[str], looked: list[Path]) -> str:
@@ -423,8 +331,8 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
     valid = choices_for(accepted)
     if choice not in valid:
         raise DataError(f"--data {choice!r} does not fit this task; valid: {', '.join(valid)}")
-    if any(a in text.SYSTEM_CORPORA for a in accepted):  # a text task (accepted_for)
-        name, where = text.resolve(choice, data_dir=data_dir, allow_download=allow_download, locate=locate)
+    if any(is_text(a) for a in accepted):  # a language model's corpora
+        name, where = text.resolve(choice, accepted, data_dir=data_dir, allow_download=allow_download, locate=locate)
         why = "--data synthetic" if choice == "synthetic" else \
             f"--data {choice}" if choice != "auto" else f"auto: {'SYNTHETIC text' if name == 'synthetic' else name}"
         return name, where, why
@@ -434,11 +342,11 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
         return choice, str(locate(choice, data_dir, allow_download=allow_download)), f"--data {choice}"
     missed, looked = [], []
     for i, name in enumerate(accepted):
-        folder, places = find_source(SOURCES[name], data_dir)
+        folder, places = find_source(DATASETS[name], data_dir)
         looked += places
         if folder is None and i == 0 and allow_download:
             try:
-                folder = download(SOURCES[name])
+                folder = download(DATASETS[name])
             except (OSError, ChecksumError) as exc:
                 log.info("download of %s failed: %s", name, exc)
         if folder is not None:
@@ -451,45 +359,58 @@ def resolve(accepted: tuple[str, ...], choice: str, *, data_dir=None,
     return "synthetic", "synthetic", f"auto: {line}"
 
 
-def load(task_dataset: str, name: str, *, folder: str | None = None, seed: int = 0,
-         subset: tuple[int, int] | None = None, context: int | None = None, tokenizer: Path | None = None) -> Dataset:
-    """The dataset a resolved source names, or its first `subset` = (n_train, n_test) samples.
+def load(spec, name: str, *, folder: str | None = None, seed: int = 0, subset: tuple[int, int] | None = None,
+         tokenizer: Path | None = None) -> Dataset:
+    """The data a resolved source names for task `spec`, or its first `subset` = (n_train, n_test) samples,
+    its labels checked against the task's classes.
 
-    Text is cut into windows of `context` bytes, or of a tokenizer.json's tokens (harness.text).
+    Text is cut into windows of the task's context: bytes, or a tokenizer.json's tokens (harness.text).
 
-    Synthetic data has the real dataset's sizes; with a subset only that much is
-    generated (a smaller synthetic set, not a slice of the full one), which saves a
-    CIFAR-sized worker ~4 s of generation per cell.
+    Synthetic data takes the task's input shape and classes, and the real dataset's sizes; with a
+    subset only that much is generated (a smaller synthetic set, not a slice of the full one), which
+    saves a CIFAR-sized worker ~4 s of generation per cell.
     """
-    if task_dataset == text.KIND:
-        return text.load(name, folder or "", context=context, seed=seed, subset=subset, tokenizer=tokenizer)
-    if name == "synthetic":
-        n_train, n_test = subset or REAL_SIZES[task_dataset]
-        dataset = synthetic(task_dataset, n_train=n_train, n_test=n_test, seed=seed)
+    info = DATASETS[spec.dataset]
+    if info.kind != IMAGE:
+        dataset = text.load(name, folder or "", context=spec.input_shape[0], seed=seed, subset=subset,
+                            tokenizer=tokenizer, classes=spec.num_classes)
+    elif name == "synthetic":
+        n_train, n_test = subset or info.sizes
+        dataset = synthetic(spec.dataset, n_train=n_train, n_test=n_test, seed=seed, shape=tuple(spec.input_shape),
+                            classes=spec.num_classes)
         if subset:
             dataset.subset = f"{n_train} train / {n_test} test samples generated"
-        return dataset
-    dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False))
-    return dataset.head(*subset) if subset else dataset
+    else:
+        dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False))
+        dataset = dataset.head(*subset) if subset else dataset
+    check_labels(dataset, spec.num_classes)
+    return dataset
 
 
 def check_loadable(spec, name: str, folder: str) -> None:
-    """Read a text task's corpora (its own and its stages') once in the driver, so a corpus that no
-    worker could read stops the run before any starts; image folders were checked when found."""
-    if spec.dataset != text.KIND or name == "synthetic":
+    """Stop a run before any worker starts on data no worker could use: a text task's corpora (its own
+    and its stages') are read once here; a real image dataset's classes (its verified files pin its
+    labels) must fit the task's."""
+    if name == "synthetic":
         return
-    context = spec.input_shape[0]
-    load(spec.dataset, name, folder=folder, context=context)
+    if DATASETS[spec.dataset].kind == IMAGE:
+        classes = DATASETS[name].classes
+        if classes > spec.num_classes:
+            raise DataError(f"{name} has {classes} classes but task {spec.name!r} has num_classes "
+                            f"{spec.num_classes}; its labels would fall outside the head")
+        return
+    load(spec, name, folder=folder)
     for stage in spec.stages:
         if stage.data:
-            load_stage(spec.dataset, stage.data, run_source=name, context=context)
+            load_stage(spec, stage.data, run_source=name)
 
 
-def load_stage(task_dataset: str, choice: str, *, run_source: str, seed: int = 0,
-               subset: tuple[int, int] | None = None, context: int | None = None,
+def load_stage(spec, choice: str, *, run_source: str, seed: int = 0, subset: tuple[int, int] | None = None,
                tokenizer: Path | None = None) -> Dataset:
     """The data of a stage that names its own corpus (Stage.data); text tasks only, for now."""
-    if task_dataset != text.KIND:
+    if not is_text(spec.dataset):
         raise DataError(f"a stage's own data ({choice!r}) is supported for text tasks only")
-    return text.stage_corpus(choice, run_source=run_source, context=context, seed=seed, subset=subset, locate=locate,
-                             tokenizer=tokenizer)
+    dataset = text.stage_corpus(choice, run_source=run_source, context=spec.input_shape[0], seed=seed, subset=subset,
+                                locate=locate, tokenizer=tokenizer, classes=spec.num_classes)
+    check_labels(dataset, spec.num_classes)
+    return dataset

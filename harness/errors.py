@@ -15,3 +15,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found, read or trusted; the message says what to do (exit code 2, one line)."""

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from backends.base import BEST, Backend, is_causal_lm
+from harness.arrays import Dataset
 from harness.checkpoint import SUFFIX, save_checkpoint
-from harness.data import Dataset
 from harness.generation import measure_generation
 from harness.inference import measure_inference
 from harness.probe import probe_modes

@@ -17,14 +17,14 @@ from harness.confine import UntrustedInput
 from harness.errors import UsageError
 from harness.results import SCHEMA_VERSION, git_state, total_memory_bytes, tribench_version, utc_now
 from tasks import BUILTIN_TASKS, get_task
+from tasks.datasets import is_text
 from tasks.targets import for_dataset
 
 log = logging.getLogger(__name__)
 
-# --quick, the one place that says what it means: QUICK_EPOCHS epochs (unless --epochs says otherwise)
-# on the first (train, test) samples of each dataset kind (windows for text), enough to see every
+# --quick: QUICK_EPOCHS epochs (unless --epochs says otherwise) on the first (train, test) samples
+# the dataset table gives each dataset (its `quick`, windows for text), enough to see every
 # backend learn; the whole matrix, probes included, is measured in docs/modes.md.
-QUICK_SUBSETS = {"mnist": (12000, 2000), "cifar10": (4000, 1000), "text": (256, 64)}
 QUICK_EPOCHS = 1
 
 RUN_FILE = "run.json"
@@ -223,7 +223,7 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.data_dir is not None and not cfg.data_dir.strip():  # Path("") would be the current folder
         raise UsageError("--data-dir is empty")
     # A text task reads any UTF-8 file or folder given as --data-dir (harness.text).
-    text_only = all(get_task(t).dataset == data_mod.text.KIND for t in cfg.tasks)
+    text_only = all(is_text(get_task(t).dataset) for t in cfg.tasks)
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir() \
             and not (text_only and Path(cfg.data_dir).is_file()):
         state = "is not a folder" if Path(cfg.data_dir).exists() else "does not exist"

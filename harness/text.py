@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.arrays import Dataset
+from harness.errors import DataError
+from tasks.datasets import BYTES, DATASETS, TEXT, findable
+
 log = logging.getLogger(__name__)
 
-KIND = "text"
-# Corpora a package manager installs, found offline: (folder, the Debian package). Files
-# there are whatever version the distribution ships, so they carry no checksum; the record
-# names the folder. `licenses` is a second domain (legal English) for finetuning.
-SYSTEM_CORPORA = {
-    "fortunes": (Path("/usr/share/games/fortunes"), "apt-get install fortunes"),
-    "licenses": (Path("/usr/share/common-licenses"), "base-files (every Debian/Ubuntu)"),
-}
 TRAIN_FRACTION = 0.9  # the fixed rule: each file's first 90% of bytes train, its last 10% are held out
 # Synthetic sizes in bytes (train, held-out): about tiny-shakespeare's.
 SYNTHETIC_BYTES = (1_000_000, 100_000)
@@ -54,8 +50,6 @@ def is_text(blob: bytes) -> bool:
 
 def read_corpus(path: Path) -> tuple[bytes, bytes]:
     """(train bytes, held-out bytes): each file split at TRAIN_FRACTION, the parts concatenated in file order."""
-    from harness.data import DataError
-
     files = corpus_files(path)
     if not files:
         raise DataError(f"{path}: no UTF-8 text files")
@@ -81,13 +75,17 @@ def windows(blob: bytes | np.ndarray, context: int) -> tuple[np.ndarray, np.ndar
     return x, y
 
 
-def markov_bytes(n: int, *, seed: int, stream: int) -> bytes:
+PRINTABLE = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz .,;!\n", np.uint8)
+
+
+def markov_bytes(n: int, *, seed: int, stream: int, classes: int = BYTES) -> bytes:
     """n bytes of a seeded order-1 Markov chain over 32 printable bytes, 4 successors each.
 
     Learnable (its entropy is about 1.5 bits per byte against 8 for uniform bytes) and
     deterministic from the seed; the chain is the same for both splits, the walk is not.
+    A vocabulary of fewer `classes` than those bytes need walks over byte values 0..31 (or fewer) instead.
     """
-    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz .,;!\n", np.uint8)
+    alphabet = PRINTABLE if int(PRINTABLE.max()) < classes else np.arange(min(len(PRINTABLE), classes), dtype=np.uint8)
     rng = np.random.default_rng([seed, 0x7E47])
     successors = rng.integers(0, len(alphabet), (len(alphabet), 4))
     cdf = np.cumsum(rng.dirichlet(np.ones(4), len(alphabet)), axis=1)
@@ -102,10 +100,8 @@ def markov_bytes(n: int, *, seed: int, stream: int) -> bytes:
 
 
 def dataset(name: str, source: str, train: bytes, held_out: bytes, *, context: int, synthetic: bool = False,
-            tokenizer: Path | None = None):
+            tokenizer: Path | None = None) -> Dataset:
     """Windows of bytes, or of a tokenizer.json's token ids (the split is made on the text first)."""
-    from harness.data import Dataset
-
     if tokenizer is not None:
         from harness.tokens import load_tokenizer
 
@@ -114,47 +110,48 @@ def dataset(name: str, source: str, train: bytes, held_out: bytes, *, context: i
     x_tr, y_tr = windows(train, context)
     x_te, y_te = windows(held_out, context)
     if not len(x_tr) or not len(x_te):
-        from harness.data import DataError
-
         raise DataError(f"{source}: {len(train)} train / {len(held_out)} held-out bytes make no window of {context}")
     return Dataset(name, source, synthetic, x_tr, y_tr, x_te, y_te,
                    tokenizer=str(tokenizer) if tokenizer is not None else None)
 
 
-def synthetic(*, context: int, seed: int, n_windows: tuple[int, int] | None = None, tokenizer: Path | None = None):
+def synthetic(*, context: int, seed: int, n_windows: tuple[int, int] | None = None, tokenizer: Path | None = None,
+              classes: int = BYTES) -> Dataset:
     """SYNTHETIC text: the Markov chain, SYNTHETIC_BYTES long or just enough for n_windows (train, held-out)
-    of bytes (a tokenizer then makes fewer windows)."""
+    of bytes (a tokenizer then makes fewer windows), its bytes below `classes`."""
     sizes = [n * context + 1 for n in n_windows] if n_windows else SYNTHETIC_BYTES
-    return dataset("synthetic-text", "synthetic", markov_bytes(sizes[0], seed=seed, stream=1),
-                   markov_bytes(sizes[1], seed=seed, stream=2), context=context, synthetic=True, tokenizer=tokenizer)
+    return dataset("synthetic-text", "synthetic", markov_bytes(sizes[0], seed=seed, stream=1, classes=classes),
+                   markov_bytes(sizes[1], seed=seed, stream=2, classes=classes), context=context, synthetic=True,
+                   tokenizer=tokenizer)
 
 
 def system_corpus(name: str) -> Path | None:
-    folder = SYSTEM_CORPORA[name][0]
+    """The folder where a package installed corpus `name` (the table's system_dir), if it holds text."""
+    folder = Path(DATASETS[name].system_dir)
     return folder if folder.is_dir() and corpus_files(folder) else None
 
 
-def resolve(choice: str, *, data_dir, allow_download: bool, locate) -> tuple[str, str]:
-    """(corpus name, file or folder) for --data on a text task.
+def resolve(choice: str, accepted: tuple[str, ...], *, data_dir, allow_download: bool, locate) -> tuple[str, str]:
+    """(corpus name, file or folder) for --data on a text task accepting the corpora `accepted` (its own first).
 
-    auto: --data-dir itself (any UTF-8 file or folder), else fortunes, else a
-    tiny-shakespeare found or downloaded (SHA-256 checked), else synthetic (said loudly).
+    auto: --data-dir itself (any UTF-8 file or folder), else the task's own corpus (fortunes for
+    any text), else the first downloadable corpus (tiny-shakespeare) found or downloaded (SHA-256
+    checked), else synthetic (said loudly).
     """
-    from harness.data import DataError
-
     if choice == "synthetic":
         return "synthetic", "synthetic"
     if choice == "auto" and data_dir:
         return "text", str(data_dir)
-    if choice in SYSTEM_CORPORA or choice == "auto":
-        for name in ([choice] if choice != "auto" else list(SYSTEM_CORPORA)[:1]):
-            folder = system_corpus(name)
-            if folder:
-                return name, str(folder)
-            if choice != "auto":
-                raise DataError(f"{name} not found in {SYSTEM_CORPORA[name][0]}; to get it: {SYSTEM_CORPORA[name][1]}")
+    name = choice if choice != "auto" else accepted[0]
+    if DATASETS[name].system_dir:
+        folder = system_corpus(name)
+        if folder:
+            return name, str(folder)
+        if choice != "auto":
+            raise DataError(f"{name} not found in {DATASETS[name].system_dir}; to get it: {DATASETS[name].how_to_get}")
+        name = next(n for n, d in DATASETS.items() if d.kind == TEXT and d.files)
     try:
-        return "tiny-shakespeare", str(locate("tiny-shakespeare", data_dir, allow_download=allow_download))
+        return name, str(locate(name, data_dir, allow_download=allow_download))
     except DataError as exc:
         if choice != "auto":
             raise
@@ -163,27 +160,31 @@ def resolve(choice: str, *, data_dir, allow_download: bool, locate) -> tuple[str
 
 
 def load(name: str, where: str, *, context: int, seed: int, subset: tuple[int, int] | None,
-         tokenizer: Path | None = None):
+         tokenizer: Path | None = None, classes: int = BYTES) -> Dataset:
     """The windows of a resolved corpus; with a subset, its first (n_train, n_test) windows.
-    `tokenizer`: a tokenizer.json whose token ids the windows hold instead of bytes."""
+    `tokenizer`: a tokenizer.json whose token ids the windows hold instead of bytes; `classes`:
+    the vocabulary synthetic text keeps to."""
     if name == "synthetic":
-        ds = synthetic(context=context, seed=seed, n_windows=subset, tokenizer=tokenizer)
+        ds = synthetic(context=context, seed=seed, n_windows=subset, tokenizer=tokenizer, classes=classes)
         if subset:
             ds.subset = f"{subset[0]} train / {subset[1]} held-out windows generated"
         return ds
     path = Path(where)
-    if name == "tiny-shakespeare" and path.is_dir():
-        path = path / "input.txt"
+    files = DATASETS[name].files if name in DATASETS else {}
+    if files and path.is_dir():  # a corpus with published files (tiny-shakespeare's input.txt) is that file
+        (path,) = [path / f for f in files]
     train, held_out = read_corpus(path)
     ds = dataset(name, str(path), train, held_out, context=context, tokenizer=tokenizer)
     return ds.head(*subset) if subset else ds
 
 
 def stage_corpus(choice: str, *, run_source: str, context: int, seed: int, subset: tuple[int, int] | None, locate,
-                 tokenizer: Path | None = None):
+                 tokenizer: Path | None = None, classes: int = BYTES) -> Dataset:
     """The corpus a stage names (Stage.data). With synthetic run data, synthetic text of another seed:
     another chain, so another domain, and labelled synthetic like the run's."""
     if run_source == "synthetic":
-        return load("synthetic", "synthetic", context=context, seed=seed + 1, subset=subset, tokenizer=tokenizer)
-    name, where = resolve(choice, data_dir=None, allow_download=False, locate=locate)
+        return load("synthetic", "synthetic", context=context, seed=seed + 1, subset=subset, tokenizer=tokenizer,
+                    classes=classes)
+    own = (choice,) if choice in DATASETS else tuple(n for n in findable() if DATASETS[n].kind == TEXT)
+    name, where = resolve(choice, own, data_dir=None, allow_download=False, locate=locate)
     return load(name, where, context=context, seed=seed, subset=subset, tokenizer=tokenizer)

@@ -27,7 +27,7 @@ def load_tokenizer(path: Path) -> tuple[Callable[[bytes], np.ndarray], int]:
     file of bounded size.
     """
     from harness.checkpoint import open_regular
-    from harness.data import DataError
+    from harness.errors import DataError
 
     try:
         import tokenizers

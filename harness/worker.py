@@ -93,14 +93,13 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
                      "mode_source": "forced" if forced else "pinned" if pinned else "probe",
                      "precision": cfg.precision, "device_requested": cfg.device, "threads": cfg.threads,
                      "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
-    context = spec.input_shape[0] if spec.takes_tokens else None
     # A Hugging Face folder's tokenizer.json tokenizes the text its model is finetuned on.
     tokenizer = tokenizer_file(cfg.init_from) if spec.takes_tokens else None
-    dataset = data_mod.load(spec.dataset, cfg.data, folder=cfg.data_folder, seed=cfg.data_seed,
-                            subset=cfg.subset, context=context, tokenizer=tokenizer)
+    dataset = data_mod.load(spec, cfg.data, folder=cfg.data_folder, seed=cfg.data_seed,
+                            subset=cfg.subset, tokenizer=tokenizer)
     record["data"] = dataset.describe()
-    stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg.data, seed=cfg.data_seed,
-                                              subset=cfg.subset, context=context, tokenizer=tokenizer)
+    stage_data = {s.name: data_mod.load_stage(spec, s.data, run_source=cfg.data, seed=cfg.data_seed,
+                                              subset=cfg.subset, tokenizer=tokenizer)
                   for s in spec.stages if s.data}
     if stage_data:
         record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}

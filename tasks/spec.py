@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from tasks.datasets import is_text
 from tasks.layers import (  # noqa: F401 - re-exported: tasks.spec is where task modules import from
     KINDS,
     Activation,
@@ -167,7 +168,7 @@ class TaskSpec:
         # The loss takes one row of logits per label: one label per sample, or, for token ids, one
         # per position (a text corpus has only those).
         head, per_sample, per_position = self.layer_shapes()[-1], (last.units,), (self.input_shape[0], last.units)
-        valid = [per_position] if self.dataset == "text" else [per_sample] + [per_position] * self.takes_tokens
+        valid = [per_position] if is_text(self.dataset) else [per_sample] + [per_position] * self.takes_tokens
         require(head in valid, f"task {self.name!r}: the head {last.name!r} outputs {head} per sample but the "
                 f"labels need logits {' or '.join(map(str, valid))}"
                 + (" (a Flatten before the head?)" if len(head) > len(valid[0]) else ""))

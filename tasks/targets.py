@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from tasks.datasets import DATASETS, IMAGE
 from tasks.spec import SpecError, TaskSpec
-
-# Input shape (HWC) of every real dataset tribench knows; the order is the preference
-# after a task's own dataset.
-SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 # Accuracy target per (task, dataset): time-to-target is measured against it. Where it
 # comes from is stated beside each; docs/tasks.md repeats them.
@@ -45,16 +42,17 @@ def accepted(spec: TaskSpec) -> tuple[str, ...]:
     other image dataset whose shape its layers fit (it is built for that shape). The MLP
     stays with its own shape: a Flatten fits anything, but its targets are for MNIST-shaped data.
     """
-    own = [n for n, s in SHAPES.items() if n == spec.dataset]
-    same = [n for n, s in SHAPES.items() if n != spec.dataset and s == tuple(spec.input_shape)]
+    shapes = {n: d.shape for n, d in DATASETS.items() if d.kind == IMAGE}  # table order: the preference
+    own = [n for n in shapes if n == spec.dataset]
+    same = [n for n, s in shapes.items() if n != spec.dataset and s == tuple(spec.input_shape)]
     convolutional = any(layer.kind == "conv2d" for layer in spec.layers)
-    other = [n for n, s in SHAPES.items() if convolutional and n not in own + same and _fits(spec, s)]
+    other = [n for n, s in shapes.items() if convolutional and n not in own + same and _fits(spec, s)]
     return tuple(own + same + other)
 
 
 def for_dataset(spec: TaskSpec, dataset: str) -> TaskSpec:
     """`spec` built for real `dataset` (its input shape and target); synthetic data keeps the task's own."""
-    if dataset == "synthetic" or dataset not in SHAPES:
+    if dataset not in DATASETS or DATASETS[dataset].kind != IMAGE:
         return spec
-    return spec.with_overrides(input_shape=SHAPES[dataset],
+    return spec.with_overrides(input_shape=DATASETS[dataset].shape,
                                target_accuracy=TARGETS.get((spec.name, dataset), spec.target_accuracy))

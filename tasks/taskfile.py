@@ -8,6 +8,7 @@ import types
 import typing
 from pathlib import Path
 
+from tasks.datasets import mismatch
 from tasks.layers import LAYER_TYPES, SpecError
 from tasks.optim import OPTIMIZERS, SCHEDULES
 from tasks.spec import Stage, TaskSpec
@@ -155,7 +156,8 @@ def spec_from_dict(table: dict, where: str = "task") -> TaskSpec:
 
 
 def load_task_file(path: Path) -> TaskSpec:
-    """The TaskSpec a TOML file describes; TaskFileError("<file>: ...") on any problem."""
+    """The TaskSpec a TOML file describes, its input fitting its dataset (the dataset table's);
+    TaskFileError("<file>: ...") on any problem."""
     from harness.confine import UntrustedInput, read_bytes
 
     path = Path(path)
@@ -170,6 +172,11 @@ def load_task_file(path: Path) -> TaskSpec:
         raise TaskFileError(f"{path}: TOML syntax: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise TaskFileError(f"{path}: nested deeper than {MAX_DEPTH} tables and lists") from None
+    dataset, shape = table.get("dataset"), table.get("input_shape")
+    # Before the spec is built: its own checks of the head against the labels follow from the dataset.
+    why = mismatch(dataset, tuple(shape)) if isinstance(dataset, str) and isinstance(shape, list) else None
+    if why:
+        raise TaskFileError(f"{path}: field 'dataset': {why}")
     try:
         return spec_from_dict(table, where="")
     except TaskFileError as exc:

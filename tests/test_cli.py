@@ -4,11 +4,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import need, require
 
 from harness.cli import main
 from harness.results import read_records
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "tasks"
 
 
 def run_cli(*args, env=None, timeout=600):
@@ -107,11 +111,12 @@ def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast
     from test_data import fake_source, write_mnist
 
     from harness import data
+    from tasks.datasets import DATASETS
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SYSTEM_DIRS", ())
     write_mnist(tmp_path / "datasets" / "fashion-mnist", n_train=300, n_test=100)
-    monkeypatch.setitem(data.SOURCES, "fashion-mnist",
+    monkeypatch.setitem(DATASETS, "fashion-mnist",
                         fake_source(tmp_path / "datasets" / "fashion-mnist", "fashion-mnist"))
     out_dir = tmp_path / "run"
     assert main(["run", "--task", "cifar-cnn", "--backend", fast_backend, "--quick", "--no-download",
@@ -283,3 +288,133 @@ def test_a_corpus_no_worker_could_read_exits_2_before_any_worker_starts(tmp_path
              "too-short": "make no window"}[kind]
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "o" / "records.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_toml_language_model_trains_on_every_backend_and_its_loss_curve_reaches_mlflow(tmp_path):
+    """The example task file is a GPT on real text (fortunes); its held-out loss per epoch is exported."""
+    for name in ("torch", "tensorflow", "jax"):
+        require(name)
+    mlflow = need("mlflow")
+    from harness import text
+
+    if text.system_corpus("fortunes") is None:
+        pytest.skip("the fortunes package is not installed here")  # CI installs it (.ci/run)
+    out_dir = tmp_path / "run"
+    out = run_cli("run", "--task", str(EXAMPLES / "fortunes-gpt.toml"), "--backend", "torch,tensorflow,jax",
+                  "--quick", "--no-download", "--out", str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_records(out_dir)
+    assert sorted(r["backend"] for r in records) == ["jax", "tensorflow", "torch"]
+    for record in records:
+        assert record["status"] == "ok" and record["task"] == "fortunes-gpt" and record["objective"] == "loss"
+        assert record["data"]["name"] == "fortunes" and record["data"]["synthetic"] is False
+        assert (record["data"]["n_train"], record["data"]["n_test"]) == (256, 64)  # the table's quick windows
+        m = record["metrics"]
+        assert len(m["epoch_test_loss"]) == 1 and m["epoch_test_loss"][0] < m["initial_test_loss"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["export", str(out_dir), "--mlflow", uri]) == 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tribench")
+    for record in records:
+        child = next(r for r in client.search_runs([experiment.experiment_id])
+                     if r.info.run_name == f"fortunes-gpt/{record['backend']}/r0")
+        history = sorted(client.get_metric_history(child.info.run_id, "epoch/test_loss"), key=lambda m: m.step)
+        assert [m.value for m in history] == pytest.approx(
+            [record["metrics"]["initial_test_loss"], *record["metrics"]["epoch_test_loss"]])
+
+
+FASHION_MLP = """
+name = "fashion-mlp"
+dataset = "fashion-mnist"
+input_shape = [28, 28, 1]
+batch_size = 128
+epochs = 1
+target_accuracy = 0.7
+
+[optimizer]
+kind = "adam"
+lr = 1e-3
+
+[[layers]]
+kind = "flatten"
+name = "flatten"
+
+[[layers]]
+kind = "dense"
+name = "fc1"
+units = 64
+activation = "relu"
+
+[[layers]]
+kind = "dense"
+name = "head"
+units = 10
+"""
+
+
+def test_a_toml_task_of_fashion_mnist_trains_on_it(tmp_path, fast_backend, monkeypatch, capsys):
+    """dataset = "fashion-mnist" in a task file: its own data, found, checked and trained on (files in
+    the real format here; the real dataset where Debian's dataset-fashion-mnist is installed)."""
+    from test_data import fake_source, write_mnist
+
+    from harness import data
+    from tasks.datasets import DATASETS
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    write_mnist(tmp_path / "datasets" / "fashion-mnist", n_train=300, n_test=100)
+    monkeypatch.setitem(DATASETS, "fashion-mnist",
+                        fake_source(tmp_path / "datasets" / "fashion-mnist", "fashion-mnist"))
+    task = tmp_path / "fashion.toml"
+    task.write_text(FASHION_MLP)
+    out_dir = tmp_path / "run"
+    assert main(["run", "--task", str(task), "--backend", fast_backend, "--quick", "--no-download",
+                 "--data-dir", str(tmp_path / "datasets"), "--out", str(out_dir)]) == 0
+    said = capsys.readouterr()
+    assert "fashion-mlp: real data fashion-mnist" in said.out + said.err
+    (record,) = read_records(out_dir)
+    assert record["status"] == "ok" and record["data"]["name"] == "fashion-mnist"
+    assert record["data"]["synthetic"] is False and record["data"]["n_train"] == 300
+    assert json.loads((out_dir / "run.json").read_text())["data"] == {"fashion-mlp": "fashion-mnist"}
+
+
+@pytest.mark.slow
+def test_a_toml_task_of_fashion_mnist_trains_on_the_real_dataset(tmp_path, fast_backend):
+    from harness import data
+    from tasks.datasets import DATASETS
+
+    folder, _ = data.find_source(DATASETS["fashion-mnist"], None)
+    if folder is None:
+        pytest.skip("Fashion-MNIST is not installed here")  # CI installs it (.ci/run: dataset-fashion-mnist)
+    task = tmp_path / "fashion.toml"
+    task.write_text(FASHION_MLP)
+    out = run_cli("run", "--task", str(task), "--backend", fast_backend, "--quick", "--no-download",
+                  "--out", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = read_records(tmp_path / "run")
+    assert record["status"] == "ok" and record["data"]["name"] == "fashion-mnist"
+    assert (record["data"]["n_train"], record["data"]["n_test"]) == (12000, 2000)  # the table's quick subset
+    assert record["metrics"]["test_accuracy"] > 0.7
+
+
+def test_a_task_with_fewer_classes_than_its_data_exits_2_before_any_worker(tmp_path, capsys, monkeypatch):
+    from harness import executor
+
+    monkeypatch.setattr(executor, "run_worker", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr("harness.data.SYSTEM_DIRS", ())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    task = tmp_path / "five.toml"
+    task.write_text(FASHION_MLP.replace('name = "fashion-mlp"', 'name = "five"').replace(
+        "units = 10", "units = 5").replace("epochs = 1", "epochs = 1\nnum_classes = 5"))
+    data_dir = tmp_path / "datasets"
+    from test_data import fake_source, write_mnist
+
+    from tasks.datasets import DATASETS
+
+    write_mnist(data_dir / "fashion-mnist", n_train=30, n_test=10)
+    monkeypatch.setitem(DATASETS, "fashion-mnist", fake_source(data_dir / "fashion-mnist", "fashion-mnist"))
+    assert main(["run", "--task", str(task), "--backend", "torch", "--no-download", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fashion-mnist has 10 classes but task 'five' has num_classes 5" in err

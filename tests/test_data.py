@@ -1,5 +1,6 @@
 """Data: IDX and CIFAR readers on files written here in the real formats, checksums, search, synthetic."""
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from harness import data
-from harness.data import ChecksumError, DataError, Source
+from harness.data import ChecksumError, DataError
+from tasks import get_task
+from tasks.datasets import DATASETS
 
 
 def write_idx(path, array: np.ndarray, *, gz=True):
@@ -34,9 +37,15 @@ def write_mnist(folder, n_train=20, n_test=10, seed=0):
 
 
 def fake_source(folder, name="mnist"):
-    """A Source whose digests are those of the files just written (real ones are not here)."""
+    """The table's entry for `name` with the digests of the files just written (real ones are not here)."""
     files = {f: data.sha256_of(folder / f) for f in sorted(p.name for p in folder.iterdir())}
-    return Source(name, "mnist", files, "http://127.0.0.1:9/", "test")
+    return source(name, files, "http://127.0.0.1:9/", "test")
+
+
+def source(name, files, url, how_to_get=""):
+    """The table's entry for `name` (an IDX dataset's where it has none) with other files, URL and advice."""
+    return dataclasses.replace(DATASETS.get(name, DATASETS["mnist"]), name=name, files=files, url=url,
+                               how_to_get=how_to_get)
 
 
 def test_idx_reader_round_trips(tmp_path):
@@ -101,8 +110,8 @@ def test_find_source_skips_a_corrupt_copy_and_uses_a_good_one(tmp_path, monkeypa
 def test_offline_and_nothing_found_names_every_place(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "system",))
-    monkeypatch.setitem(data.SOURCES, "mnist", Source("mnist", "mnist", {"a.gz": "0" * 64},
-                                                      "http://127.0.0.1:9/", "put the files there"))
+    monkeypatch.setitem(DATASETS, "mnist", source("mnist", {"a.gz": "0" * 64}, "http://127.0.0.1:9/",
+                                                  "put the files there"))
     with pytest.raises(DataError) as info:
         data.locate("mnist", tmp_path / "given", allow_download=True)  # port 9 refuses: offline
     message = str(info.value)
@@ -123,15 +132,14 @@ def test_download_that_fails_its_checksum_never_lands(tmp_path, monkeypatch):
             return False
 
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: Response(payload))
-    source = Source("mnist", "mnist", {"a.gz": "0" * 64}, "http://example.invalid/", "")
     with pytest.raises(ChecksumError):
-        data.download(source)
+        data.download(source("mnist", {"a.gz": "0" * 64}, "http://example.invalid/"))
     folder = tmp_path / "cache" / "tribench" / "mnist"
     assert list(folder.iterdir()) == []  # neither the file nor a .part left behind
 
     import hashlib
 
-    ok = Source("mnist", "mnist", {"a.gz": hashlib.sha256(payload).hexdigest()}, "http://example.invalid/", "")
+    ok = source("mnist", {"a.gz": hashlib.sha256(payload).hexdigest()}, "http://example.invalid/")
     assert (data.download(ok) / "a.gz").read_bytes() == payload
 
 
@@ -211,7 +219,7 @@ def test_auto_takes_the_first_real_dataset_found_in_the_tasks_order(tmp_path, mo
     monkeypatch.setattr(data, "SYSTEM_DIRS", ())
     fmnist = tmp_path / "fashion-mnist"
     write_mnist(fmnist)
-    monkeypatch.setitem(data.SOURCES, "fashion-mnist", fake_source(fmnist, "fashion-mnist"))
+    monkeypatch.setitem(DATASETS, "fashion-mnist", fake_source(fmnist, "fashion-mnist"))
     name, where, why = data.resolve(("mnist", "fashion-mnist"), "auto", data_dir=tmp_path, allow_download=False)
     assert (name, where) == ("fashion-mnist", str(fmnist))
     assert "mnist not found" in why and "first real dataset that fits" in why
@@ -222,3 +230,77 @@ def test_each_task_takes_the_first_data_choice_that_fits():
     assert data.choice_for(("cifar10",), "fashion-mnist,synthetic") == "synthetic"
     with pytest.raises(DataError, match="nothing for this task"):
         data.choice_for(("cifar10",), "mnist,fashion-mnist")
+
+
+# -- the dataset table, the task's classes and shape -------------------------------------------
+
+def small_task(classes, shape=(28, 28, 1), dataset="mnist"):
+    """A task of `classes` classes on `shape` inputs (an MLP: its head has one unit per class)."""
+    from tasks.spec import Adam, Dense, Flatten, TaskSpec
+
+    return TaskSpec(name=f"c{classes}", dataset=dataset, input_shape=shape, layers=(
+        Flatten(name="flatten"), Dense(units=classes, name="head")), optimizer=Adam(), batch_size=8, epochs=1,
+        target_accuracy=0.5, num_classes=classes)
+
+
+def test_a_label_outside_the_tasks_classes_is_refused_when_data_loads(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "mnist", n_train=200, n_test=50)  # labels 0-9
+    monkeypatch.setitem(DATASETS, "mnist", fake_source(tmp_path / "mnist"))
+    loaded = data.load(small_task(10), "mnist", folder=str(tmp_path / "mnist"))
+    assert loaded.y_train.max() == 9
+    with pytest.raises(DataError, match=r"label 9, outside the task's 5 classes \(num_classes\)"):
+        data.load(small_task(5), "mnist", folder=str(tmp_path / "mnist"))
+
+
+def test_a_real_dataset_with_more_classes_than_the_task_stops_the_run_before_any_worker():
+    with pytest.raises(DataError, match="fashion-mnist has 10 classes but task 'c5' has num_classes 5"):
+        data.check_loadable(small_task(5), "fashion-mnist", "/nowhere")
+    data.check_loadable(small_task(5), "synthetic", "synthetic")  # synthetic data follows the task
+    data.check_loadable(small_task(12), "mnist", "/nowhere")  # fewer classes in the data than logits is fine
+
+
+@pytest.mark.parametrize("classes, shape", [(3, (12, 12, 1)), (10, (28, 28, 1)), (37, (8, 8, 3))])
+def test_synthetic_data_follows_the_tasks_class_count_and_input_shape(classes, shape):
+    d = data.load(small_task(classes, shape), "synthetic", subset=(2000, 400), seed=1)
+    assert d.synthetic and d.x_train.shape == (2000, *shape) and d.x_test.shape == (400, *shape)
+    assert set(np.unique(d.y_train)) == set(range(classes))
+    assert d.y_test.max() < classes
+    if classes == 10 and shape == (28, 28, 1):  # the dataset's own: the same data as before the task said so
+        np.testing.assert_array_equal(d.x_train, data.synthetic("mnist", n_train=2000, n_test=400, seed=1).x_train)
+
+
+def test_synthetic_text_keeps_to_the_tasks_vocabulary_and_real_text_is_checked_against_it(tmp_path):
+    from harness import text
+
+    assert text.synthetic(context=8, seed=0, n_windows=(50, 10)).x_train.max() > 96  # printable bytes
+    small = text.synthetic(context=8, seed=0, n_windows=(50, 10), classes=20)
+    assert small.x_train.max() < 20 and small.y_train.max() < 20 and len(np.unique(small.y_train)) > 4
+    corpus = tmp_path / "café.txt"
+    corpus.write_text("un café crème, s'il vous plaît. " * 20)  # é is two bytes, 0xc3 0xa9
+    from tasks.tiny_gpt import tiny_gpt
+
+    lm = tiny_gpt(context=8)
+    assert data.load(lm, "text", folder=str(corpus)).y_train.max() == 0xC3
+    ascii_lm = tiny_gpt(context=8, vocab=128)
+    with pytest.raises(DataError, match="label 195, outside the task's 128 classes"):
+        data.load(ascii_lm, "text", folder=str(corpus))
+    assert data.load(ascii_lm, "synthetic", subset=(8, 2)).y_train.max() < 128
+
+
+def test_the_table_is_the_one_home_of_each_datasets_facts():
+    from tasks.datasets import IMAGE, TEXT, findable, mismatch
+
+    for info in DATASETS.values():
+        assert info.kind in (IMAGE, TEXT) and info.quick[0] > 0 and info.quick[1] > 0
+        assert (info.shape is not None) == (info.kind == IMAGE) == (info.sizes is not None)
+        assert info.reader in (*data.IMAGE_READERS, "text")
+    assert DATASETS["mnist"].quick == (12000, 2000) and DATASETS["cifar10"].quick == (4000, 1000)
+    assert DATASETS["text"].quick == (256, 64)
+    assert "text" not in findable() and {"mnist", "fashion-mnist", "cifar10", "fortunes"} <= set(findable())
+    assert mismatch("fashion-mnist", (28, 28, 1)) is None and mismatch("fortunes", (64,)) is None
+
+
+def test_a_language_model_takes_the_text_corpora_its_own_first():
+    assert data.accepted_for(get_task("tiny-gpt")) == ("fortunes", "licenses", "tiny-shakespeare")
+    own = dataclasses.replace(get_task("tiny-gpt"), dataset="tiny-shakespeare")
+    assert data.accepted_for(own) == ("tiny-shakespeare", "fortunes", "licenses")

@@ -8,12 +8,13 @@ from harness import data
 from harness.cells import Cell, cell_config
 from harness.ray_executor import localise_data
 from harness.run_config import RunConfig
+from tasks.datasets import DATASETS
 
 
 def test_a_driver_path_missing_on_the_node_resolves_to_the_nodes_own_copy(tmp_path, monkeypatch):
     node_copy = tmp_path / "node-cache" / "tribench" / "fashion-mnist"
     write_mnist(node_copy)
-    monkeypatch.setitem(data.SOURCES, "fashion-mnist", fake_source(node_copy, "fashion-mnist"))
+    monkeypatch.setitem(DATASETS, "fashion-mnist", fake_source(node_copy, "fashion-mnist"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "node-cache"))
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DIRS", ())

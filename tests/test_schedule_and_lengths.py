@@ -6,8 +6,8 @@ from conftest import configured, require
 
 from harness import text
 from harness.loop import run_stages
-from harness.run_config import QUICK_SUBSETS
 from harness.weights import initial_weights
+from tasks.datasets import DATASETS
 from tasks.optim import WarmupCosine
 from tasks.spec import SpecError
 from tasks.tiny_gpt import tiny_gpt
@@ -29,7 +29,7 @@ TINY = tiny_gpt(name="tiny-gpt-schedule", d_model=16, layers=1, heads=2, context
 @pytest.mark.parametrize("epochs, windows, what", [
     (1, (64, 16), "--epochs 1"),
     (4, (64, 16), "--epochs 4"),
-    (1, QUICK_SUBSETS["text"], "--quick (its subset, one epoch)"),
+    (1, DATASETS["text"].quick, "--quick (its subset, one epoch)"),
     (2, (40, 16), "another --data-dir (40 windows: 5 steps per epoch)"),
 ])
 def test_the_last_step_of_the_run_is_the_last_step_of_the_schedule(epochs, windows, what):

@@ -3,7 +3,8 @@
 import pytest
 
 from tasks import TASKS
-from tasks.targets import SHAPES, TARGETS, accepted, for_dataset
+from tasks.datasets import DATASETS
+from tasks.targets import TARGETS, accepted, for_dataset
 
 
 def test_each_task_prefers_its_own_dataset_then_the_others_that_fit():
@@ -19,7 +20,7 @@ def test_every_accepted_pair_has_a_stated_target_and_builds(task):
     for dataset in accepted(spec):
         assert (task, dataset) in TARGETS
         built = for_dataset(spec, dataset)
-        assert built.input_shape == SHAPES[dataset]
+        assert built.input_shape == DATASETS[dataset].shape
         assert built.target_accuracy == TARGETS[(task, dataset)]
         assert built.param_count() > 0  # the layers fit the shape
 
@@ -38,3 +39,10 @@ def test_the_cnn_built_for_fashion_mnist_takes_one_channel():
 
 def test_synthetic_data_keeps_the_tasks_own_spec():
     assert for_dataset(TASKS["cifar-cnn"], "synthetic") is TASKS["cifar-cnn"]
+
+
+def test_a_task_of_fashion_mnist_takes_it_first():
+    import dataclasses
+
+    spec = dataclasses.replace(TASKS["mnist-mlp"], dataset="fashion-mnist")
+    assert accepted(spec) == ("fashion-mnist", "mnist")

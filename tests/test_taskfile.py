@@ -51,12 +51,84 @@ def write(tmp_path, text, name="task.toml"):
 
 
 def test_examples_load_and_cover_the_kinds_they_promise():
-    assert len(EXAMPLES) == 2
+    assert len(EXAMPLES) == 3
     kinds = {p.stem: {layer.kind for layer, _, _ in load_task_file(p).walk()} for p in EXAMPLES}
     assert {"residual", "batchnorm", "conv2d"} <= kinds["cifar-resnet-bn"]
     assert {"layernorm", "dropout"} <= kinds["mnist-mlp-ln"]
-    assert any(layer.activation == "gelu" for layer, _, _ in load_task_file(EXAMPLES[1]).walk()
+    assert {"embedding", "positionalembedding", "multiheadselfattention", "layernorm"} <= kinds["fortunes-gpt"]
+    mlp = next(p for p in EXAMPLES if p.stem == "mnist-mlp-ln")
+    assert any(layer.activation == "gelu" for layer, _, _ in load_task_file(mlp).walk()
                if hasattr(layer, "activation"))
+
+
+def test_the_example_language_model_is_tiny_gpts_architecture_on_text():
+    from tasks.tiny_gpt import gpt_layers
+
+    spec = load_task_file(next(p for p in EXAMPLES if p.stem == "fortunes-gpt"))
+    assert spec.layers == gpt_layers(d_model=64, layers=2, heads=2, context=64)
+    assert spec.dataset == "fortunes" and spec.input_shape == (64,) and spec.num_classes == 256
+    assert spec.objective == "loss" and spec.takes_tokens and spec.any_length
+
+
+IMAGE_MLP = GOOD[:GOOD.index("[[layers]]")] + """
+[[layers]]
+kind = "flatten"
+name = "flatten"
+
+[[layers]]
+kind = "dense"
+name = "head"
+units = 10
+"""
+
+LANGUAGE_MODEL = """
+name = "tiny-lm"
+dataset = "text"
+input_shape = [16]
+num_classes = 256
+batch_size = 8
+epochs = 1
+target_accuracy = 0.5
+
+[optimizer]
+kind = "adam"
+lr = 1e-3
+
+[[layers]]
+kind = "embedding"
+name = "emb"
+vocab_size = 256
+dim = 8
+
+[[layers]]
+kind = "dense"
+name = "head"
+units = 256
+"""
+
+
+@pytest.mark.parametrize("dataset, shape", [("fashion-mnist", "[28, 28, 1]"), ("cifar10", "[32, 32, 3]"),
+                                            ("text", "[16]"), ("tiny-shakespeare", "[16]")])
+def test_a_task_file_may_name_any_dataset_of_the_table(tmp_path, dataset, shape):
+    base = LANGUAGE_MODEL if shape == "[16]" else IMAGE_MLP  # text: token ids in, a byte's logits at every position out
+    text = base.replace('dataset = "text"', 'dataset = "mnist"').replace('dataset = "mnist"', f'dataset = "{dataset}"')
+    spec = load_task_file(write(tmp_path, text.replace("[28, 28, 1]", shape)))
+    assert spec.dataset == dataset and spec.input_shape == tuple(json.loads(shape))
+
+
+@pytest.mark.parametrize("dataset, shape, words", [
+    ("imagenet", "[28, 28, 1]", ["'imagenet' is no dataset here", "fashion-mnist", "fortunes"]),
+    ("fashion-mnist", "[32, 32, 3]", ["(28, 28, 1) images, not input_shape (32, 32, 3)"]),
+    ("fortunes", "[28, 28, 1]", ["'fortunes' is text", "one axis"]),
+])
+def test_a_dataset_the_input_does_not_fit_is_one_line_naming_the_field(tmp_path, capsys, dataset, shape, words):
+    text = IMAGE_MLP.replace('dataset = "mnist"', f'dataset = "{dataset}"')
+    path = write(tmp_path, text.replace("[28, 28, 1]", shape))
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "field 'dataset'" in err
+    for word in words:
+        assert word in err, err
 
 
 @pytest.mark.parametrize("spec", [*TASKS.values(), *map(load_task_file, EXAMPLES)], ids=lambda s: s.name)

@@ -11,6 +11,7 @@ Tolerances, and why (fp32 CPU, the 1-block width-32 context-16 model below; meas
   2.3e-6 (tensorflow vs torch).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -19,10 +20,11 @@ import pytest
 from conftest import configured
 
 from harness import text
-from harness.data import DataError, Source, accepted_for, download, load_stage, resolve, sha256_of
+from harness.data import DataError, accepted_for, download, load_stage, resolve, sha256_of
 from harness.loop import epoch_order
 from harness.weights import initial_weights
 from tasks import BUILDERS, TASKS, override_task, parse_override
+from tasks.datasets import DATASETS
 from tasks.spec import SpecError
 from tasks.tiny_gpt import TINY_GPT, TINY_GPT_FINETUNE, tiny_gpt, tiny_gpt_finetune, untrained_loss
 
@@ -121,7 +123,8 @@ def test_auto_uses_the_data_dir_then_fortunes_then_synthetic(tmp_path, monkeypat
     assert resolve(corpora, "auto", data_dir=corpus)[:2] == ("text", str(corpus))
     ds = text.load("text", str(corpus), context=16, seed=0, subset=None)
     assert not ds.synthetic and len(ds.x_train) == (1080 - 1) // 16
-    monkeypatch.setattr(text, "SYSTEM_CORPORA", {"fortunes": (tmp_path / "none", "apt-get install fortunes")})
+    monkeypatch.setitem(DATASETS, "fortunes",
+                        dataclasses.replace(DATASETS["fortunes"], system_dir=str(tmp_path / "none")))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with caplog.at_level("WARNING"):
         assert resolve(corpora, "auto", allow_download=False)[:2] == ("synthetic", "synthetic")
@@ -144,10 +147,10 @@ def test_tiny_shakespeare_download_checks_its_sha256(tmp_path, monkeypatch):
     (served / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     digest = sha256_of(served / "input.txt")
-    fake = Source("tiny-shakespeare", "text", {"input.txt": digest}, served.as_uri() + "/", "")
+    fake = dataclasses.replace(DATASETS["tiny-shakespeare"], files={"input.txt": digest}, url=served.as_uri() + "/")
     folder = download(fake)
     assert (folder / "input.txt").read_bytes() == (served / "input.txt").read_bytes()
-    bad = Source("tiny-shakespeare-bad", "text", {"input.txt": "0" * 64}, served.as_uri() + "/", "")
+    bad = dataclasses.replace(fake, name="tiny-shakespeare-bad", files={"input.txt": "0" * 64})
     with pytest.raises(DataError, match="SHA-256 mismatch"):
         download(bad)
     assert not (tmp_path / "cache" / "tribench" / "tiny-shakespeare-bad" / "input.txt").exists()
@@ -216,7 +219,7 @@ def test_finetune_task_freezes_embeddings_and_the_lower_half_and_lora_trains_ada
 
 
 def test_stage_corpus_of_a_synthetic_run_is_another_synthetic_chain():
-    b = load_stage("text", "licenses", run_source="synthetic", seed=0, subset=(8, 4), context=16)
+    b = load_stage(tiny_gpt(context=16), "licenses", run_source="synthetic", seed=0, subset=(8, 4))
     a = text.load("synthetic", "synthetic", context=16, seed=0, subset=(8, 4))
     assert b.synthetic and b.x_train.shape == a.x_train.shape == (8, 16)
     assert not np.array_equal(a.x_train, b.x_train)

@@ -17,6 +17,7 @@ from harness.cli import main
 from harness.results import RECORDS_FILE, read_records
 from harness.weights import initial_weights
 from tasks import get_task
+from tasks.datasets import DATASETS
 
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -64,8 +65,7 @@ def test_a_hostile_cifar_folder_is_refused_even_when_its_checksums_pass(tmp_path
     folder = hostile_cifar(tmp_path, marker)
     # Checksums that match the hostile files: only the unpickler stands between them and a shell.
     digests = {name: data.digest_of(folder / name, "md5") for name in CIFAR_BATCHES}
-    cifar = dataclasses.replace(data.SOURCES["cifar10"], extracted=digests)
-    monkeypatch.setattr(data, "SOURCES", {**data.SOURCES, "cifar10": cifar})
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], extracted=digests))
     with pytest.raises(data.DataError, match="refused global posix.system"):
         data.load_real("cifar10", folder.parent)
     assert not marker.exists()
@@ -73,7 +73,7 @@ def test_a_hostile_cifar_folder_is_refused_even_when_its_checksums_pass(tmp_path
 
 def test_an_extracted_cifar_folder_is_checked_against_the_published_digests(tmp_path, caplog):
     hostile_cifar(tmp_path, tmp_path / "pwned")
-    folder, _ = data.find_source(data.SOURCES["cifar10"], tmp_path)
+    folder, _ = data.find_source(DATASETS["cifar10"], tmp_path)
     assert folder is None
     assert "MD5 mismatch" in caplog.text and "data_batch_1" in caplog.text
 
