@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -15,12 +16,12 @@ from pathlib import Path
 from typing import Protocol
 
 from backends import backend_info
-from harness.cells import Cell, cell_config
+from harness.cells import Cell, CellConfig, cell_config
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
-from harness.results import REPO_ROOT, empty_record
+from harness.results import REPO_ROOT, empty_record, utc_now
 from harness.run_config import RunConfig
-from harness.worker import PROGRESS_PREFIX, utc_now
+from harness.worker import PROGRESS_PREFIX
 
 
 class Executor(Protocol):
@@ -53,12 +54,12 @@ def worker_env(threads: int) -> dict:
     return env
 
 
-def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads: int,
+def run_worker(cell_cfg: CellConfig, workdir: Path, *, timeout: float | None, threads: int,
                on_event: Callable[[dict], None], state: dict) -> dict:
     """Run one worker process; always returns a record, whatever happened to the process."""
     cfg_path, rec_path = workdir / "cell.json", workdir / "record.json"
     # The worker watches this PID and, if it dies, removes `cell_dir` itself (lifeline.py).
-    cfg_path.write_text(json.dumps({**cell_cfg, "driver_pid": os.getpid(), "cell_dir": str(workdir)}))
+    cfg_path.write_text(dataclasses.replace(cell_cfg, driver_pid=os.getpid(), cell_dir=str(workdir)).to_json())
     faults: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
@@ -97,8 +98,8 @@ def run_worker(cell_cfg: dict, workdir: Path, *, timeout: float | None, threads:
         except ValueError:
             record = None
     if record is None:
-        record = empty_record(task=cell_cfg["task"], backend=cell_cfg["backend"], repeat=cell_cfg["repeat"],
-                              seed=cell_cfg["seed"])
+        record = empty_record(task=cell_cfg.task, backend=cell_cfg.backend, repeat=cell_cfg.repeat,
+                              seed=cell_cfg.seed)
         record["finished_at"] = utc_now()
         if timed_out:
             reason, error = "timeout", f"worker exceeded --timeout {timeout:g} s and was killed"

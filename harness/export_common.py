@@ -67,15 +67,13 @@ def scalars(record: dict) -> dict[str, float]:
 def epoch_series(record: dict) -> dict[str, list[tuple[int, float]]]:
     """The registry's per-epoch series of the primary stage: {exported name: [(epoch, value), ...]}.
 
-    Held-out figures are at the evaluation cadence, with epoch 0 the untrained model.
+    The loop evaluates after every epoch; held-out figures also have epoch 0, the untrained model.
     """
     m = record.get("metrics") or {}
-    every = int(m.get("eval_every_epochs") or 1)
     out: dict[str, list[tuple[int, float]]] = {}
     for key, name in figures.epoch_series().items():
         initial = _number(m.get(f"initial_{name}"))  # only the held-out figures have one
-        step = every if key.startswith("epoch_test_") else 1
-        points = [(step * (i + 1), _number(v)) for i, v in enumerate(m.get(key) or [])]
+        points = [(epoch, _number(v)) for epoch, v in enumerate(m.get(key) or [], start=1)]
         out[name] = ([(0, initial)] if initial is not None else []) + [(s, v) for s, v in points if v is not None]
     return out
 

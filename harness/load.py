@@ -21,13 +21,17 @@ def cpu_times() -> list[int] | None:
     return [int(v) for v in first[1:]] if first and first[0] == "cpu" else None
 
 
-def snapshot() -> dict:
-    """Load averages (1, 5, 15 minutes) and CPU counters, now."""
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, None where the platform has none."""
     try:
-        loadavg = [round(v, 2) for v in os.getloadavg()]
+        return [round(v, 2) for v in os.getloadavg()]
     except OSError:
-        loadavg = None
-    return {"loadavg": loadavg, "cpu": cpu_times()}
+        return None
+
+
+def snapshot() -> dict:
+    """Load averages and CPU counters, now."""
+    return {"loadavg": loadavg(), "cpu": cpu_times()}
 
 
 def summary(start: dict, end: dict) -> dict:

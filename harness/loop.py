@@ -92,7 +92,6 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     m = {"initial_test_loss": initial_loss, "initial_test_accuracy": initial_acc, "warmup_s": warmup_s,
          "epoch_train_loss": [], "epoch_test_accuracy": [], "epoch_test_loss": [], "epoch_s": [],
          "epoch_train_time_s": [], "eval_s": [], "time_to_target_s": None,
-         "eval_every_epochs": 1,  # the loop below evaluates after every epoch; plots read the cadence
          "n_train": n, "n_test": int(len(data.y_test)), "batch_size": bs, "trainable": stage.trainable,
          "schedule": dataclasses.asdict(spec.optimizer.schedule),
          "params_total": spec.param_count(), "params_trainable": spec.param_count(stage.trainable),

@@ -11,12 +11,11 @@ from harness.cells import plan
 from harness.checkpoint import NPZ_SUFFIX, SUFFIX
 from harness.confine import UntrustedInput
 from harness.errors import UsageError
-from harness.results import RECORDS_FILE, append_record, iter_records, read_records, write_json_atomic
+from harness.results import RECORDS_FILE, append_record, iter_records, read_records, utc_now, write_json_atomic
 from harness.run_config import RUN_FILE, RunConfig
 from harness.runner import prepare_out_dir
 from harness.shard import in_shard
 from harness.storage import write_atomic
-from harness.worker import utc_now
 
 log = logging.getLogger(__name__)
 

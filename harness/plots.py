@@ -165,18 +165,16 @@ def _metric_points(record: dict, metric: _Metric) -> tuple[list[float], list[flo
     m = record.get("metrics") or {}
     values = list(m.get(metric.series) or [])
     times = list(m.get("epoch_train_time_s") or [])
-    every = int(m.get("eval_every_epochs") or 1)
     epochs, ts, ys = [], [], []
     if m.get(metric.initial) is not None:
         epochs.append(0)
         ts.append(0.0)
         ys.append(metric.scale * m[metric.initial])
-    for i, v in enumerate(values):
-        epoch = min((i + 1) * every, len(times)) if times else (i + 1) * every
+    for epoch, v in enumerate(values, start=1):  # the loop evaluates after every epoch
         if v is None:
             continue
         epochs.append(epoch)
-        ts.append(times[epoch - 1] if times and epoch - 1 < len(times) else float("nan"))
+        ts.append(times[epoch - 1] if epoch - 1 < len(times) else float("nan"))
         ys.append(metric.scale * v)
     return epochs, ts, ys
 

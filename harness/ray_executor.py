@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -13,16 +14,15 @@ from pathlib import Path
 
 from harness import confine
 from harness import data as data_mod
-from harness.cells import Cell, cell_config
+from harness.cells import Cell, CellConfig, cell_config
 from harness.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from harness.errors import Interrupted, UsageError
 from harness.executor import missing_backend_record, run_worker, skipped_record, stop_process
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
-from harness.results import empty_record
+from harness.results import empty_record, utc_now
 from harness.run_config import RunConfig, available_cores
 from harness.storage import write_atomic
-from harness.worker import utc_now
 
 INSTALL_HINT = 'pip install "tribench[ray]"'
 # A cell whose process or node died is run once more, then recorded as failed.
@@ -74,21 +74,21 @@ def _node_here() -> dict:
                          gpu_ids=[str(g) for g in context.get_accelerator_ids().get("GPU", [])])
 
 
-def localise_data(cell_cfg: dict, *, allow_download: bool) -> dict:
+def localise_data(cell_cfg: CellConfig, *, allow_download: bool) -> CellConfig:
     """The driver's real-data folder, or this node's own copy of the same dataset when the path is not here."""
-    folder = cell_cfg.get("data_folder")
+    folder = cell_cfg.data_folder
     # A corpus may be a single file, so the driver's path counts if anything is there.
     if folder is None or Path(folder).exists():
         return cell_cfg
     from tasks.taskfile import spec_from_dict
 
-    accepted = data_mod.accepted_for(spec_from_dict(cell_cfg["task_spec"]))
+    accepted = data_mod.accepted_for(spec_from_dict(cell_cfg.task_spec))
     # Checksums are verified when the worker loads it, so another copy is the same data.
-    _, here, _ = data_mod.resolve(accepted, cell_cfg["data"], allow_download=allow_download)
-    return dict(cell_cfg, data_folder=here)
+    _, here, _ = data_mod.resolve(accepted, cell_cfg.data, allow_download=allow_download)
+    return dataclasses.replace(cell_cfg, data_folder=str(here))
 
 
-def run_cell_task(cell_cfg: dict, *, timeout: float | None, threads: int, init_from: bytes | None,
+def run_cell_task(cell_cfg: CellConfig, *, timeout: float | None, threads: int, init_from: bytes | None,
                   allow_download: bool) -> tuple:
     """The body of one Ray task, on whichever node Ray chose: (record, {checkpoint name: bytes}).
 
@@ -99,11 +99,11 @@ def run_cell_task(cell_cfg: dict, *, timeout: float | None, threads: int, init_f
     cell_cfg = localise_data(cell_cfg, allow_download=allow_download)
     with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
         tmp = Path(tmp)
-        prefix = Path(cell_cfg["checkpoint_prefix"]).name
-        cell_cfg = dict(cell_cfg, checkpoint_prefix=str(tmp / "checkpoints" / prefix))
+        prefix = Path(cell_cfg.checkpoint_prefix).name
+        cell_cfg = dataclasses.replace(cell_cfg, checkpoint_prefix=str(tmp / "checkpoints" / prefix))
         if init_from is not None:
             (tmp / "init-from").write_bytes(init_from)  # read by its content: safetensors or npz
-            cell_cfg["init_from"] = str(tmp / "init-from")
+            cell_cfg = dataclasses.replace(cell_cfg, init_from=str(tmp / "init-from"))
         state: dict = {"proc": None}
         try:
             record = run_worker(cell_cfg, tmp, timeout=timeout, threads=threads, on_event=lambda event: None,
@@ -121,7 +121,7 @@ def run_cell_task(cell_cfg: dict, *, timeout: float | None, threads: int, init_f
     return record, checkpoints
 
 
-def ray_failure_record(cell_cfg: dict, exc: Exception) -> dict:
+def ray_failure_record(cell_cfg: CellConfig, exc: Exception) -> dict:
     """The record of a cell that Ray gave up on after MAX_RETRIES retries."""
     import ray
 
@@ -130,8 +130,8 @@ def ray_failure_record(cell_cfg: dict, exc: Exception) -> dict:
         record = cause.record
     else:
         # The task itself died (its Ray worker or node): only the exception says what happened.
-        record = empty_record(task=cell_cfg["task"], backend=cell_cfg["backend"], repeat=cell_cfg["repeat"],
-                              seed=cell_cfg["seed"])
+        record = empty_record(task=cell_cfg.task, backend=cell_cfg.backend, repeat=cell_cfg.repeat,
+                              seed=cell_cfg.seed)
         message = str(exc).strip()
         # Ray's messages run to several sentences of advice: the record's error keeps the first.
         first = (message.splitlines() or [""])[0].split(". ")[0]

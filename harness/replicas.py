@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.cells import CellConfig
 
 POLL_S = 0.2
 STOP_GRACE_S = 5.0
@@ -37,18 +42,18 @@ class ReplicaProcesses:
     its error) and its stderr in `folder`; all die with this process (lifeline.py).
     """
 
-    def __init__(self, cfg: dict, folder: Path, on_failure: Callable[[int, str], None]):
+    def __init__(self, cfg: CellConfig, folder: Path, on_failure: Callable[[int, str], None]):
         self.cfg, self.folder, self.on_failure = cfg, Path(folder), on_failure
         self.procs: dict[int, subprocess.Popen] = {}
         self._done = threading.Event()
 
     def start(self) -> None:
-        count = self.cfg["data_parallel"]
-        for rank in range(1, count):
-            cfg = {**self.cfg, "rank": rank, "driver_pid": os.getpid(), "cell_dir": None,
-                   "checkpoint_prefix": None}  # rank 0 alone writes checkpoints and the record the runner reads
+        for rank in range(1, self.cfg.data_parallel):
+            # Rank 0 alone writes checkpoints and the record the runner reads.
+            cfg = dataclasses.replace(self.cfg, rank=rank, driver_pid=os.getpid(), cell_dir=None,
+                                      checkpoint_prefix=None)
             cfg_path = self.folder / f"replica-{rank}.json"
-            cfg_path.write_text(json.dumps(cfg))
+            cfg_path.write_text(cfg.to_json())
             with open(self.folder / f"replica-{rank}.log", "w") as log:
                 # Same process group as rank 0: the runner's killpg on a timeout reaches them too.
                 self.procs[rank] = subprocess.Popen(

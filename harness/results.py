@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -18,6 +19,11 @@ RECORDS_FILE = "records.jsonl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    """A record's or run file's timestamp: UTC, to the second, ISO 8601."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def git_state(exclude: Path | None = None) -> dict:

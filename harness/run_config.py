@@ -15,8 +15,7 @@ from harness import confine, folderlock, schema
 from harness import data as data_mod
 from harness.confine import UntrustedInput
 from harness.errors import UsageError
-from harness.results import SCHEMA_VERSION, git_state, total_memory_bytes, tribench_version
-from harness.worker import utc_now
+from harness.results import SCHEMA_VERSION, git_state, total_memory_bytes, tribench_version, utc_now
 from tasks import BUILTIN_TASKS, get_task
 from tasks.targets import for_dataset
 

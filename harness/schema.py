@@ -52,7 +52,6 @@ class Metrics(_Model):
     full_train_samples_per_s: NonNegative | None = None
     warmup_s: NonNegative | None = None
     wall_s: NonNegative | None = None
-    eval_every_epochs: Annotated[int, Field(ge=1)] | None = None
     epoch_test_accuracy: list[Finite | None] | None = None
     epoch_train_loss: list[Finite | None] | None = None
     epoch_s: list[Finite | None] | None = None
@@ -187,6 +186,8 @@ def first_error(exc: ValidationError) -> str:
     value = value if len(value) <= 60 else value[:57] + "..."
     if err["type"] == "missing":
         return f"{where} is missing"
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's, a dataclass's
+        return f"unknown field {where!r}"
     if err["type"] in BOUND_WORDS:
         key, words = BOUND_WORDS[err["type"]]
         return f"{where} {value} {words} {err['ctx'][key]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +14,11 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.cells import CellConfig
+    from harness.replicas import ReplicaProcesses
 
 PROGRESS_PREFIX = "@@tribench "
 # Test-only fault injection, read here and nowhere else: "<fault>[@<task>/<backend>[/<repeat>]]".
@@ -26,10 +31,8 @@ TESTING_ENV = "TRIBENCH_TESTING"
 FAULT_RANK_ENV = "TRIBENCH_FAULT_RANK"
 # After rank 0's part, how long the other replica processes get to exit on their own.
 REPLICA_EXIT_S = 60.0
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+# A cell config holds a task spec and a few paths: far less than this.
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def emit(event: dict) -> None:
@@ -59,7 +62,7 @@ def apply_fault(fault: str | None, data) -> None:
         data.x_train[:] = float("nan")
 
 
-def run_cell(cfg: dict, record: dict) -> dict:
+def run_cell(cfg: CellConfig, record: dict) -> dict:
     """Fill `record` from a config written by the runner; what is filled survives an exception."""
     from harness import load
 
@@ -73,48 +76,45 @@ def run_cell(cfg: dict, record: dict) -> dict:
     from harness.replicas import replica_threads
     from harness.results import host_environment
     from harness.tokens import tokenizer_file
-    from tasks import get_task
     from tasks.targets import for_dataset
     from tasks.taskfile import spec_from_dict
 
     # The runner sends the whole spec, so a task from a file needs no file here; it is built
     # for the dataset the runner resolved: its input shape and its (task, dataset) target.
-    spec = spec_from_dict(cfg["task_spec"]) if "task_spec" in cfg else get_task(cfg["task"])
-    spec = for_dataset(spec, cfg["data"]).with_overrides(**cfg.get("overrides", {}), seed=cfg["seed"])
+    spec = for_dataset(spec_from_dict(cfg.task_spec), cfg.data).with_overrides(**cfg.overrides, seed=cfg.seed)
     record["spec"] = spec.to_dict()
     record["objective"] = spec.objective
-    out = cfg.get("out")
     # env.mode is the mode trained in: under --mode best it is known once the probe has chosen,
     # or given by the runner (pinned_mode) from the cell's first repeat.
-    pinned = cfg.get("pinned_mode")
-    forced = cfg["mode"] if cfg["mode"] != BEST else None
-    replicas = Replicas(cfg.get("data_parallel", 1), cfg.get("rank", 0), cfg.get("address"))
-    record["env"] = {**host_environment(Path(out) if out else None), "mode": forced, "mode_requested": cfg["mode"],
+    pinned = cfg.pinned_mode
+    forced = cfg.mode if cfg.mode != BEST else None
+    replicas = Replicas(cfg.data_parallel, cfg.rank, cfg.address)
+    record["env"] = {**host_environment(Path(cfg.out)), "mode": forced, "mode_requested": cfg.mode,
                      "mode_source": "forced" if forced else "pinned" if pinned else "probe",
-                     "precision": cfg["precision"], "device_requested": cfg["device"], "threads": cfg["threads"],
+                     "precision": cfg.precision, "device_requested": cfg.device, "threads": cfg.threads,
                      "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
     context = spec.input_shape[0] if spec.takes_tokens else None
     # A Hugging Face folder's tokenizer.json tokenizes the text its model is finetuned on.
-    tokenizer = tokenizer_file(cfg.get("init_from")) if spec.takes_tokens else None
-    dataset = data_mod.load(spec.dataset, cfg["data"], folder=cfg.get("data_folder"), seed=cfg["data_seed"],
-                            subset=cfg.get("subset"), context=context, tokenizer=tokenizer)
+    tokenizer = tokenizer_file(cfg.init_from) if spec.takes_tokens else None
+    dataset = data_mod.load(spec.dataset, cfg.data, folder=cfg.data_folder, seed=cfg.data_seed,
+                            subset=cfg.subset, context=context, tokenizer=tokenizer)
     record["data"] = dataset.describe()
-    stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg["data"], seed=cfg["data_seed"],
-                                              subset=cfg.get("subset"), context=context, tokenizer=tokenizer)
+    stage_data = {s.name: data_mod.load_stage(spec.dataset, s.data, run_source=cfg.data, seed=cfg.data_seed,
+                                              subset=cfg.subset, context=context, tokenizer=tokenizer)
                   for s in spec.stages if s.data}
     if stage_data:
         record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
-    fault = injected_fault(cfg["task"], cfg["backend"], cfg["repeat"], replicas.rank)
+    fault = injected_fault(cfg.task, cfg.backend, cfg.repeat, replicas.rank)
     if fault:
         emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
     apply_fault(fault, dataset)
 
-    backend = get_backend(cfg["backend"])
-    threads = cfg["threads"]
+    backend = get_backend(cfg.backend)
+    threads = cfg.threads
     if backend.REPLICA_PROCESSES and replicas.count > 1:
         threads = replica_threads(threads, replicas.count)  # the cell's budget, shared by its processes
     try:
-        backend.configure(device=cfg["device"], threads=threads, precision=cfg["precision"], replicas=replicas)
+        backend.configure(device=cfg.device, threads=threads, precision=cfg.precision, replicas=replicas)
     except BackendUnavailable as exc:
         record.update(status="skipped", error=str(exc))
         return record
@@ -127,11 +127,11 @@ def run_cell(cfg: dict, record: dict) -> dict:
     record["env"]["matmul_peak_gflops"] = peak
     record["env"]["peak_source"] = peak_source
 
-    init_from = load_checkpoint_for(Path(cfg["init_from"]), spec, seed=cfg["seed"]) if cfg.get("init_from") else None
-    prefix = cfg.get("checkpoint_prefix")
+    init_from = load_checkpoint_for(Path(cfg.init_from), spec, seed=cfg.seed) if cfg.init_from else None
+    prefix = cfg.checkpoint_prefix
     with RssSampler() as sampler:
         try:
-            results = run_stages(backend, spec, dataset, seed=cfg["seed"], mode=pinned or cfg["mode"],
+            results = run_stages(backend, spec, dataset, seed=cfg.seed, mode=pinned or cfg.mode,
                                  init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
                                  stage_data=stage_data)
@@ -139,7 +139,7 @@ def run_cell(cfg: dict, record: dict) -> dict:
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["env"]["execution"] = record["metrics"].pop("execution")
             record["status"] = "ok"
-            if cfg.get("export"):
+            if cfg.export:
                 record["exported"] = export_trained(backend, spec, results[spec.primary_stage], dataset=dataset,
                                                     cfg=cfg, mode=record["env"]["mode"])
         except BackendUnavailable as exc:  # the mode asked for cannot run this model here
@@ -155,14 +155,14 @@ def run_cell(cfg: dict, record: dict) -> dict:
     return record
 
 
-def export_trained(backend, spec, result, *, dataset, cfg: dict, mode: str) -> dict:
+def export_trained(backend, spec, result, *, dataset, cfg: CellConfig, mode: str) -> dict:
     """The primary stage's trained weights in each --export format, under the results folder's exports/."""
     from harness.exporting import export_figures
 
     m = result.metrics
     model = backend.build(spec, result.weights, trainable=None, mode=mode)
-    folder = Path(cfg["out"]) / "exports" / f"{cfg['task']}-{cfg['backend']}-r{cfg['repeat']}"
-    return export_figures(backend, model, dataset.x_test, formats=cfg["export"], folder=folder,
+    folder = Path(cfg.out) / "exports" / f"{cfg.task}-{cfg.backend}-r{cfg.repeat}"
+    return export_figures(backend, model, dataset.x_test, formats=list(cfg.export), folder=folder,
                           batch_size=spec.eval_batch_size,
                           train_s=m["warmup_s"] + sum(m["epoch_s"]) + sum(m["eval_s"]))
 
@@ -173,14 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("record", type=Path, help="where to write the record JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = json.loads(args.config.read_text())
-    if cfg.get("driver_pid"):
+    from harness.cells import CellConfig
+    from harness.confine import UntrustedInput, read_bytes
+
+    try:
+        cfg = CellConfig.from_json(read_bytes(args.config, limit=MAX_CONFIG_BYTES), str(args.config))
+    except (OSError, UntrustedInput) as exc:
+        sys.stderr.write(f"{parser.prog}: {exc}\n")
+        return 2
+    if cfg.driver_pid is not None:
         from harness.lifeline import tie_to_driver
 
-        tie_to_driver(int(cfg["driver_pid"]), Path(cfg["cell_dir"]) if cfg.get("cell_dir") else None)
-    from harness.results import empty_record, write_json_atomic
+        tie_to_driver(cfg.driver_pid, Path(cfg.cell_dir) if cfg.cell_dir else None)
+    from harness.results import empty_record, utc_now, write_json_atomic
 
-    record = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"], seed=cfg["seed"])
+    record = empty_record(task=cfg.task, backend=cfg.backend, repeat=cfg.repeat, seed=cfg.seed)
     record["started_at"] = utc_now()
     written = threading.Lock()  # one record write: rank 0's own, or the replica watcher's
 
@@ -191,13 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     final = copy.deepcopy(record)
                 except RuntimeError:  # changed while copied: what is certain is enough
-                    final = empty_record(task=cfg["task"], backend=cfg["backend"], repeat=cfg["repeat"],
-                                         seed=cfg["seed"])
+                    final = empty_record(task=cfg.task, backend=cfg.backend, repeat=cfg.repeat, seed=cfg.seed)
                 final.update(status="failed", error=failure.pop("error"), failure=failure)
             final["finished_at"] = utc_now()
             write_json_atomic(args.record, final)
 
-    replicas = start_replicas(cfg, args.record.parent, write_record)
+    cfg, replicas = start_replicas(cfg, args.record.parent, write_record)
     code = 0
     try:
         run_cell(cfg, record)
@@ -218,22 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def start_replicas(cfg: dict, folder: Path, write_record):
-    """Ranks 1..N-1 for a backend whose replicas are processes, started from rank 0; None otherwise.
+def start_replicas(cfg: CellConfig, folder: Path, write_record) -> tuple[CellConfig, ReplicaProcesses | None]:
+    """Ranks 1..N-1 for a backend whose replicas are processes, started from rank 0, with rank 0's config
+    now holding their meeting address; (cfg, None) otherwise.
 
     A replica that dies leaves rank 0 waiting in a collective: the watcher then writes
     the record with the failing rank and its error, ends the others and exits.
     """
-    count = cfg.get("data_parallel", 1)
-    if count == 1 or cfg.get("rank", 0) != 0:
-        return None
+    if cfg.data_parallel == 1 or cfg.rank != 0:
+        return cfg, None
     from backends import get_backend
 
-    if not get_backend(cfg["backend"]).REPLICA_PROCESSES:  # the adapter module only, not its framework
-        return None
+    if not get_backend(cfg.backend).REPLICA_PROCESSES:  # the adapter module only, not its framework
+        return cfg, None
     from harness.replicas import ReplicaProcesses, free_address
 
-    cfg["address"] = free_address()
+    cfg = dataclasses.replace(cfg, address=free_address())
 
     def on_failure(rank: int, error: str) -> None:
         emit({"event": "replica_failed", "rank": rank, "error": error})
@@ -245,7 +251,7 @@ def start_replicas(cfg: dict, folder: Path, write_record):
 
     group = ReplicaProcesses(cfg, folder, on_failure)
     group.start()
-    return group
+    return cfg, group
 
 
 if __name__ == "__main__":

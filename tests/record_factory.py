@@ -93,7 +93,7 @@ def make_record(task: str = "mnist-mlp", backend: str = "torch", repeat: int = 0
         "test_accuracy": epoch_acc[-1], "test_loss": 0.08,
         "initial_test_loss": initial_loss, "initial_test_accuracy": 0.0982,
         "epoch_test_accuracy": epoch_acc, "epoch_train_loss": epoch_loss, "epoch_s": epoch_s,
-        "epoch_train_time_s": cumulative, "eval_every_epochs": 1,
+        "epoch_train_time_s": cumulative,
         "time_to_target_s": reached[0] if reached else None,
         "train_samples_per_s": sps, "eval_samples_per_s": noisy(sps * 4), "warmup_s": noisy(1.5 / factor),
         "wall_s": sum(epoch_s) + 8.0, "params_total": p_total, "params_trainable": p_train,

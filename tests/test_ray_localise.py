@@ -1,5 +1,7 @@
 """The Ray executor's data localisation, tested without Ray: a node finds its own copy of the driver's dataset."""
 
+import dataclasses
+
 from test_data import fake_source, write_mnist
 
 from harness import data
@@ -21,13 +23,13 @@ def test_a_driver_path_missing_on_the_node_resolves_to_the_nodes_own_copy(tmp_pa
 
     localised = localise_data(cell_cfg, allow_download=False)
 
-    assert localised["data_folder"] == str(node_copy)
-    assert {k: v for k, v in localised.items() if k != "data_folder"} == \
-        {k: v for k, v in cell_cfg.items() if k != "data_folder"}
+    assert localised.data_folder == str(node_copy)
+    assert dataclasses.replace(localised, data_folder=None) == dataclasses.replace(cell_cfg, data_folder=None)
 
 
 def test_a_driver_path_present_on_the_node_is_kept(tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text("a corpus that is a single file\n")
-    cell_cfg = {"data_folder": str(corpus), "data": "book.txt"}
+    cfg = RunConfig(tasks=["tiny-gpt"], backends=["torch"], out=tmp_path / "out")
+    cell_cfg = cell_config(cfg, Cell("tiny-gpt", "torch", 0), ("book.txt", str(corpus)))
     assert localise_data(cell_cfg, allow_download=False) is cell_cfg

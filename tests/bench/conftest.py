@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.load import loadavg
+
 BENCH_DIR = Path(__file__).resolve().parent
 SUMMARY_ENV = "TRIBENCH_BENCH_SUMMARY"  # a path: the yardstick table is also written there as markdown
 ROWS = pytest.StashKey[list]()
@@ -76,13 +78,6 @@ def inference_lines(rows: list[dict]) -> list[str]:
                      f"{rate['harness']['max']:,.0f}] | {rate['yardstick']['median']:,.0f} | {r['rate_ratio']:.2f}x |")
     return lines + ["", f"Median of {rows[0]['repeats']} interleaved rounds (yardstick, then harness); latency ratio = "
                         "yardstick / harness, throughput ratio = harness / yardstick (>= 1.0: the harness is as fast)."]
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _rate(row: dict, side: str) -> str:

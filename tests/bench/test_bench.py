@@ -17,6 +17,7 @@ from backends import BACKENDS, get_backend
 from backends.base import BEST, MODES, RUN_MODES, Backend
 from harness import text
 from harness.data import Dataset, synthetic
+from harness.load import loadavg
 from harness.loop import epoch_order, timed
 from harness.probe import probe_modes
 from harness.weights import initial_weights
@@ -273,7 +274,7 @@ def against_yardstick(benchmark, yardstick_rows: list, c: Cell, stick, mode: str
            "harness": spread(h_rates), "yardstick": spread(y_rates), "ratio": ratio,
            "pair_ratio_min": min(pairs), "pair_ratio_max": max(pairs), "target": TARGETS[mode],
            "met": ratio >= TARGETS[mode], "yardstick_kind": type(stick).__name__,
-           "roofline_fraction": None, "loadavg": list(os.getloadavg()),
+           "roofline_fraction": None, "loadavg": loadavg(),
            "tokens_per_sample": c.spec.input_shape[0] if c.spec.takes_tokens else None, "steps_timed": window // bs,
            "device": c.backend.environment()["device_name"]}
     if task == MNIST_MLP.name:
