@@ -301,8 +301,9 @@ def test_a_toml_language_model_trains_on_every_backend_and_its_loss_curve_reache
     if text.system_corpus("fortunes") is None:
         pytest.skip("the fortunes package is not installed here")  # CI installs it (.ci/run)
     out_dir = tmp_path / "run"
+    # Three framework start-ups and probes: about 3 CPU-minutes, 10 minutes of wall time on a loaded 2-core VM.
     out = run_cli("run", "--task", str(EXAMPLES / "fortunes-gpt.toml"), "--backend", "torch,tensorflow,jax",
-                  "--quick", "--no-download", "--out", str(out_dir))
+                  "--quick", "--no-download", "--out", str(out_dir), timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     records = read_records(out_dir)
     assert sorted(r["backend"] for r in records) == ["jax", "tensorflow", "torch"]
