@@ -13,10 +13,11 @@ from pathlib import Path
 from backends.base import MODES
 from harness import confine, storage
 from harness.confine import UntrustedInput
+from harness.data import cache_dir
 
 log = logging.getLogger(__name__)
 
-# TRIBENCH_MODE_CACHE: the folder (default $XDG_CACHE_HOME/tribench/modes), or "off".
+# TRIBENCH_MODE_CACHE: the folder (default the user cache's modes/, ~/.cache/tribench/modes), or "off".
 ENV = "TRIBENCH_MODE_CACHE"
 OFF = "off"
 # Bounds on what is read and kept: the folder is anyone's to write into, so every entry is
@@ -38,8 +39,7 @@ def folder_from_env() -> Path | None:
         return None
     if value:
         return Path(value)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tribench" / "modes"
+    return cache_dir() / "modes"
 
 
 class ModeCache:
