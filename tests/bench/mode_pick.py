@@ -59,7 +59,7 @@ def row(task: str, backend: str, runs: dict[str, list[dict]]) -> str:
                 if r.get("backend") == backend and r.get("status") == "ok"}
     medians = {mode: forced[mode]["median"] for mode in MODES if forced[mode]["median"] is not None}
     better = max(medians, key=medians.get) if len(medians) == len(MODES) else None
-    if len(programs) == 1:
+    if better and len(programs) == 1:
         better, verdict = "one program", "ok (one program)"
     elif better is None or chosen is None:
         verdict = "n/a"
