@@ -30,7 +30,9 @@ def test_a_worse_mode_within_the_spread_is_noise_and_beyond_it_is_wrong():
     best = records("eager", [99], probe={**PROBE, "untried": {"compiled": "budget"}, "rounds": 0})
     close = {"eager": records("eager", [100, 110, 95]), "compiled": records("compiled", [105, 112, 99]), "best": best}
     assert verdict(close).startswith("ok (within the noise, -5%")
-    assert "eager (budget)" in row("t", "torch", close)
+    assert "eager (budget)" in row("t", "torch", close) and "| untried / 100 |" not in row("t", "torch", close)
+    assert "| untried / 99 |" not in row("t", "torch", close) and "| untried / 100 |" in row("t", "torch", {
+        **close, "best": records("eager", [99], probe={**PROBE, "compiled": None, "untried": {"compiled": "b"}})})
     far = {"eager": records("eager", [100, 101, 99]), "compiled": records("compiled", [150, 151, 149]), "best": best}
     assert verdict(far).startswith("WRONG (-33%")
 

@@ -2,9 +2,9 @@
 
     python -m tests.bench.mode_pick --out results/bench/mode-pick [--repeats 3] [--task T,...] [--backend B,...]
 
-Per task, three `tribench run --quick` runs in a row (eager, compiled, best; each --repeats
-times, so a burst of load hits all three), each into OUT/<task>/<mode>; then the table goes to
-OUT/mode-pick.md and stdout (docs/modes.md explains its columns). `--table-only` rebuilds the
+Per task, three `tribench run --quick` runs (with --full, at the tasks' own sizes) in a row
+(eager, compiled, best; each --repeats times, so a burst of load hits all three), each into
+OUT/<task>/<mode>; then the table goes to OUT/mode-pick.md and stdout (docs/modes.md explains its columns). `--table-only` rebuilds the
 table from the folders already there.
 """
 
@@ -27,15 +27,17 @@ HEADER = ("| task | backend | eager samples/s | compiled samples/s | better | be
           "best achieved samples/s | probe estimates c / e | pick | max load |")
 
 
-def run_all(out: Path, tasks: list[str], backends: list[str], repeats: int, extra: list[str]) -> None:
+def run_all(out: Path, tasks: list[str], backends: list[str], repeats: int, extra: list[str], *,
+            quick: bool = True) -> None:
     """The three runs of every task, task by task; a failed run leaves its cells out of the table, not the rest."""
     for task in tasks:
         for mode in RUN_MODES:
             folder = out / task / mode
             if (folder / RECORDS_FILE).exists():
                 continue  # already measured: rerunning a bench only fills in what is missing
-            cmd = [sys.executable, "-m", "harness", "run", "--quick", "--task", task, "--backend", ",".join(backends),
-                   "--mode", mode, "--repeats", str(repeats), "--out", str(folder), *extra]
+            cmd = [sys.executable, "-m", "harness", "run", *(["--quick"] if quick else []), "--task", task,
+                   "--backend", ",".join(backends), "--mode", mode, "--repeats", str(repeats), "--out", str(folder),
+                   *extra]
             print("$", " ".join(cmd[1:]), flush=True)
             # The probe is what is measured: no decision from the mode cache.
             subprocess.run(cmd, check=False, env={**os.environ, "TRIBENCH_MODE_CACHE": "off"})
@@ -71,7 +73,8 @@ def row(task: str, backend: str, runs: dict[str, list[dict]]) -> str:
                    False: f"ok (within the noise, {medians[chosen] / medians[better] - 1:+.0%})",
                    None: "n/a (one repeat)"}[gap]
     why = "budget" if probe.get("untried") else f"{probe.get('rounds', 0)} rounds" if probe else "no probe"
-    estimates = (f"{probe.get('compiled') or 0:,.0f} / {probe.get('eager') or 0:,.0f}" if probe else NONE)
+    estimates = " / ".join(f"{probe[m]:,.0f}" if probe.get(m) else "untried" if m in probe.get("untried", {})
+                           else NONE for m in MODES) if probe else NONE
     loads = [v[0] for rs in runs.values() for r in rs if r.get("backend") == backend
              for v in (((r.get("env") or {}).get("load") or {}).get(k) for k in ("start", "end")) if v]
     cells = [task, backend, format_stat(forced["eager"], ",.0f"), format_stat(forced["compiled"], ",.0f"),
@@ -103,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="comma-separated (default: every installed one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--full", action="store_true",
+                        help="the tasks' own sizes instead of --quick: the probe then has a budget to probe with")
     args, extra = parser.parse_known_args(argv)  # anything else goes to every `tribench run` (e.g. --epochs 3)
     tasks = args.task.split(",")
     backends = args.backend.split(",") if args.backend else available_backends()
     if not args.table_only:
-        run_all(args.out, tasks, backends, args.repeats, extra)
+        run_all(args.out, tasks, backends, args.repeats, extra, quick=not args.full)
     text = table(args.out, tasks, backends)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mode-pick.md").write_text(text)
