@@ -4,8 +4,8 @@
 
 Per task, three `tribench run --quick` runs (with --full, at the tasks' own sizes) in a row
 (eager, compiled, best; each --repeats times, so a burst of load hits all three), each into
-OUT/<task>/<mode>; then the table goes to OUT/mode-pick.md and stdout (docs/modes.md explains its columns). `--table-only` rebuilds the
-table from the folders already there.
+OUT/<task>/<mode>; then the table goes to OUT/mode-pick.md and stdout (docs/modes.md explains
+its columns). `--table-only` rebuilds the table from the folders already there.
 """
 
 from __future__ import annotations
