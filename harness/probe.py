@@ -29,6 +29,9 @@ TIE_CHOICE = "eager"
 # build and warm-up like the tie choice's (compiling costs more) and a round: when that does not
 # fit, the tie choice trains untried rivals aside, and the record says why (`budget`).
 PROBE_BUDGET = 1.0
+# A chunk is at most 1/CHUNK_SHARE of the budget's steps, so a short training (a --quick epoch of
+# 8 GPT steps) is estimated from a step or two, not from an epoch's worth of probing.
+CHUNK_SHARE = 8
 
 
 def clock() -> float:
@@ -36,9 +39,12 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def probe_order(order: np.ndarray, batch_size: int) -> np.ndarray:
-    """The first PROBE_STEPS batches of the cell's first epoch (fewer when the epoch is shorter)."""
+def probe_order(order: np.ndarray, batch_size: int, train_steps: int | None = None) -> np.ndarray:
+    """The first PROBE_STEPS batches of the cell's first epoch (fewer when the epoch, or the budget's
+    share of the training's `train_steps`, is shorter)."""
     steps = min(PROBE_STEPS, len(order) // batch_size)
+    if train_steps is not None and math.isfinite(PROBE_BUDGET):
+        steps = min(steps, max(1, int(PROBE_BUDGET * train_steps) // CHUNK_SHARE))
     return order[: steps * batch_size]
 
 
@@ -55,7 +61,7 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
     """
     bs, ebs = spec.batch_size, spec.eval_batch_size
     started = clock()
-    order = probe_order(order, bs)
+    order = probe_order(order, bs, train_steps)
     candidates = sorted(backend.distinct_modes(spec), key=lambda mode: mode != TIE_CHOICE)  # the tie choice first
     models, unavailable, costs = {}, {}, {}
     best: dict[str, float | None] = {mode: None for mode in MODES}

@@ -234,32 +234,32 @@ def built_modes(monkeypatch) -> list[str]:
 
 
 def test_a_training_shorter_than_the_probe_leaves_the_rivals_untried_within_budget(monkeypatch, fake_backend):
-    # 16 training steps; the eager warm-up and round take 12, a rival at least as many: over the budget.
+    # 3 training steps; the eager warm-up and a round, on the probe's 1-step chunk, take 2, a rival
+    # at least as many: over the budget.
     built = built_modes(monkeypatch)
     fake = slow_mode(monkeypatch, fake_backend, "eager")  # compiled would win if it were tried
-    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    data = synthetic("mnist", n_train=3 * 128 + 5, n_test=256, seed=0)
     m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
     assert built == ["eager"] and m["mode"] == probe.TIE_CHOICE == "eager"
     p = m["mode_probe"]
     assert p["chosen"] == "eager" and p["compiled"] is None and p["rounds"] == 0 and list(p["untried"]) == ["compiled"]
-    assert p["eager"] == pytest.approx(128 / 1.0) and p["budget_s"] == pytest.approx(16 * 1.0)
-    # Probing (2 warm-up steps, a round of 10) cost less than the training's 16 steps; then the
-    # training's own warm-up (2) and epoch (16).
-    assert fake.now == pytest.approx((2 + 10 + 2 + 16) * 1.0)
+    assert p["eager"] == pytest.approx(128 / 1.0) and p["budget_s"] == pytest.approx(3 * 1.0) and p["steps"] == 1
+    # Probing (a warm-up step, a round of 1) cost less than the training's 3 steps; then the
+    # training's own warm-up (2) and epoch (3).
+    assert fake.now == pytest.approx((1 + 1 + 2 + 3) * 1.0)
 
 
 def test_the_probe_stops_its_rounds_at_its_budget(monkeypatch, fake_backend):
-    # 32 training steps of eager at 0.12 s: the rival fits (24 steps' worth), a second round
-    # runs, and the probe then stops short of PROBE_ROUNDS.
+    # 16 training steps of eager at 0.12 s (budget 1.92 s), chunks of 2 steps: eager costs 0.72 s
+    # (warm-up and a round), the rival fits, a second round ends past the budget: no third.
     built = built_modes(monkeypatch)
     slow_mode(monkeypatch, fake_backend, "eager", factor=1.2)
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
-    m = run_stages(fake_backend, mlp(epochs=2), data, seed=0, mode="best")["train"].metrics
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
     p = m["mode_probe"]
-    assert built == ["eager", "compiled"] and "untried" not in p
-    assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(32 * 0.12)
+    assert built == ["eager", "compiled"] and "untried" not in p and p["steps"] == 2
+    assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(16 * 0.12)
     assert m["mode"] == "compiled" and p["compiled"] > p["eager"]
-
 
 
 def test_a_second_identical_cell_reads_the_decision_instead_of_probing(monkeypatch, fake_backend, tmp_path):
@@ -279,3 +279,14 @@ def test_a_second_identical_cell_reads_the_decision_instead_of_probing(monkeypat
     p = second["mode_probe"]
     assert p["cached_at"] and p["probe_s"] == 0.0 and p["cached_probe_s"] == first["mode_probe"]["probe_s"]
     assert p["compiled"] == first["mode_probe"]["compiled"] and p["eager"] == first["mode_probe"]["eager"]
+
+
+def test_a_short_training_is_estimated_from_short_chunks_within_budget(monkeypatch, fake_backend):
+    # 3 epochs of 16 steps: chunks of 48 // 8 = 6 steps, not 10.
+    fake = slow_mode(monkeypatch, fake_backend, "compiled")
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(epochs=3), data, seed=0, mode="best")["train"].metrics
+    assert m["mode_probe"]["steps"] == 6 and m["mode_probe"]["eager"] == pytest.approx(128 / 0.1)
+    assert probe.probe_order(np.arange(2048), 128, train_steps=4000).size == probe.PROBE_STEPS * 128
+    assert probe.probe_order(np.arange(2048), 128, train_steps=3).size == 128  # never below one step
+    assert fake.now > 0
