@@ -26,9 +26,11 @@ TIE = 1.05
 TIE_CHOICE = "eager"
 # The probe's budget: at most PROBE_BUDGET times the training it decides, estimated from the
 # tie choice's first round (training steps / its rate). Every other candidate costs at least a
-# build and warm-up like the tie choice's (compiling costs more) and a round: when that does not
-# fit, the tie choice trains untried rivals aside, and the record says why (`budget`).
-PROBE_BUDGET = 1.0
+# build and warm-up like the tie choice's (compiling costs more: torch.compile several times
+# more) and a round: when that does not fit, the tie choice trains, the rivals untried, and the
+# record says why (`untried`). Half, so that a rival whose compile outgrows that lower bound
+# still keeps the probe within the training's own time.
+PROBE_BUDGET = 0.5
 # A chunk is at most 1/CHUNK_SHARE of the budget's steps, so a short training (a --quick epoch of
 # 8 GPT steps) is estimated from a step or two, not from an epoch's worth of probing.
 CHUNK_SHARE = 8
@@ -103,6 +105,8 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
     info = {**best, "chosen": chosen, "probe_s": clock() - started, "steps": len(order) // bs, "rounds": rounds,
             "programs": {mode: backend.execution(spec, mode)[1] for mode in backend.distinct_modes(spec)},
             **({"unavailable": unavailable} if unavailable else {})}
+    if costs:
+        info["first_round_s"] = costs  # per candidate: build, warm-up and first round
     if budget_s is not None and math.isfinite(budget_s):
         info["budget_s"] = budget_s
     if skipped:

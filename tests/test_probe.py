@@ -243,22 +243,23 @@ def test_a_training_shorter_than_the_probe_leaves_the_rivals_untried_within_budg
     assert built == ["eager"] and m["mode"] == probe.TIE_CHOICE == "eager"
     p = m["mode_probe"]
     assert p["chosen"] == "eager" and p["compiled"] is None and p["rounds"] == 0 and list(p["untried"]) == ["compiled"]
-    assert p["eager"] == pytest.approx(128 / 1.0) and p["budget_s"] == pytest.approx(3 * 1.0) and p["steps"] == 1
+    assert p["eager"] == pytest.approx(128 / 1.0) and p["budget_s"] == pytest.approx(3 * 1.0 * probe.PROBE_BUDGET)
+    assert p["steps"] == 1 and p["first_round_s"] == {"eager": pytest.approx(2.0)}
     # Probing (a warm-up step, a round of 1) cost less than the training's 3 steps; then the
     # training's own warm-up (2) and epoch (3).
     assert fake.now == pytest.approx((1 + 1 + 2 + 3) * 1.0)
 
 
 def test_the_probe_stops_its_rounds_at_its_budget(monkeypatch, fake_backend):
-    # 16 training steps of eager at 0.12 s (budget 1.92 s), chunks of 2 steps: eager costs 0.72 s
-    # (warm-up and a round), the rival fits, a second round ends past the budget: no third.
+    # 32 training steps of eager at 0.12 s (budget half of 3.84 s), chunks of 2 steps: eager costs
+    # 0.72 s (warm-up and a round), the rival fits, a second round ends past the budget: no third.
     built = built_modes(monkeypatch)
     slow_mode(monkeypatch, fake_backend, "eager", factor=1.2)
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
-    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    m = run_stages(fake_backend, mlp(epochs=2), data, seed=0, mode="best")["train"].metrics
     p = m["mode_probe"]
     assert built == ["eager", "compiled"] and "untried" not in p and p["steps"] == 2
-    assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(16 * 0.12)
+    assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(32 * 0.12 * probe.PROBE_BUDGET)
     assert m["mode"] == "compiled" and p["compiled"] > p["eager"]
 
 
@@ -282,11 +283,11 @@ def test_a_second_identical_cell_reads_the_decision_instead_of_probing(monkeypat
 
 
 def test_a_short_training_is_estimated_from_short_chunks_within_budget(monkeypatch, fake_backend):
-    # 3 epochs of 16 steps: chunks of 48 // 8 = 6 steps, not 10.
+    # 3 epochs of 16 steps, half of them the budget: chunks of 24 // 8 = 3 steps, not 10.
     fake = slow_mode(monkeypatch, fake_backend, "compiled")
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
     m = run_stages(fake_backend, mlp(epochs=3), data, seed=0, mode="best")["train"].metrics
-    assert m["mode_probe"]["steps"] == 6 and m["mode_probe"]["eager"] == pytest.approx(128 / 0.1)
+    assert m["mode_probe"]["steps"] == 3 and m["mode_probe"]["eager"] == pytest.approx(128 / 0.1)
     assert probe.probe_order(np.arange(2048), 128, train_steps=4000).size == probe.PROBE_STEPS * 128
     assert probe.probe_order(np.arange(2048), 128, train_steps=3).size == 128  # never below one step
     assert fake.now > 0
