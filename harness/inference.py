@@ -30,6 +30,17 @@ def _calls(budget_s: float, per_call_s: float, *, low: int, high: int) -> int:
     return max(low, min(high, fit))
 
 
+def _until(call, count: int, low: int, budget_s: float, clock=time.perf_counter) -> list:
+    """`count` calls' results, fewer (never below `low`) once `budget_s` is spent: calls slowed by load
+    after the warm-up's pace was taken must not stretch the measurement past its budget."""
+    deadline, out = clock() + budget_s, []
+    for _ in range(count):
+        out.append(call())
+        if len(out) >= low and clock() > deadline:
+            break
+    return out
+
+
 def _warm(run, x) -> tuple[float, float]:
     """(first call s, median s of the warm-up calls after it): the first traces or compiles."""
     _, first = _timed(run, x)
@@ -58,11 +69,11 @@ def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: f
         first_batch, pace_batch = _warm(path.run, batch)
         warmup_s = time.perf_counter() - started
         n_one = _calls(budget_s / 2, pace_one, low=MIN_LATENCY_CALLS, high=MAX_LATENCY_CALLS)
-        latencies = np.array([_timed(path.run, one)[1] for _ in range(n_one)])
+        latencies = np.array(_until(lambda: _timed(path.run, one)[1], n_one, MIN_LATENCY_CALLS, budget_s / 2))
+        n_one = len(latencies)
         n_batch = _calls(budget_s / 2, pace_batch, low=MIN_THROUGHPUT_CALLS, high=MAX_THROUGHPUT_CALLS)
         t0 = time.perf_counter()
-        for _ in range(n_batch):
-            path.run(batch)
+        n_batch = len(_until(lambda: path.run(batch), n_batch, MIN_THROUGHPUT_CALLS, budget_s / 2))
         batch_s = time.perf_counter() - t0
     p50, p90, p99 = np.percentile(latencies * 1e3, [50, 90, 99])
     return {

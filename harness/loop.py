@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from harness.arrays import Dataset
 from harness.checkpoint import SUFFIX, save_checkpoint
 from harness.generation import measure_generation
 from harness.inference import measure_inference
+from harness.mode_cache import ModeCache
 from harness.probe import probe_modes
 from harness.weights import initial_weights, reinitialise
 from tasks.spec import TaskSpec
@@ -70,7 +72,8 @@ def stage_weights(spec: TaskSpec, index: int, previous: list[np.ndarray] | None,
 
 
 def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, weights: list[np.ndarray], *,
-                seed: int, mode: str, progress: Callable[[dict], None]) -> StageResult:
+                seed: int, mode: str, progress: Callable[[dict], None], mode_cache: ModeCache | None = None
+                ) -> StageResult:
     stage = spec.stages[index]
     data = data.classes(stage.classes)
     bs, ebs = spec.batch_size, spec.eval_batch_size
@@ -79,9 +82,17 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     spec = spec.sized_for(n // bs)
     train, test = backend.put_data(data.x_train, data.y_train), backend.put_data(data.x_test, data.y_test)
     probe = None
-    if mode == BEST:  # probe time is reported as metrics.mode_probe.probe_s, on neither clock below
+    # The seed is left out of the cache's key: it changes neither program nor step.
+    key = mode_cache.key(backend.name, {**spec.to_dict(), "seed": None}, n // bs) if mode_cache and mode == BEST \
+        else None
+    if key and (probe := mode_cache.lookup(key, backend.distinct_modes(spec))):
+        mode = probe["chosen"]  # an earlier identical cell's decision, its estimates and date in the record
+        model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
+    elif mode == BEST:  # probe time is reported as metrics.mode_probe.probe_s, on neither clock below
         mode, model, probe = probe_modes(backend, spec, weights, trainable=stage.trainable, train=train, test=test,
-                                         order=epoch_order(seed, index, 0, n, bs))
+                                         order=epoch_order(seed, index, 0, n, bs), train_steps=spec.epochs * (n // bs))
+        if key:
+            mode_cache.store(key, probe, at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     else:
         mode = backend.execution(spec, mode)[0]  # a mode that runs another's program is recorded as that one
         model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
@@ -177,10 +188,12 @@ def sequence_metrics(spec: TaskSpec, m: dict, *, byte_level: bool = True) -> dic
 def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,
                init_from: list[np.ndarray] | None = None, checkpoint_prefix: Path | None = None,
                progress: Callable[[dict], None] = lambda event: None,
-               stage_data: dict[str, Dataset] | None = None) -> dict[str, StageResult]:
+               stage_data: dict[str, Dataset] | None = None, mode_cache: ModeCache | None = None
+               ) -> dict[str, StageResult]:
     """Train every stage in order; returns per-stage results.
 
     `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
+    `mode_cache`: --mode best's decisions of earlier identical cells (harness.mode_cache).
 
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
     for the stages before the first stage that starts from earlier weights; a task
@@ -202,7 +215,8 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
         else:
             weights = stage_weights(spec, index, previous, seed)
         own = (stage_data or {}).get(spec.stages[index].name, data)
-        result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress)
+        result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress,
+                             mode_cache=mode_cache)
         mode = result.metrics["mode"]  # --mode best decides once per cell: later stages train in the first's choice
         if checkpoint_prefix is not None:
             path = Path(f"{checkpoint_prefix}-{result.name}{SUFFIX}")

@@ -73,6 +73,7 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
     from harness.checkpoint import load_checkpoint_for
     from harness.loop import Diverged, flatten_metrics, run_stages
     from harness.measure import RssSampler, max_rss_mb, roofline_peak, rss_mb
+    from harness.mode_cache import ModeCache, folder_from_env
     from harness.replicas import replica_threads
     from harness.results import host_environment
     from harness.tokens import tokenizer_file
@@ -95,6 +96,7 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
                      "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
     # A Hugging Face folder's tokenizer.json tokenizes the text its model is finetuned on.
     tokenizer = tokenizer_file(cfg.init_from) if spec.takes_tokens else None
+    phases = {"data_s": time.perf_counter()}  # the fixed costs around training, for docs/modes.md's profile
     dataset = data_mod.load(spec, cfg.data, folder=cfg.data_folder, seed=cfg.data_seed,
                             subset=cfg.subset, tokenizer=tokenizer)
     record["data"] = dataset.describe()
@@ -103,11 +105,13 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
                   for s in spec.stages if s.data}
     if stage_data:
         record["data"]["stages"] = {name: d.describe() for name, d in stage_data.items()}
+    phases["data_s"] = time.perf_counter() - phases["data_s"]
     fault = injected_fault(cfg.task, cfg.backend, cfg.repeat, replicas.rank)
     if fault:
         emit({"event": "fault", "fault": fault})  # the runner records it, also when the fault kills us
     apply_fault(fault, dataset)
 
+    phases["import_s"] = time.perf_counter()
     backend = get_backend(cfg.backend)
     threads = cfg.threads
     if backend.REPLICA_PROCESSES and replicas.count > 1:
@@ -118,6 +122,7 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
         record.update(status="skipped", error=str(exc))
         return record
     record["memory"]["rss_after_import_mb"] = rss_mb()
+    phases["import_s"] = time.perf_counter() - phases["import_s"]
     record["env"].update(backend.environment())
     # On a GPU the CPU's matmul peak says nothing: the roofline divides by the device's.
     peak, peak_source = roofline_peak(record["env"])
@@ -128,15 +133,20 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
 
     init_from = load_checkpoint_for(Path(cfg.init_from), spec, seed=cfg.seed) if cfg.init_from else None
     prefix = cfg.checkpoint_prefix
+    # Replica processes decide together in the probe: a decision read by one alone would split them.
+    cache_folder = folder_from_env() if cfg.mode == BEST and not pinned and replicas.count == 1 else None
     with RssSampler() as sampler:
         try:
             results = run_stages(backend, spec, dataset, seed=cfg.seed, mode=pinned or cfg.mode,
                                  init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
-                                 stage_data=stage_data)
+                                 stage_data=stage_data,
+                                 mode_cache=ModeCache(cache_folder, record["env"]) if cache_folder else None)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["env"]["execution"] = record["metrics"].pop("execution")
+            if (record["metrics"].get("mode_probe") or {}).get("cached_at"):
+                record["env"]["mode_source"] = "cache"
             record["status"] = "ok"
             if cfg.export:
                 record["exported"] = export_trained(backend, spec, results[spec.primary_stage], dataset=dataset,
@@ -150,6 +160,7 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
     record["memory"]["peak_rss_mb"] = max(sampler.peak_mb, max_rss_mb())
     record["memory"].update(backend.memory())
     record["metrics"]["wall_s"] = time.perf_counter() - started
+    record["metrics"].update(phases)
     record["metrics"]["cpu_s"] = time.process_time()  # this process's CPU seconds, all threads: wall_s without the load
     return record
 

@@ -19,6 +19,8 @@ INSTALLED = [name for name, info in BACKENDS.items() if info.available()]
 
 # The worker honours TRIBENCH_FAULT only under the test suite; workers inherit this.
 os.environ["TRIBENCH_TESTING"] = "1"
+# Runs under test probe afresh and leave the user's mode cache alone; tests of the cache name their own folder.
+os.environ.setdefault("TRIBENCH_MODE_CACHE", "off")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config):

@@ -39,3 +39,15 @@ def test_inference_figures_take_at_least_200_calls_and_keep_to_the_call_budget(b
     assert roomy["infer_latency_calls"] == 300
     assert roomy["infer_throughput_calls"] == inference.MAX_THROUGHPUT_CALLS
     assert roomy["infer_budget_s"] == pytest.approx(1e3)
+
+
+def test_calls_slower_than_the_warm_up_pace_stop_at_the_budget():
+    def clock():  # every reading one second later than the last
+        return float(next(ticks))
+
+    ticks = iter(range(10**6))
+    # The deadline is 0 + 20 s; the check after the 21st call reads 21 s, past it.
+    assert len(inference._until(lambda: None, 50, 1, budget_s=20.0, clock=clock)) == 21
+    ticks = iter(range(10**6))
+    assert len(inference._until(lambda: None, 50, 30, budget_s=0.0, clock=clock)) == 30  # never below the minimum
+    assert len(inference._until(lambda: None, 8, 5, budget_s=1e9, clock=clock)) == 8  # never above the count

@@ -53,14 +53,17 @@ def test_load_is_kept_and_a_loaded_cell_is_flagged(monkeypatch, tmp_path):
 def test_repeats_train_in_the_first_repeats_choice_and_two_best_runs_compare(tmp_path, fast_backend):
     args = ("run", "--task", "mnist-mlp", "--backend", fast_backend, "--data", "synthetic", "--quick",
             "--threads", "1", "--repeats", "2")
-    for name in ("a", "b"):
-        out = run_cli(*args, "--out", str(tmp_path / name))
+    cache = {"TRIBENCH_MODE_CACHE": str(tmp_path / "modes")}  # a: probes and keeps its decision; b: reads it
+    for name, source in (("a", "probe"), ("b", "cache")):
+        out = run_cli(*args, "--out", str(tmp_path / name), env=cache)
         assert out.returncode == 0, out.stderr[-3000:]
         first, second = read_records(tmp_path / name)
-        assert first["env"]["mode_source"] == "probe" and first["metrics"]["mode_probe"]["chosen"]
+        assert first["env"]["mode_source"] == source and first["metrics"]["mode_probe"]["chosen"]
         assert second["env"]["mode_source"] == "pinned" and second["metrics"]["mode_probe"] is None
         assert second["env"]["mode"] == first["env"]["mode"] and second["env"]["execution"] == first["env"]["execution"]
         assert first["env"]["load"]["start"] is not None
+    a, b = (read_records(tmp_path / name)[0]["metrics"]["mode_probe"] for name in "ab")
+    assert b["cached_at"] and b["probe_s"] == 0 and b["cached_probe_s"] == a["probe_s"] and b["chosen"] == a["chosen"]
     compared = run_cli("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--threshold", "1000%")
     assert compared.returncode == 0, compared.stdout + compared.stderr
 

@@ -1,5 +1,7 @@
 """--mode best: the probe picks the faster mode, and training after it is a forced run of that mode."""
 
+import math
+
 import numpy as np
 import pytest
 from conftest import configured
@@ -86,6 +88,13 @@ class NumpyBackend(Backend):
 
     def _logits(self, model, x):
         return np.zeros((len(x), 10), np.float32)
+
+
+@pytest.fixture(autouse=True)
+def unbounded_probe(request, monkeypatch):
+    """The tests of the choice itself run without the probe's budget; the budget's tests keep it."""
+    if "budget" not in request.node.name:
+        monkeypatch.setattr(probe, "PROBE_BUDGET", math.inf)
 
 
 @pytest.fixture
@@ -214,3 +223,71 @@ def test_rates_within_the_probes_noise_choose_the_eager_program(monkeypatch, fak
     m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
     assert m["mode"] == probe.TIE_CHOICE == "eager" and m["mode_probe"]["compiled"] > m["mode_probe"]["eager"]
     assert probe.faster({"compiled": 110.0, "eager": 100.0}, candidates=MODES) == "compiled"
+
+
+def built_modes(monkeypatch) -> list[str]:
+    built = []
+    real_build = NumpyBackend._build
+    monkeypatch.setattr(NumpyBackend, "_build", lambda self, spec, weights, *, trainable, mode: built.append(mode)
+                        or real_build(self, spec, weights, trainable=trainable, mode=mode))
+    return built
+
+
+def test_a_training_shorter_than_the_probe_leaves_the_rivals_untried_within_budget(monkeypatch, fake_backend):
+    # 3 training steps; the eager warm-up and a round, on the probe's 1-step chunk, take 2, a rival
+    # at least as many: over the budget.
+    built = built_modes(monkeypatch)
+    fake = slow_mode(monkeypatch, fake_backend, "eager")  # compiled would win if it were tried
+    data = synthetic("mnist", n_train=3 * 128 + 5, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    assert built == ["eager"] and m["mode"] == probe.TIE_CHOICE == "eager"
+    p = m["mode_probe"]
+    assert p["chosen"] == "eager" and p["compiled"] is None and p["rounds"] == 0 and list(p["untried"]) == ["compiled"]
+    assert p["eager"] == pytest.approx(128 / 1.0) and p["budget_s"] == pytest.approx(3 * 1.0 * probe.PROBE_BUDGET)
+    assert p["steps"] == 1 and p["first_round_s"] == {"eager": pytest.approx(2.0)}
+    # Probing (a warm-up step, a round of 1) cost less than the training's 3 steps; then the
+    # training's own warm-up (2) and epoch (3).
+    assert fake.now == pytest.approx((1 + 1 + 2 + 3) * 1.0)
+
+
+def test_the_probe_stops_its_rounds_at_its_budget(monkeypatch, fake_backend):
+    # 32 training steps of eager at 0.12 s (budget half of 3.84 s), chunks of 2 steps: eager costs
+    # 0.72 s (warm-up and a round), the rival fits, a second round ends past the budget: no third.
+    built = built_modes(monkeypatch)
+    slow_mode(monkeypatch, fake_backend, "eager", factor=1.2)
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(epochs=2), data, seed=0, mode="best")["train"].metrics
+    p = m["mode_probe"]
+    assert built == ["eager", "compiled"] and "untried" not in p and p["steps"] == 2
+    assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(32 * 0.12 * probe.PROBE_BUDGET)
+    assert m["mode"] == "compiled" and p["compiled"] > p["eager"]
+
+
+def test_a_second_identical_cell_reads_the_decision_instead_of_probing(monkeypatch, fake_backend, tmp_path):
+    from harness.mode_cache import ModeCache
+
+    built = built_modes(monkeypatch)
+    fake = slow_mode(monkeypatch, fake_backend, "eager")
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    cache = ModeCache(tmp_path / "modes", {"threads": 1})
+    first = run_stages(fake_backend, mlp(), data, seed=0, mode="best", mode_cache=cache)["train"].metrics
+    assert first["mode"] == "compiled" and "cached_at" not in first["mode_probe"]
+    built.clear()
+    before = fake.now
+    second = run_stages(fake_backend, mlp(), data, seed=1, mode="best", mode_cache=cache)["train"].metrics
+    assert built == ["compiled"] and second["mode"] == "compiled"  # no rival built, nothing timed
+    assert fake.now - before == pytest.approx((2 + 16) * 0.1)  # the warm-up and the epoch only
+    p = second["mode_probe"]
+    assert p["cached_at"] and p["probe_s"] == 0.0 and p["cached_probe_s"] == first["mode_probe"]["probe_s"]
+    assert p["compiled"] == first["mode_probe"]["compiled"] and p["eager"] == first["mode_probe"]["eager"]
+
+
+def test_a_short_training_is_estimated_from_short_chunks_within_budget(monkeypatch, fake_backend):
+    # 3 epochs of 16 steps, half of them the budget: chunks of 24 // 8 = 3 steps, not 10.
+    fake = slow_mode(monkeypatch, fake_backend, "compiled")
+    data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(epochs=3), data, seed=0, mode="best")["train"].metrics
+    assert m["mode_probe"]["steps"] == 3 and m["mode_probe"]["eager"] == pytest.approx(128 / 0.1)
+    assert probe.probe_order(np.arange(2048), 128, train_steps=4000).size == probe.PROBE_STEPS * 128
+    assert probe.probe_order(np.arange(2048), 128, train_steps=3).size == 128  # never below one step
+    assert fake.now > 0
