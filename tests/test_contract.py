@@ -275,9 +275,9 @@ def test_build_returns_the_base_handle_and_refuses_anything_else(backend_name, m
     backend = configured(backend_name)
     spec = get_task("mnist-mlp")
     weights = initial_weights(spec, 0)
-    model = backend.build(spec, weights, trainable=("dense",), mode="eager")
+    model = backend.build(spec, weights, trainable=("head",), mode="eager")
     assert isinstance(model, ModelHandle)
-    assert (model.spec, model.trainable_layers, model.mode) == (spec, ("dense",), "eager")
+    assert (model.spec, model.trainable_layers, model.mode) == (spec, ("head",), "eager")
     monkeypatch.setattr(type(backend), "_build", lambda *a, **k: object())
     with pytest.raises(TypeError, match=f"{backend_name}: _build returned a object, not a ModelHandle"):
         backend.build(spec, weights, trainable=None, mode="eager")
