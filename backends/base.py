@@ -100,6 +100,16 @@ def is_causal_lm(spec: TaskSpec) -> bool:
                                      for layer, _, _ in spec.walk())
 
 
+@dataclass
+class ModelHandle:
+    """A built model as the base class sees it: what `build` was asked for. Each adapter's handle
+    extends it with its framework's state; the base class and the harness read these fields only."""
+
+    spec: TaskSpec
+    trainable_layers: tuple[str, ...] | None  # the trainable names build was given (None: all)
+    mode: str  # the mode whose program it runs (Backend.execution)
+
+
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here: framework missing, or the device asked for absent."""
 
@@ -214,7 +224,7 @@ class Backend(abc.ABC):
         return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else self.float_dtype, copy=False)
 
     def build(self, spec: TaskSpec, weights: list[np.ndarray], *,
-              trainable: tuple[str, ...] | None, mode: str) -> Any:
+              trainable: tuple[str, ...] | None, mode: str) -> ModelHandle:
         """Build spec.layers with these canonical weights and a fresh spec.optimizer.
 
         Only the layers named in `trainable` (None: all) are updated, and the backward
@@ -233,7 +243,10 @@ class Backend(abc.ABC):
             raise ValueError(f"{self.name}: no implementation of {', '.join(missing)}")
         spec.check_weights(weights)
         mode = self.execution(spec, mode)[0]
-        return self._build(spec, [np.asarray(w, self.float_dtype) for w in weights], trainable=trainable, mode=mode)
+        model = self._build(spec, [np.asarray(w, self.float_dtype) for w in weights], trainable=trainable, mode=mode)
+        if not isinstance(model, ModelHandle):
+            raise TypeError(f"{self.name}: _build returned a {type(model).__name__}, not a ModelHandle")
+        return model
 
     def uncovered(self, spec: TaskSpec) -> list[str]:
         """What `spec` uses that this adapter's tables lack, named ("layer kind conv3d", "optimizer lion")."""
@@ -243,12 +256,12 @@ class Backend(abc.ABC):
                 + [f"activation {a}" for a in sorted(activations - set(self.ACTIVATIONS))]
                 + ([f"optimizer {spec.optimizer.kind}"] if spec.optimizer.kind not in self.OPTIMIZERS else []))
 
-    def get_weights(self, model: Any) -> list[np.ndarray]:
+    def get_weights(self, model: ModelHandle) -> list[np.ndarray]:
         """The current weights in canonical layout (fresh copies in float_dtype), running statistics included."""
         self._require_configured()
         return self._get_weights(model)
 
-    def set_weights(self, model: Any, weights: list[np.ndarray]) -> None:
+    def set_weights(self, model: ModelHandle, weights: list[np.ndarray]) -> None:
         """Load canonical weights and reset the optimizer state (moments, step count, schedule)."""
         self._require_configured()
         model.spec.check_weights(weights)
@@ -256,7 +269,7 @@ class Backend(abc.ABC):
 
     # -- primitive steps the harness loop calls -----------------------------------------
 
-    def train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
+    def train_epoch(self, model: ModelHandle, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray:
         """One optimizer step per batch; batch i is samples order[i*batch_size:(i+1)*batch_size].
 
         Returns the per-step losses in float_dtype, read from the device once at the end (no
@@ -274,7 +287,7 @@ class Backend(abc.ABC):
             raise RuntimeError("no trainable parameter layers: nothing to train")
         return self._train_epoch(model, data, order.astype(np.int32, copy=False), int(batch_size))
 
-    def evaluate(self, model: Any, data: Any, batch_size: int) -> tuple[float, float]:
+    def evaluate(self, model: ModelHandle, data: Any, batch_size: int) -> tuple[float, float]:
         """(mean loss, accuracy) over the whole dataset (every position), the last partial batch included;
         with replicas, the same figures on every replica process."""
         self._require_configured()
@@ -282,7 +295,7 @@ class Backend(abc.ABC):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         return self._evaluate(model, data, int(batch_size))
 
-    def logits(self, model: Any, x: np.ndarray) -> np.ndarray:
+    def logits(self, model: ModelHandle, x: np.ndarray) -> np.ndarray:
         """Forward pass in evaluation mode on a host array; returns logits in float_dtype (for parity checks).
 
         A language model (spec.any_length) takes windows of any length up to its context: causal
@@ -299,13 +312,13 @@ class Backend(abc.ABC):
                              f"got {x.shape}")
         return self._logits(model, self._features(x))
 
-    def inference(self, model: Any) -> InferencePath:
+    def inference(self, model: ModelHandle) -> InferencePath:
         """The model's forward pass as its framework serves it (see InferencePath); the harness times it."""
         self._require_configured()
         path = self._inference(model)
         return InferencePath(put=lambda x: path.put(self._features(x)), run=path.run, name=path.name)
 
-    def generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+    def generator(self, model: ModelHandle, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
         """Greedy decoding with a KV cache (see Generator) for a causal language model."""
         self._require_configured()
         spec = model.spec
@@ -317,7 +330,7 @@ class Backend(abc.ABC):
         gen = self._generator(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
         return Generator(put=lambda x: gen.put(self._features(x)), first=gen.first, rest=gen.rest, name=gen.name)
 
-    def export(self, model: Any, fmt: str, folder: Path) -> Exported:
+    def export(self, model: ModelHandle, fmt: str, folder: Path) -> Exported:
         """Write `model` in `fmt` (EXPORT_FORMATS) under `folder` and load it back in its runtime.
 
         Raises ExportUnsupported where the adapter has no exporter for `fmt`.
@@ -338,7 +351,7 @@ class Backend(abc.ABC):
         self._require_configured()
         return self._rank0_value(value) if self.REPLICA_PROCESSES and self.replicas.count > 1 else value
 
-    def warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
+    def warmup(self, model: ModelHandle, data: Any, order: np.ndarray, batch_size: int,
                eval_data: Any, eval_batch_size: int) -> None:
         """Compile and warm caches so that the timed epochs are steady state.
 
@@ -349,7 +362,7 @@ class Backend(abc.ABC):
         self._require_configured()
         self._warmup(model, data, np.asarray(order), int(batch_size), eval_data, int(eval_batch_size))
 
-    def _warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
+    def _warmup(self, model: ModelHandle, data: Any, order: np.ndarray, batch_size: int,
                 eval_data: Any, eval_batch_size: int) -> None:
         initial = self.get_weights(model)
         self.train_epoch(model, data, order[: 2 * batch_size], batch_size)
@@ -383,31 +396,31 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _build(self, spec: TaskSpec, weights: list[np.ndarray], *, trainable: tuple[str, ...] | None,
-               mode: str) -> Any:
-        """Returns a model handle with .spec and .trainable_layers (the trainable layer names, None: all)."""
+               mode: str) -> ModelHandle:
+        """The adapter's handle (a ModelHandle subclass) of the model built in `mode`."""
 
     @abc.abstractmethod
-    def _get_weights(self, model: Any) -> list[np.ndarray]: ...
+    def _get_weights(self, model: ModelHandle) -> list[np.ndarray]: ...
 
     @abc.abstractmethod
-    def _set_weights(self, model: Any, weights: list[np.ndarray]) -> None: ...
+    def _set_weights(self, model: ModelHandle, weights: list[np.ndarray]) -> None: ...
 
     @abc.abstractmethod
-    def _train_epoch(self, model: Any, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray: ...
+    def _train_epoch(self, model: ModelHandle, data: Any, order: np.ndarray, batch_size: int) -> np.ndarray: ...
 
     @abc.abstractmethod
-    def _evaluate(self, model: Any, data: Any, batch_size: int) -> tuple[float, float]: ...
+    def _evaluate(self, model: ModelHandle, data: Any, batch_size: int) -> tuple[float, float]: ...
 
     @abc.abstractmethod
-    def _logits(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+    def _logits(self, model: ModelHandle, x: np.ndarray) -> np.ndarray: ...
 
-    def _export(self, model: Any, fmt: str, folder: Path) -> Exported:
+    def _export(self, model: ModelHandle, fmt: str, folder: Path) -> Exported:
         raise ExportUnsupported(f"{self.name}: no {fmt} exporter")
 
-    def _generator(self, model: Any, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
+    def _generator(self, model: ModelHandle, *, batch: int, prompt_len: int, new_tokens: int) -> Generator:
         raise NotImplementedError(f"{self.name}: no cached generation")
 
-    def _inference(self, model: Any) -> InferencePath:
+    def _inference(self, model: ModelHandle) -> InferencePath:
         # The fallback composed from _logits: host arrays in and out, so the copies are timed with it.
         return InferencePath(put=lambda x: x, run=lambda x: self._logits(model, x),
                              name=f"{self.name} logits (host arrays in and out)")

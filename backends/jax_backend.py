@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, InferencePath
+from backends.base import Backend, BackendUnavailable, InferencePath, ModelHandle
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,14 @@ def _positional(layer, h, ctx):
     return h + ctx.p(layer, "table")[: h.shape[1]].astype(h.dtype)
 
 
-def _lora(layer, ctx, name, x, a_eq, b_eq):
-    """(alpha / r) x A B, zero where LoRA does not adapt `name`."""
+def _lora(layer, ctx, target, x):
+    """The spec's LoRA term of projection `target` on its input x (tasks/layers.py), 0 where LoRA does not adapt it."""
     import jax
-    jnp = jax.numpy
 
-    if not (layer.lora_rank and name in layer.lora_targets):
+    if not layer.lora_adapts(target):
         return 0
-    xa = jnp.einsum(a_eq, x, ctx.p(layer, f"{name}_lora_a").astype(x.dtype))
-    return layer.lora_scale() * jnp.einsum(b_eq, xa, ctx.p(layer, f"{name}_lora_b").astype(x.dtype))
+    return layer.lora(target, x, ctx.p(layer, f"{target}_lora_a").astype(x.dtype),
+                      ctx.p(layer, f"{target}_lora_b").astype(x.dtype), einsum=jax.numpy.einsum)
 
 
 def attention_qkv(layer, h, ctx):
@@ -154,7 +153,7 @@ def attention_qkv(layer, h, ctx):
     jnp = jax.numpy
 
     return tuple(jnp.einsum("btd,dhk->bthk", h, ctx.p(layer, f"{n}_kernel").astype(h.dtype))
-                 + ctx.p(layer, f"{n}_bias").astype(h.dtype) + _lora(layer, ctx, n, h, "btd,dr->btr", "btr,rhk->bthk")
+                 + ctx.p(layer, f"{n}_bias").astype(h.dtype) + _lora(layer, ctx, n, h)
                  for n in ("query", "key", "value"))
 
 
@@ -164,7 +163,7 @@ def attention_out(layer, o, ctx):
     jnp = jax.numpy
 
     return (jnp.einsum("bqhk,hkd->bqd", o, ctx.p(layer, "out_kernel").astype(o.dtype)) + ctx.p(layer, "out_bias")
-            + _lora(layer, ctx, "out", o, "bqhk,hkr->bqr", "bqr,rd->bqd"))
+            + _lora(layer, ctx, "out", o))
 
 
 def _attention(layer, h, ctx):
@@ -312,10 +311,7 @@ class _Data:
 
 
 @dataclass
-class _Model:
-    spec: TaskSpec
-    mode: str
-    trainable_layers: tuple[str, ...] | None
+class _Model(ModelHandle):
     train_names: tuple[str, ...]  # canonical names the optimizer updates
     train_params: dict
     frozen_params: dict  # learned arrays that do not train, and running statistics

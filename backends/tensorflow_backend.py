@@ -1,4 +1,4 @@
-"""TensorFlow/Keras 3 adapter: a functional Keras model, the pinned optimizers by hand, epochs in tf.function."""
+"""TensorFlow adapter: keras_common's Keras 3 model and optimizers in tf.function (XLA), on a device or replicas."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, InferencePath
+from backends import keras_common
+from backends.base import Backend, BackendUnavailable, InferencePath, ModelHandle
+from backends.keras_common import OptimizerState
 from tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -45,240 +47,14 @@ def _mirrored_strategy(devices: tuple[str, ...]):
     return sys.modules["tensorflow"].distribute.MirroredStrategy(list(devices))
 
 
-def _gelu(v, *, approximate: bool):
-    """tf.nn.gelu's formulas with Python-float constants, which take v's dtype: tf.nn.gelu casts
-    1/sqrt(2) and 0.044715 from float32, which leaves a float64 GELU ~5e-9 off (float32's is the same)."""
-    ops = sys.modules["keras"].ops
-    if approximate:
-        return 0.5 * v * (1.0 + ops.tanh(0.7978845608028654 * (v + 0.044715 * ops.power(v, 3))))
-    return 0.5 * v * ops.erfc(-v * 0.7071067811865476)
-
-
-# Every activation the spec names, as what a Keras layer's `activation` takes; base.build checks coverage.
-ACTIVATIONS = {
-    "linear": None, "relu": "relu", "tanh": "tanh", "silu": "silu",
-    "gelu": functools.partial(_gelu, approximate=False), "gelu_tanh": functools.partial(_gelu, approximate=True),
-}
-
-
-def _activation(keras, name: str):
-    return ACTIVATIONS[name]
-
-
-def _positional_embedding(keras):
-    """A learned table added per position; Keras has no built-in one (keras_hub's lives elsewhere)."""
-
-    class PositionalEmbedding(keras.layers.Layer):
-        def __init__(self, max_len, **kwargs):
-            super().__init__(**kwargs)
-            self.max_len = max_len
-
-        def build(self, input_shape):
-            self.table = self.add_weight(shape=(self.max_len, input_shape[-1]), initializer="zeros", name="table")
-
-        def call(self, x):
-            # The dynamic length: a model built for any length up to max_len (logits of a shorter window).
-            return x + keras.ops.cast(self.table[: keras.ops.shape(x)[1]], x.dtype)
-
-    return PositionalEmbedding
-
-
-# The Keras layers of the model being built, by spec name (reset by each build): a tied head reads
-# its embedding's table from here.
-_BUILT: dict = {}
-
-
-def _keras_layer(factory):
-    """A table entry that applies one Keras layer made by factory(keras, spec layer, zero-init kwargs)."""
-    def apply(layer, h):
-        keras_layer = factory(sys.modules["keras"], layer, {"kernel_initializer": "zeros", "bias_initializer": "zeros"})
-        _BUILT[layer.name] = keras_layer
-        return keras_layer(h)
-    return apply
-
-
-@functools.cache
-def _tied_dense_class():
-    """A Dense whose kernel is an Embedding's table transposed (GPT-2's head); only its bias is its own."""
-    keras = sys.modules["keras"]
-
-    class TiedDense(keras.layers.Layer):
-        def __init__(self, spec_layer, embedding, **kwargs):
-            super().__init__(name=spec_layer.name, **kwargs)
-            self.spec_layer = spec_layer
-            # A function, not the layer: an attribute holding the Embedding would make its table
-            # this layer's weight too, and the canonical weights would count it twice.
-            self.table = lambda: embedding.embeddings
-
-        def build(self, input_shape):
-            if self.spec_layer.use_bias:
-                self.bias = self.add_weight(name="bias", shape=(self.spec_layer.units,), initializer="zeros")
-
-        def call(self, x):
-            y = keras.ops.matmul(x, keras.ops.transpose(keras.ops.cast(self.table(), x.dtype)))
-            if self.spec_layer.use_bias:
-                y = y + keras.ops.cast(self.bias, x.dtype)
-            return keras.activations.get(_activation(keras, self.spec_layer.activation))(y)
-
-    return TiedDense
-
-
-_plain_dense = _keras_layer(lambda k, s, init: k.layers.Dense(
-    s.units, activation=_activation(k, s.activation), use_bias=s.use_bias, name=s.name, **init))
-
-
-def _dense(layer, h):
-    if layer.tied_to:
-        return _tied_dense_class()(layer, _BUILT[layer.tied_to])(h)
-    return _plain_dense(layer, h)
-
-
-def _residual(layer, h):
-    keras = sys.modules["keras"]
-    return keras.layers.Add(name=layer.name)([h, _apply(layer.body, h)])
-
-
-@functools.cache
-def _spec_attention_class():
-    """A Keras layer computing the spec's attention from keras.ops, with LoRA adapters (Keras's own
-    MultiHeadAttention has none): weights in the canonical order and layouts, so they load as they are."""
-    keras = sys.modules["keras"]
-    ops = keras.ops
-
-    class SpecAttention(keras.layers.Layer):
-        def __init__(self, spec_layer, **kwargs):
-            super().__init__(name=spec_layer.name, **kwargs)
-            self.spec_layer, self.p = spec_layer, {}
-
-        def build(self, input_shape):
-            for param in self.spec_layer.params(tuple(input_shape[1:])):
-                self.p[param.name] = self.add_weight(name=param.name, shape=param.shape, initializer="zeros")
-
-        def project(self, name, x, eq, a_eq, b_eq):
-            layer = self.spec_layer
-            y = ops.einsum(eq, x, self.p[f"{name}_kernel"]) + self.p[f"{name}_bias"]
-            if layer.lora_rank and name in layer.lora_targets:
-                xa = ops.einsum(a_eq, x, self.p[f"{name}_lora_a"])
-                y = y + layer.lora_scale() * ops.einsum(b_eq, xa, self.p[f"{name}_lora_b"])
-            return y
-
-        def call(self, x):
-            q, k, v = (self.project(n, x, "btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk")
-                       for n in ("query", "key", "value"))
-            scores = ops.einsum("bqhk,bshk->bhqs", q, k) / float(np.sqrt(q.shape[-1]))
-            if self.spec_layer.causal:
-                t = ops.shape(x)[1]
-                scores = ops.where(ops.tril(ops.ones((t, t), "bool")), scores, float(np.finfo(np.float32).min))
-            o = ops.einsum("bhqs,bshk->bqhk", ops.softmax(scores, axis=-1), v)
-            return self.project("out", o, "bqhk,hkd->bqd", "bqhk,hkr->bqr", "bqr,rd->bqd")
-
-    return SpecAttention
-
-
-# Attention: Keras's MultiHeadAttention where the spec allows (as fast as the einsums), the spec's
-# einsums for LoRA, which Keras's layer lacks (measured in docs/performance.md).
-def _attention(layer, h):
-    keras = sys.modules["keras"]
-    # Under fp64 the spec's own einsums too: MultiHeadAttention rounds 1/sqrt(key_dim) through float32.
-    if layer.lora_rank or keras.config.floatx() == "float64":
-        return _spec_attention_class()(layer)(h)
-    d, heads, hd = layer.dims(tuple(h.shape[1:]))
-    mha = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=hd, value_dim=hd, name=layer.name,
-                                          kernel_initializer="zeros")
-    return mha(h, h, use_causal_mask=layer.causal)
-
-
-def _apply(layers, h):
-    for layer in layers:
-        h = LAYERS[layer.kind](layer, h)
-    return h
-
-
-# The one map from spec layer kinds to Keras 3 layers, applied on the functional graph.
-# Zero initialisers: Keras's own draws would be overwritten by the canonical weights, which
-# always decide. Each layer's `weights` come in the canonical parameter order, in the
-# canonical layouts (Dense (in, out), Conv2D HWIO, attention (dim, heads, head_dim)).
-LAYERS = {
-    "dense": _dense,
-    "activation": _keras_layer(lambda k, s, init: k.layers.Activation(
-        _activation(k, s.activation) or "linear", name=s.name)),
-    "conv2d": _keras_layer(lambda k, s, init: k.layers.Conv2D(
-        s.filters, s.kernel_size, strides=s.stride, padding=s.padding, activation=_activation(k, s.activation),
-        data_format="channels_last", name=s.name, **init)),
-    "maxpool2d": _keras_layer(lambda k, s, init: k.layers.MaxPooling2D(
-        s.pool_size, data_format="channels_last", name=s.name)),
-    "avgpool2d": _keras_layer(lambda k, s, init: k.layers.AveragePooling2D(
-        s.pool_size, data_format="channels_last", name=s.name)),
-    "globalavgpool2d": _keras_layer(lambda k, s, init: k.layers.GlobalAveragePooling2D(
-        data_format="channels_last", name=s.name)),
-    "flatten": _keras_layer(lambda k, s, init: k.layers.Flatten(data_format="channels_last", name=s.name)),
-    "reshape": _keras_layer(lambda k, s, init: k.layers.Reshape(s.target_shape, name=s.name)),
-    # Keras's momentum is the decay of the running statistics: 1 - the spec's (torch's).
-    # Under MirroredStrategy Keras normalises each replica by its own slice's statistics
-    # (synchronized=False, the default); the project pins the global batch's, so that N
-    # replicas compute what one device does: synchronized=True all-reduces the sums and
-    # counts through the replica context. Only with replicas: its E[x^2] - E[x]^2 variance
-    # is not tf.nn.moments' two-pass one, and one device keeps the latter.
-    "batchnorm": _keras_layer(lambda k, s, init: k.layers.BatchNormalization(
-        momentum=1 - s.momentum, epsilon=s.eps, name=s.name,
-        synchronized=sys.modules["tensorflow"].distribute.get_strategy().num_replicas_in_sync > 1)),
-    "layernorm": _keras_layer(lambda k, s, init: k.layers.LayerNormalization(epsilon=s.eps, name=s.name)),
-    "dropout": _keras_layer(lambda k, s, init: k.layers.Dropout(s.rate, name=s.name)),
-    "embedding": _keras_layer(lambda k, s, init: k.layers.Embedding(
-        s.vocab_size, s.dim, embeddings_initializer="zeros", name=s.name)),
-    "positionalembedding": _keras_layer(lambda k, s, init: _positional_embedding(k)(s.max_len, name=s.name)),
-    "multiheadselfattention": _attention,
-    "residual": _residual,
-}
-
-
 @dataclass
-class _Model:
-    """Everything one built model needs: the Keras model, optimizer state, traced functions."""
+class _Model(ModelHandle):
+    """Everything one built model needs beyond the handle: the Keras model, optimizer state, traced functions."""
 
-    spec: TaskSpec
-    trainable_layers: tuple[str, ...] | None
     keras_model: Any
     variables: list  # one per canonical array, spec order
-    train_vars: list  # the variables the optimizer updates
-    slots: list  # per train var: [m, v] for Adam(W), [buf] for SGD
-    step: Any  # tf.Variable int64: steps taken
-    lr_table: Any  # tf.constant float32 (float64 under fp64): lr per step, the last entry holding
-    mode: str
-    decays: list = field(default_factory=list)  # per train var: whether AdamW's weight decay applies
+    optimizer: OptimizerState  # its variables: tf.Variables under the model's device or strategy
     fns: dict = field(default_factory=dict)  # traced tf.functions keyed by (kind, batch_size)
-
-
-def _sgd_update(tf, model, grads, *, lr, step) -> None:
-    o = model.spec.optimizer
-    for p, g, slots in zip(model.train_vars, grads, model.slots):
-        if slots:
-            buf = slots[0].assign(o.momentum * slots[0] + g)
-            g = g + o.momentum * buf if o.nesterov else buf
-        p.assign_sub(lr * g)
-
-
-def _adam_update(tf, model, grads, *, lr, step) -> None:
-    """Adam, and AdamW's decoupled decay on the arrays that decay (model.decays)."""
-    o = model.spec.optimizer
-    bc1 = 1.0 - tf.pow(tf.constant(o.beta1, step.dtype), step)
-    bc2 = 1.0 - tf.pow(tf.constant(o.beta2, step.dtype), step)
-    for p, g, (m, v), decays in zip(model.train_vars, grads, model.slots, model.decays):
-        if decays:
-            p.assign_sub(lr * o.weight_decay * p)  # decoupled decay, scaled by lr, before the Adam step
-        # The paper's Algorithm 1, as torch and optax: eps added to sqrt(v_hat). Stock
-        # Keras Adam adds it to sqrt(v) before bias correction ("epsilon hat").
-        m_new = m.assign(o.beta1 * m + (1.0 - o.beta1) * g)
-        v_new = v.assign(o.beta2 * v + (1.0 - o.beta2) * tf.square(g))
-        p.assign_sub(lr * (m_new / bc1) / (tf.sqrt(v_new / bc2) + o.eps))
-
-
-# Every optimizer kind of tasks/optim.py, in its pinned form: (slots per trained variable, update step).
-OPTIMIZERS = {
-    "sgd": (lambda o: 1 if o.momentum else 0, _sgd_update),
-    "adam": (lambda o: 2, _adam_update),
-    "adamw": (lambda o: 2, _adam_update),
-}
 
 
 class TensorFlowBackend(Backend):
@@ -298,9 +74,10 @@ class TensorFlowBackend(Backend):
 
     # -- set-up --------------------------------------------------------------------------
 
-    LAYERS = LAYERS
-    ACTIVATIONS = ACTIVATIONS
-    OPTIMIZERS = OPTIMIZERS
+    # The Keras layers, activations and optimizers are keras.ops code any Keras 3 backend can run.
+    LAYERS = keras_common.LAYERS
+    ACTIVATIONS = keras_common.ACTIVATIONS
+    OPTIMIZERS = keras_common.OPTIMIZERS
 
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         tf, keras = _import_tf()
@@ -322,7 +99,7 @@ class TensorFlowBackend(Backend):
         # Layers compute in bf16 with float32 variables; the loss casts logits to float32 (float64 under fp64).
         policy = {"bf16": "mixed_bfloat16", "fp64": "float64"}.get(precision, "float32")
         keras.mixed_precision.set_global_policy(policy)
-        # Keras's default float for what it makes from Python numbers; _attention reads it too.
+        # Keras's default float for what it makes from Python numbers; keras_common's attention reads it too.
         keras.config.set_floatx("float64" if precision == "fp64" else "float32")
         self._float = tf.float64 if precision == "fp64" else tf.float32
         self._precision = precision
@@ -436,8 +213,9 @@ class TensorFlowBackend(Backend):
             # training and evaluation functions still trace the full context, a static shape.
             shape = (None,) if spec.any_length else tuple(spec.input_shape)
             inputs = keras.Input(shape=shape, dtype="int32" if spec.takes_tokens else self._float.name)
-            _BUILT.clear()
-            model = keras.Model(inputs, _apply(spec.layers, inputs), name=spec.name)
+            # Keras normalises by each replica's own batch statistics unless told to synchronise them.
+            graph = keras_common.Graph(synchronized_batchnorm=self._strategy is not None)
+            model = keras.Model(inputs, graph.apply(spec.layers, inputs), name=spec.name)
             by_layer = {}
             for layer in spec.param_layer_names():
                 keras_layer = model.get_layer(layer)
@@ -447,19 +225,17 @@ class TensorFlowBackend(Backend):
             variables = [by_layer[e.layer].pop(0) for e in spec.params()]
             train_vars = [v.value for e, v in zip(spec.params(), variables)
                           if spec.trains(e, trainable)]
-            slots = [[tf.Variable(tf.zeros_like(p), trainable=False) for _ in range(self._slot_count(spec))]
-                     for p in train_vars]
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            table = tf.constant(spec.optimizer.lr_table(), self._float)
-        handle = _Model(spec=spec, trainable_layers=trainable, keras_model=model, variables=variables,
-                        train_vars=train_vars, slots=slots, step=step, lr_table=table, mode=mode,
-                        decays=[spec.decays(e) for e in spec.params() if spec.trains(e, trainable)])
+            slots = [[tf.Variable(tf.zeros_like(p), trainable=False)
+                      for _ in range(keras_common.slot_count(spec.optimizer))] for p in train_vars]
+            optimizer = OptimizerState(
+                variables=train_vars, slots=slots,
+                decays=[spec.decays(e) for e in spec.params() if spec.trains(e, trainable)],
+                step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+                lr_table=tf.constant(spec.optimizer.lr_table(), self._float))
+        handle = _Model(spec=spec, trainable_layers=trainable, mode=mode, keras_model=model, variables=variables,
+                        optimizer=optimizer)
         self._set_weights(handle, weights)
         return handle
-
-    @staticmethod
-    def _slot_count(spec: TaskSpec) -> int:
-        return OPTIMIZERS[spec.optimizer.kind][0](spec.optimizer)
 
     def _get_weights(self, model: _Model) -> list[np.ndarray]:
         return [np.array(v.value.numpy(), dtype=self.float_dtype, copy=True) for v in model.variables]
@@ -469,11 +245,7 @@ class TensorFlowBackend(Backend):
             if tuple(var.shape) != entry.param.shape:  # a Keras layout change would land here, not silently
                 raise ValueError(f"{var.path}: Keras shape {tuple(var.shape)}, canonical {entry.param.shape}")
             var.value.assign(w)  # every kind's Keras layout is the canonical one
-        # Fresh optimizer state through assignments: the traced functions capture these
-        # variables, so nothing retraces.
-        for slot in (s for slots in model.slots for s in slots):
-            slot.assign(self._tf.zeros_like(slot))
-        model.step.assign(0)
+        keras_common.reset(model.optimizer)  # by assignments: the traced functions keep their variables
 
     # -- traced functions ----------------------------------------------------------------
 
@@ -485,17 +257,9 @@ class TensorFlowBackend(Backend):
 
     def _update(self, model: _Model, grads) -> None:
         """One optimizer step on the trainable variables, in tasks/optim.py's pinned forms."""
-        tf = self._tf
-        o = model.spec.optimizer
-        # An Embedding's gradient arrives as IndexedSlices; the pinned optimizers update every
-        # row (Adam's moments decay everywhere), as torch's dense gradient and optax do.
-        grads = [tf.convert_to_tensor(g) for g in grads]
-        if o.clip_norm is not None:
-            norm = tf.linalg.global_norm(grads)
-            grads = [g * tf.minimum(o.clip_norm / norm, 1.0) for g in grads]  # norm first: 1.0 takes its dtype
-        steps_before = model.step.assign_add(1) - 1
-        lr = tf.gather(model.lr_table, tf.minimum(steps_before, len(o.lr_table()) - 1))
-        OPTIMIZERS[o.kind][1](tf, model, grads, lr=lr, step=tf.cast(steps_before + 1, self._float))
+        # An Embedding's gradient arrives as IndexedSlices, TensorFlow's own type; the pinned optimizers
+        # update every row (Adam's moments decay everywhere), as torch's dense gradient and optax do.
+        keras_common.update(model.spec.optimizer, model.optimizer, [self._tf.convert_to_tensor(g) for g in grads])
 
     def _step_fn(self, model: _Model):
         tf = self._tf
@@ -504,10 +268,10 @@ class TensorFlowBackend(Backend):
             # Only the trainable layers' variables are watched, so the backward pass stops
             # at the first of them: frozen convolutions cost no gradient work.
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(model.train_vars)
+                tape.watch(model.optimizer.variables)
                 _, losses = self._loss_terms(model, xb, yb, training=True)
                 loss = tf.reduce_mean(losses)
-            self._update(model, tape.gradient(loss, model.train_vars))
+            self._update(model, tape.gradient(loss, model.optimizer.variables))
             return loss
 
         # Compiled mode compiles the step, not the epoch loop: XLA needs static shapes, and
@@ -527,12 +291,12 @@ class TensorFlowBackend(Backend):
 
         def loss_and_grads(xb, yb):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(model.train_vars)  # in replica context: this replica's copies
+                tape.watch(model.optimizer.variables)  # in replica context: this replica's copies
                 _, losses = self._loss_terms(model, xb, yb, training=True)
                 loss = tf.reduce_sum(losses) / global_positions
             # Dense before the all-reduce, as _update wants them (an Embedding's gradient is
             # IndexedSlices): then loss and gradients all-reduce as one batch of tensors.
-            return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.train_vars)]
+            return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.optimizer.variables)]
 
         update = functools.partial(self._update, model)
         if model.mode == "compiled":

@@ -14,16 +14,15 @@ from backends.base import Generator
 
 
 def _projections(attn, x):
-    """q, k, v (b, t, heads, head_dim) from a Keras MultiHeadAttention or the adapter's LoRA attention layer."""
+    """q, k, v (b, t, heads, head_dim) from a Keras MultiHeadAttention or keras_common's spec attention layer."""
     if hasattr(attn, "project"):
-        return tuple(attn.project(n, x, "btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk")
-                     for n in ("query", "key", "value"))
+        return tuple(attn.project(n, x) for n in ("query", "key", "value"))
     return attn._query_dense(x), attn._key_dense(x), attn._value_dense(x)
 
 
 def _output(attn, o):
     if hasattr(attn, "project"):
-        return attn.project("out", o, "bqhk,hkd->bqd", "bqhk,hkr->bqr", "bqr,rd->bqd")
+        return attn.project("out", o)
     return attn._output_dense(o)
 
 

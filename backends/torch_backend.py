@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, InferencePath
+from backends.base import Backend, BackendUnavailable, InferencePath, ModelHandle
 from tasks.spec import TaskSpec
 
 # Memory format of the 4-D activations: channels_last (NHWC in memory, logical NCHW).
@@ -211,12 +211,12 @@ def _reshape(layer, h, ctx):
     return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
 
 
-def _lora(layer, ctx, name, x, y):
-    """y + (alpha / r) x A B where LoRA adapts `name` (A and B canonical), else y."""
-    if not (layer.lora_rank and name in layer.lora_targets):
-        return y
-    a, bb = ctx.p(layer, f"{name}_lora_a"), ctx.p(layer, f"{name}_lora_b")
-    return y + layer.lora_scale() * (x @ a.reshape(-1, layer.lora_rank)) @ bb.reshape(layer.lora_rank, -1)
+def _lora(layer, ctx, target, x):
+    """The spec's LoRA term of projection `target` on its input x (tasks/layers.py; A and B canonical)."""
+    import torch
+
+    return layer.lora(target, x, ctx.p(layer, f"{target}_lora_a"), ctx.p(layer, f"{target}_lora_b"),
+                      einsum=torch.einsum)
 
 
 def attention_qkv(layer, h, ctx):
@@ -231,8 +231,13 @@ def attention_qkv(layer, h, ctx):
     # (tiny-gpt, torch.profiler over 10 steps: 1.12 s vs nanoGPT's 1.01 s). Stacking copies 3 d^2 floats a step.
     packed = F.linear(h, torch.cat([ctx.p(layer, f"{n}_kernel") for n in names]),
                       torch.cat([ctx.p(layer, f"{n}_bias") for n in names]))
-    return tuple(_lora(layer, ctx, n, h, y).view(b, t, layer.heads, -1).transpose(1, 2)
-                 for n, y in zip(names, packed.chunk(3, -1)))
+    out = []
+    for n, y in zip(names, packed.chunk(3, -1)):
+        y = y.view(b, t, layer.heads, -1)
+        if layer.lora_adapts(n):
+            y = y + _lora(layer, ctx, n, h)
+        out.append(y.transpose(1, 2))
+    return tuple(out)
 
 
 def attention_out(layer, o, ctx):
@@ -240,8 +245,9 @@ def attention_out(layer, o, ctx):
     import torch.nn.functional as F
 
     b, _, t, _ = o.shape
-    o = o.transpose(1, 2).reshape(b, t, -1)
-    return _lora(layer, ctx, "out", o, F.linear(o, ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias")))
+    o = o.transpose(1, 2)  # (b, t, heads, head_dim)
+    y = F.linear(o.reshape(b, t, -1), ctx.p(layer, "out_kernel"), ctx.p(layer, "out_bias"))
+    return y + _lora(layer, ctx, "out", o) if layer.lora_adapts("out") else y
 
 
 def _attention(layer, h, ctx):
@@ -315,14 +321,11 @@ class _Data:
 
 
 @dataclass
-class _Model:
-    spec: TaskSpec
-    trainable_layers: tuple[str, ...] | None
+class _Model(ModelHandle):
     params: dict  # canonical name -> tensor in torch layout (nn.Parameter where it trains)
     trainable: list  # parameters that train (requires_grad True)
     frozen: frozenset  # names of frozen layers
     optimizer: Any
-    mode: str
     scheduler: Any = None
     train_step: Any = None
     eval_step: Any = None

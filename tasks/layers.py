@@ -20,9 +20,13 @@ def require(condition: bool, message: str) -> None:
         raise SpecError(message)
 
 
+LORA_TARGETS = ("query", "key", "value", "out")  # the attention projections LoRA can adapt
+# Per target, LoRA's two products as einsums over the canonical layouts: (x, A) -> x A, then
+# (x A, B) -> (x A) B. x: (batch, seq, D) into query/key/value, (batch, seq, heads, head_dim) into out.
+LORA_EINSUMS = {**dict.fromkeys(("query", "key", "value"), ("btd,dr->btr", "btr,rhk->bthk")),
+                "out": ("bthk,hkr->btr", "btr,rd->btd")}
 # "gelu" is the exact erf form (torch and Keras default); "gelu_tanh" the tanh
 # approximation (flax's default). Naming both keeps either from being picked silently.
-LORA_TARGETS = ("query", "key", "value", "out")  # the attention projections LoRA can adapt
 ACTIVATIONS = ("linear", "relu", "gelu", "gelu_tanh", "tanh", "silu")
 PADDINGS = ("valid", "same")
 INITS = ("glorot_uniform", "zeros", "ones", "normal")
@@ -386,6 +390,17 @@ class MultiHeadSelfAttention(LayerBase):
 
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
+
+    def lora_adapts(self, target: str) -> bool:
+        """Whether LoRA adds a term to projection `target` (one of LORA_TARGETS)."""
+        return bool(self.lora_rank) and target in self.lora_targets
+
+    def lora(self, target: str, x, a, b, *, einsum):
+        """LoRA's term (alpha / r) (x A) B, added to projection `target`'s output x W + bias: the one
+        formula every adapter applies, with its framework's `einsum` (numpy's signature) and A, B
+        (`<target>_lora_a`, `<target>_lora_b`) in the canonical layouts (lora_params)."""
+        xa, out = LORA_EINSUMS[target]
+        return self.lora_scale() * einsum(out, einsum(xa, x, a), b)
 
     def dims(self, x) -> tuple[int, int, int]:
         """(dim, heads, head_dim) for a (seq, dim) input."""

@@ -207,18 +207,13 @@ def _positional_b(layer, P, t, dy, grads):
     return dy
 
 
-def _lora_on(layer, name):
-    return bool(layer.lora_rank) and name in layer.lora_targets
-
-
 def _attention_f(layer, P, x, train):
-    def lora(name, x, a_eq, b_eq):
-        if not _lora_on(layer, name):
+    def lora(name, x):  # the spec's formula (tasks/layers.py) in numpy; its gradient below is derived by hand
+        if not layer.lora_adapts(name):
             return 0
-        return layer.lora_scale() * np.einsum(b_eq, np.einsum(a_eq, x, P(f"{name}_lora_a")), P(f"{name}_lora_b"))
+        return layer.lora(name, x, P(f"{name}_lora_a"), P(f"{name}_lora_b"), einsum=np.einsum)
 
-    q, k, v = (np.einsum("btd,dhk->bthk", x, P(f"{n}_kernel")) + P(f"{n}_bias") + lora(n, x, "btd,dr->btr",
-                                                                                        "btr,rhk->bthk")
+    q, k, v = (np.einsum("btd,dhk->bthk", x, P(f"{n}_kernel")) + P(f"{n}_bias") + lora(n, x)
                for n in ("query", "key", "value"))
     scale = 1 / math.sqrt(q.shape[-1])
     s = np.einsum("bqhk,bshk->bhqs", q, k) * scale
@@ -228,7 +223,7 @@ def _attention_f(layer, P, x, train):
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     o = np.einsum("bhqs,bshk->bqhk", a, v)
-    y = np.einsum("bqhk,hkd->bqd", o, P("out_kernel")) + P("out_bias") + lora("out", o, "bqhk,hkr->bqr", "bqr,rd->bqd")
+    y = np.einsum("bqhk,hkd->bqd", o, P("out_kernel")) + P("out_bias") + lora("out", o)
     return y, (x, q, k, v, a, o, scale)
 
 
@@ -237,7 +232,7 @@ def _attention_b(layer, P, cache, dy, grads):
     grads["out_kernel"] += np.einsum("bqhk,bqd->hkd", o, dy)
     grads["out_bias"] += dy.sum((0, 1))
     do = np.einsum("bqd,hkd->bqhk", dy, P("out_kernel"))
-    if _lora_on(layer, "out"):  # y += s (o A) B
+    if layer.lora_adapts("out"):  # y += s (o A) B
         s_ = layer.lora_scale()
         oa = np.einsum("bqhk,hkr->bqr", o, P("out_lora_a"))
         grads["out_lora_b"] += s_ * np.einsum("bqr,bqd->rd", oa, dy)
@@ -254,7 +249,7 @@ def _attention_b(layer, P, cache, dy, grads):
         grads[f"{name}_kernel"] += np.einsum("btd,bthk->dhk", x, d)
         grads[f"{name}_bias"] += d.sum((0, 1))
         dx += np.einsum("bthk,dhk->btd", d, P(f"{name}_kernel"))
-        if _lora_on(layer, name):  # y += s (x A) B
+        if layer.lora_adapts(name):  # y += s (x A) B
             s_ = layer.lora_scale()
             xa = np.einsum("btd,dr->btr", x, P(f"{name}_lora_a"))
             grads[f"{name}_lora_b"] += s_ * np.einsum("btr,bthk->rhk", xa, d)

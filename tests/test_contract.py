@@ -267,3 +267,17 @@ def test_a_missing_table_entry_is_refused_naming_it_before_anything_is_built(bac
     what = "optimizer" if table == "OPTIMIZERS" else "activation"
     with pytest.raises(ValueError, match=f"{backend_name}: no implementation of {what} {entry}"):
         backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
+
+
+def test_build_returns_the_base_handle_and_refuses_anything_else(backend_name, monkeypatch):
+    from backends.base import ModelHandle
+
+    backend = configured(backend_name)
+    spec = get_task("mnist-mlp")
+    weights = initial_weights(spec, 0)
+    model = backend.build(spec, weights, trainable=("head",), mode="eager")
+    assert isinstance(model, ModelHandle)
+    assert (model.spec, model.trainable_layers, model.mode) == (spec, ("head",), "eager")
+    monkeypatch.setattr(type(backend), "_build", lambda *a, **k: object())
+    with pytest.raises(TypeError, match=f"{backend_name}: _build returned a object, not a ModelHandle"):
+        backend.build(spec, weights, trainable=None, mode="eager")

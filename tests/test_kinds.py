@@ -332,6 +332,25 @@ def test_lora_with_zero_b_leaves_the_model_unchanged():
     np.testing.assert_array_equal(ref.forward(lora, w_lora, x), ref.forward(plain, w_plain, x))
 
 
+@pytest.mark.parametrize("target", ["query", "value", "out"])
+def test_the_lora_formula_is_alpha_over_r_times_x_a_b_on_the_flattened_projection(target):
+    """The one formula the adapters apply (tasks/layers.py), against LoRA's definition on the projection
+    as a matrix: (alpha / r) x_flat A_flat B_flat, with A (in, r) and B (r, out) flattened."""
+    layer = MultiHeadSelfAttention(heads=2, lora_rank=3, lora_alpha=4.5, name="k")
+    d, h, hd, r = 6, 2, 3, 3
+    params = {p.name: p.shape for p in layer.params((5, d))}
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(params[f"{target}_lora_{side}"]) for side in "ab")
+    x = rng.standard_normal((4, 5, h, hd) if target == "out" else (4, 5, d))
+    flat = x.reshape(4, 5, -1) @ a.reshape(-1, r) @ b.reshape(r, -1) * (4.5 / 3)
+    got = layer.lora(target, x, a, b, einsum=np.einsum)
+    assert got.shape == ((4, 5, d) if target == "out" else (4, 5, h, hd))
+    np.testing.assert_allclose(got.reshape(4, 5, -1), flat, rtol=1e-12, atol=0)
+    assert layer.lora_adapts(target)
+    assert not dataclasses.replace(layer, lora_targets=("key",)).lora_adapts(target)
+    assert not dataclasses.replace(layer, lora_rank=0).lora_adapts(target)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_optimizers_ten_steps(backend_name, optimizer):
     # An Embedding first: its gradient is sparse in TensorFlow (IndexedSlices), once unsupported by Adam there.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import configured
 
-from backends.base import MODES, Backend
+from backends.base import MODES, Backend, ModelHandle
 from harness import probe
 from harness.data import synthetic
 from harness.loop import run_stages
@@ -48,7 +48,7 @@ class NumpyBackend(Backend):
     ACTIVATIONS = dict.fromkeys(LAYER_ACTIVATIONS)
     OPTIMIZERS = dict.fromkeys(OPTIMIZER_KINDS)
 
-    class Model:
+    class Model(ModelHandle):
         def __init__(self, spec, weights, trainable, mode):
             self.spec, self.trainable_layers, self.mode = spec, trainable, mode
             self.weights, self.steps = [w.copy() for w in weights], 0
