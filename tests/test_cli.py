@@ -112,7 +112,9 @@ def test_quick_run_end_to_end(tmp_path, fast_backend):
     assert json.loads((out_dir / "run.json").read_text())["config"]["quick"] is True
 
 
-def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast_backend, monkeypatch, capsys):
+@pytest.fixture
+def fake_fashion_mnist(tmp_path, monkeypatch):
+    """Fashion-MNIST files in the real IDX format under tmp_path/datasets, the only copy tribench finds."""
     from test_data import fake_source, write_mnist
 
     from harness import data
@@ -123,6 +125,10 @@ def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast
     write_mnist(tmp_path / "datasets" / "fashion-mnist", n_train=300, n_test=100)
     monkeypatch.setitem(DATASETS, "fashion-mnist",
                         fake_source(tmp_path / "datasets" / "fashion-mnist", "fashion-mnist"))
+
+
+def test_cnn_task_takes_real_fashion_mnist_when_cifar10_is_absent(tmp_path, fast_backend, fake_fashion_mnist,
+                                                                  capsys):
     out_dir = tmp_path / "run"
     assert main(["run", "--task", "cifar-cnn", "--backend", fast_backend, "--quick", "--no-download",
                  "--data-dir", str(tmp_path / "datasets"), "--out", str(out_dir)]) == 0
@@ -359,19 +365,9 @@ units = 10
 """
 
 
-def test_a_toml_task_of_fashion_mnist_trains_on_it(tmp_path, fast_backend, monkeypatch, capsys):
+def test_a_toml_task_of_fashion_mnist_trains_on_it(tmp_path, fast_backend, fake_fashion_mnist, capsys):
     """dataset = "fashion-mnist" in a task file: its own data, found, checked and trained on (files in
     the real format here; the real dataset where Debian's dataset-fashion-mnist is installed)."""
-    from test_data import fake_source, write_mnist
-
-    from harness import data
-    from tasks.datasets import DATASETS
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
-    write_mnist(tmp_path / "datasets" / "fashion-mnist", n_train=300, n_test=100)
-    monkeypatch.setitem(DATASETS, "fashion-mnist",
-                        fake_source(tmp_path / "datasets" / "fashion-mnist", "fashion-mnist"))
     task = tmp_path / "fashion.toml"
     task.write_text(FASHION_MLP)
     out_dir = tmp_path / "run"
