@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from backends import backend_info
-from harness.cells import Cell, CellConfig, cell_config
+from harness.cell_config import CellConfig
+from harness.cells import Cell, cell_config
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
 from harness.results import REPO_ROOT, empty_record, utc_now

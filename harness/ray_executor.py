@@ -14,7 +14,8 @@ from pathlib import Path
 
 from harness import confine
 from harness import data as data_mod
-from harness.cells import Cell, CellConfig, cell_config
+from harness.cell_config import CellConfig
+from harness.cells import Cell, cell_config
 from harness.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from harness.errors import Interrupted, UsageError
 from harness.executor import missing_backend_record, run_worker, skipped_record, stop_process

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.cells import CellConfig
+    from harness.cell_config import CellConfig
 
 POLL_S = 0.2
 STOP_GRACE_S = 5.0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.cells import CellConfig
+    from harness.cell_config import CellConfig
     from harness.replicas import ReplicaProcesses
 
 PROGRESS_PREFIX = "@@tribench "
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("record", type=Path, help="where to write the record JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from harness.cells import CellConfig
+    from harness.cell_config import CellConfig
     from harness.confine import UntrustedInput, read_bytes
 
     try:

@@ -9,7 +9,8 @@ import pytest
 from record_factory import make_record
 
 from harness import export_common, plots, worker
-from harness.cells import Cell, CellConfig, cell_config
+from harness.cell_config import CellConfig
+from harness.cells import Cell, cell_config
 from harness.confine import UntrustedInput
 from harness.results import REPO_ROOT
 from harness.run_config import RunConfig
@@ -88,3 +89,14 @@ def test_a_record_that_still_carries_the_old_eval_cadence_loads_and_plots(tmp_pa
     epochs, _, _ = plots._metric_points(record, plots._Metric([record]))
     assert epochs == [0, 1, 2, 3]
     assert [e for e, _ in export_common.epoch_series(record)["test_accuracy"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_the_worker_reads_its_config_before_any_thread_starts():
+    """What worker.main imports before lifeline.tie_to_driver starts no thread: a thread made before
+    SIGTERM is blocked (numpy's BLAS pool) takes the driver's death signal and kills the worker
+    without removing its cell folder (tests/test_storage.py's orphan test)."""
+    code = ("import os, harness.worker, harness.cell_config, harness.confine; "
+            "print(len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
