@@ -108,6 +108,9 @@ class ModelHandle:
     spec: TaskSpec
     trainable_layers: tuple[str, ...] | None  # the trainable names build was given (None: all)
     mode: str  # the mode whose program it runs (Backend.execution)
+    # What Backend.warmup compiled it for (Backend._warm_key), set on the instance: not a field, so
+    # adapters' handles may add fields without defaults.
+    warmed_for = None
 
 
 class BackendUnavailable(RuntimeError):
@@ -167,6 +170,11 @@ class Backend(abc.ABC):
         self.float_dtype = np.float64 if precision == "fp64" else np.float32
         self._configure(device=device, threads=threads, precision=precision)
         self._configured = True
+
+    @abc.abstractmethod
+    def import_framework(self) -> None:
+        """Import the framework and set nothing (no device, threads or precision): harness.forkserver's
+        zygote imports it once and forks a worker per cell, which then calls configure."""
 
     def _require_configured(self) -> None:
         if not self._configured:
@@ -360,7 +368,16 @@ class Backend(abc.ABC):
         whose compiled code depends on the epoch length override the hook.
         """
         self._require_configured()
+        key = self._warm_key(np.asarray(order), int(batch_size), int(eval_batch_size))
+        if model.warmed_for == key:  # e.g. the --mode best probe's model: warmed, then timed in rounds
+            return
         self._warmup(model, data, np.asarray(order), int(batch_size), eval_data, int(eval_batch_size))
+        model.warmed_for = key
+
+    def _warm_key(self, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
+        """What a warm-up compiles for: by default the batch sizes (a step's code does not depend on how
+        many steps an epoch has); adapters whose compiled code does add the epoch length."""
+        return batch_size, eval_batch_size
 
     def _warmup(self, model: ModelHandle, data: Any, order: np.ndarray, batch_size: int,
                 eval_data: Any, eval_batch_size: int) -> None:

@@ -346,6 +346,12 @@ class JaxBackend(Backend):
 
     # -- set-up --------------------------------------------------------------------------
 
+    def import_framework(self) -> None:
+        # Importing starts no XLA client: the flags _configure sets are read at first use, after it.
+        import flax.linen  # noqa: F401
+        import jax  # noqa: F401
+        import optax  # noqa: F401
+
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         import sys
 
@@ -661,6 +667,9 @@ class JaxBackend(Backend):
         model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
         self._last = losses
         return np.asarray(losses, dtype=self.float_dtype)  # the one host read of the epoch
+
+    def _warm_key(self, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
+        return len(order) // batch_size, batch_size, eval_batch_size  # both programs take the epoch's index whole
 
     def _warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
                 eval_data: Any, eval_batch_size: int) -> None:

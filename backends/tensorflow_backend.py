@@ -79,6 +79,9 @@ class TensorFlowBackend(Backend):
     ACTIVATIONS = keras_common.ACTIVATIONS
     OPTIMIZERS = keras_common.OPTIMIZERS
 
+    def import_framework(self) -> None:
+        _import_tf()
+
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         tf, keras = _import_tf()
         self._tf, self._keras = tf, keras

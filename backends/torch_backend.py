@@ -380,6 +380,9 @@ class TorchBackend(Backend):
     ACTIVATIONS = ACTIVATIONS
     OPTIMIZERS = OPTIMIZERS
 
+    def import_framework(self) -> None:
+        import torch  # noqa: F401
+
     def _configure(self, *, device: str, threads: int, precision: str) -> None:
         try:
             import torch

@@ -1,4 +1,4 @@
-"""Executors run cells and hand back records; the local one runs each cell in a fresh worker subprocess here."""
+"""Executors run cells and hand back records; the local one runs each cell in its own worker process here."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 from backends import backend_info
+from harness import forkserver
 from harness.cell_config import CellConfig
 from harness.cells import Cell, cell_config
+from harness.forkserver import ForkedWorker, ForkServer
 from harness.lifeline import CELL_DIR_PREFIX
 from harness.node import describe_node
 from harness.results import REPO_ROOT, empty_record, utc_now
@@ -56,40 +58,45 @@ def worker_env(threads: int) -> dict:
 
 
 def run_worker(cell_cfg: CellConfig, workdir: Path, *, timeout: float | None, threads: int,
-               on_event: Callable[[dict], None], state: dict) -> dict:
-    """Run one worker process; always returns a record, whatever happened to the process."""
+               on_event: Callable[[dict], None], state: dict, zygote: ForkServer | None = None) -> dict:
+    """Run one worker process, forked by `zygote` or else a fresh interpreter; always returns a record,
+    whatever happened to the process."""
     cfg_path, rec_path = workdir / "cell.json", workdir / "record.json"
     # The worker watches this PID and, if it dies, removes `cell_dir` itself (lifeline.py).
     cfg_path.write_text(dataclasses.replace(cell_cfg, driver_pid=os.getpid(), cell_dir=str(workdir)).to_json())
     faults: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-    proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                            env=worker_env(threads), start_new_session=True)
+
+    def on_line(line: str) -> None:
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                event = json.loads(line[len(PROGRESS_PREFIX):])
+            except ValueError:
+                return
+            if event.get("event") == "fault":
+                faults.append(str(event.get("fault")))
+            on_event(event)
+        else:
+            tail.append(line.rstrip("\n"))
+
+    reader = None
+    if zygote is not None:  # its reader thread hands us the worker's lines, up to the worker's exit
+        proc = zygote.start(str(cfg_path), str(rec_path), on_line)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(cfg_path), str(rec_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                                env=worker_env(threads), start_new_session=True)
+        reader = threading.Thread(target=lambda: [on_line(line) for line in proc.stderr], daemon=True)
+        reader.start()
     state["proc"] = proc
-
-    def pump():
-        for line in proc.stderr:
-            if line.startswith(PROGRESS_PREFIX):
-                try:
-                    event = json.loads(line[len(PROGRESS_PREFIX):])
-                except ValueError:
-                    continue
-                if event.get("event") == "fault":
-                    faults.append(str(event.get("fault")))
-                on_event(event)
-            else:
-                tail.append(line.rstrip("\n"))
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     timed_out = False
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
         stop_process(proc)
-    reader.join(timeout=5)
+    if reader is not None:
+        reader.join(timeout=5)
     state["proc"] = None
 
     record = None
@@ -120,9 +127,11 @@ def run_worker(cell_cfg: CellConfig, workdir: Path, *, timeout: float | None, th
     return record
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def stop_process(proc: subprocess.Popen | ForkedWorker, grace_s: float = 5.0) -> None:
     """SIGTERM the worker's process group, then SIGKILL what is left after a grace period."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.pid is None:  # a zygote that never forked it
+            return
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -150,12 +159,26 @@ def missing_backend_record(cfg: RunConfig, cell: Cell) -> dict | None:
 
 
 class LocalExecutor:
-    """The default executor: cells one after another, each in a fresh worker subprocess on this machine."""
+    """The default executor: cells one after another, each in its own worker process on this machine.
+
+    Each worker is a fresh interpreter; under --quick on Linux a zygote per backend imports the
+    framework once and forks each cell's worker (harness.forkserver), saving an import per cell.
+    """
 
     name = "local"
 
     def __init__(self):
         self.state: dict = {"proc": None}
+        self.zygotes: dict[str, ForkServer] = {}
+
+    def zygote(self, cfg: RunConfig, backend: str) -> ForkServer | None:
+        """The backend's zygote under --quick, started at its first cell (again if it died); None: spawn."""
+        if not (cfg.quick and forkserver.available()):
+            return None
+        server = self.zygotes.get(backend)
+        if server is None or not server.alive():
+            server = self.zygotes[backend] = ForkServer(backend, worker_env(cfg.threads))
+        return server
 
     def start(self, cfg: RunConfig) -> None:
         """Nothing to connect to; an executor raises UsageError here when it cannot run."""
@@ -168,7 +191,8 @@ class LocalExecutor:
             if record is None:
                 with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
                     record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp), timeout=cfg.timeout,
-                                        threads=cfg.threads, on_event=bar.event, state=self.state)
+                                        threads=cfg.threads, on_event=bar.event, state=self.state,
+                                        zygote=self.zygote(cfg, cell.backend))
             record["node"] = describe_node(executor=self.name)
             on_record(cell, record)
 
@@ -178,4 +202,7 @@ class LocalExecutor:
             stop_process(self.state["proc"])
 
     def close(self) -> None:
-        """Always called at the end of a run, interrupted or not."""
+        """Always called at the end of a run, interrupted or not: the zygotes end."""
+        for server in self.zygotes.values():
+            server.close()
+        self.zygotes.clear()

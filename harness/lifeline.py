@@ -16,7 +16,7 @@ POLL_S = 0.5
 CELL_DIR_PREFIX = "tribench-cell-"
 
 
-def _parent_death_signal(sig: int) -> bool:
+def parent_death_signal(sig: int) -> bool:
     """Ask Linux to send `sig` when the parent dies, so even a worker stuck in C code hears of it."""
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
@@ -35,7 +35,7 @@ def tie_to_driver(driver_pid: int, cell_dir: Path | None) -> None:
     dead driver cannot) and terminates.
     """
     if sys.platform.startswith("linux"):
-        _parent_death_signal(signal.SIGTERM)
+        parent_death_signal(signal.SIGTERM)
     catch = hasattr(signal, "sigtimedwait")
     if catch:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

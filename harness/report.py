@@ -513,7 +513,10 @@ def task_source(records: list[dict]) -> str:
     ns = sorted({len(ok_records(c)) for c in group_cells(records).values()})
     loaded = [f"{r.get('backend')} r{r.get('repeat')} ({why})" for r in records
               if (why := under_load(r.get("env") or {}))]
+    forked = any(((r.get("env") or {}).get("worker_start") or {}).get("how") == "fork" for r in records)
     return (f"data: {_data_sources(records)}; device: {devices}; ok repeats per cell: {', '.join(map(str, ns))}"
+            + ("; workers forked from a process that had imported the framework (--quick): peak RSS leaves "
+               "out the library pages a cell never touched" if forked else "")
             + (f"; UNDER LOAD: {', '.join(loaded)}" if loaded else ""))
 
 

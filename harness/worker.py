@@ -33,6 +33,9 @@ FAULT_RANK_ENV = "TRIBENCH_FAULT_RANK"
 REPLICA_EXIT_S = 60.0
 # A cell config holds a task spec and a few paths: far less than this.
 MAX_CONFIG_BYTES = 16 << 20
+# How this process started (env.worker_start): a fresh interpreter, or forked from a zygote that had
+# imported the framework already (harness.forkserver), which then says how long that import took.
+WORKER_START: dict = {"how": "spawn"}
 
 
 def emit(event: dict) -> None:
@@ -93,7 +96,8 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
     record["env"] = {**host_environment(Path(cfg.out)), "mode": forced, "mode_requested": cfg.mode,
                      "mode_source": "forced" if forced else "pinned" if pinned else "probe",
                      "precision": cfg.precision, "device_requested": cfg.device, "threads": cfg.threads,
-                     "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count}
+                     "data_parallel": replicas.count, "per_replica_batch": spec.batch_size // replicas.count,
+                     "worker_start": dict(WORKER_START)}
     # A Hugging Face folder's tokenizer.json tokenizes the text its model is finetuned on.
     tokenizer = tokenizer_file(cfg.init_from) if spec.takes_tokens else None
     phases = {"data_s": time.perf_counter()}  # the fixed costs around training, for docs/modes.md's profile
@@ -177,7 +181,8 @@ def export_trained(backend, spec, result, *, dataset, cfg: CellConfig, mode: str
                           train_s=m["warmup_s"] + sum(m["epoch_s"]) + sum(m["eval_s"]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, parent_pid: int | None = None) -> int:
+    """`parent_pid`: the process to die with instead of the config's driver (a forked worker's zygote)."""
     parser = argparse.ArgumentParser(prog="python -m harness.worker", description=__doc__)
     parser.add_argument("config", type=Path, help="cell config JSON written by the runner")
     parser.add_argument("record", type=Path, help="where to write the record JSON")
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.driver_pid is not None:
         from harness.lifeline import tie_to_driver
 
-        tie_to_driver(cfg.driver_pid, Path(cfg.cell_dir) if cfg.cell_dir else None)
+        tie_to_driver(parent_pid or cfg.driver_pid, Path(cfg.cell_dir) if cfg.cell_dir else None)
     from harness.results import empty_record, utc_now, write_json_atomic
 
     record = empty_record(task=cfg.task, backend=cfg.backend, repeat=cfg.repeat, seed=cfg.seed)

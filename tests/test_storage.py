@@ -205,41 +205,64 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited; only its reaper is missing
 
 
-def worker_of(cell_dir: Path) -> int | None:
+def cmdline(pid: int | str) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def parent(pid: int | str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def worker_of(cell_dir: Path, driver: int) -> int | None:
+    """The cell's worker: a fresh interpreter names its cell.json; a forked one is a zygote's child."""
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(cell_dir / "cell.json").encode() in cmdline:
-                return int(proc.name)
+        if not proc.name.isdigit():
+            continue
+        if str(cell_dir / "cell.json").encode() in cmdline(proc.name):
+            return int(proc.name)
+        zygote = parent(proc.name)
+        if b"harness.forkserver" in cmdline(proc.name) and parent(zygote) == driver:
+            forked = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent(p.name) == zygote]
+            if forked:
+                return int(forked[0].name)
     return None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the worker")
-def test_a_worker_dies_and_cleans_up_when_its_driver_is_killed(tmp_path, fast_backend):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_worker_dies_and_cleans_up_when_its_driver_is_killed(tmp_path, fast_backend, start):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "TRIBENCH_FAULT": f"hang@mnist-mlp/{fast_backend}"}
-    driver = subprocess.Popen([sys.executable, "-m", "harness", *quick_args(fast_backend, tmp_path / "run")],
+    args = quick_args(fast_backend, tmp_path / "run")
+    if start == "spawn":  # without --quick every cell is a fresh interpreter (the hang comes before training)
+        args[args.index("--quick")] = "--epochs=1"
+    driver = subprocess.Popen([sys.executable, "-m", "harness", *args],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, worker, cells = time.monotonic() + 120, None, []
         while time.monotonic() < deadline and worker is None:
             time.sleep(0.5)
             cells = list(tmp.glob("tribench-cell-*"))
-            worker = worker_of(cells[0]) if cells else None
+            worker = worker_of(cells[0], driver.pid) if cells else None
         assert worker is not None, "the worker never started"
+        zygote = parent(worker)
         time.sleep(3)  # let it reach the hang, deep inside the cell
         driver.kill()
         driver.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (alive(worker) or cells[0].exists()):
+        while time.monotonic() < deadline and (alive(worker) or alive(zygote) or cells[0].exists()):
             time.sleep(0.2)
         assert not alive(worker), "the orphaned worker is still running"
         assert not cells[0].exists(), "the orphaned worker left its cell folder"
+        assert zygote == driver.pid or not alive(zygote), "the zygote outlived its driver"
     finally:
         driver.kill()
         if worker is not None and alive(worker):
