@@ -81,7 +81,7 @@ def cell_config(cfg: RunConfig, cell: Cell, source: tuple[str, str]) -> CellConf
         # backends within a repeat, a fresh draw between repeats (so the spread is real).
         seed=cfg.seed + cell.repeat, data_seed=cfg.seed,
         data=source[0], data_folder=None if source[0] == "synthetic" else source[1],
-        subset=DATASETS[spec.dataset].quick if cfg.quick else None,
+        subset=DATASETS[spec.dataset].quick if cfg.quick else None, quick=cfg.quick,
         overrides=cfg.overrides(), device=cfg.device, threads=cfg.threads,
         precision=cfg.precision, mode=cfg.mode, pinned_mode=cell.pinned_mode, init_from=cfg.init_from,
         data_parallel=cfg.data_parallel, export=tuple(cfg.export),

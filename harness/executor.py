@@ -185,6 +185,11 @@ class LocalExecutor:
 
     def run(self, cfg: RunConfig, cells: list[Cell], sources: dict, *, bar, on_record) -> None:
         """Run `cells`, calling on_record(cell, record) as each one ends."""
+        # The zygotes import side by side before any cell, never beside one that is being timed.
+        starting = [self.zygote(cfg, b) for b in dict.fromkeys(c.backend for c in cells)
+                    if not backend_info(b).missing()]
+        for server in filter(None, starting):
+            server.wait_ready()
         for cell in cells:
             bar.start_cell(cell.label)
             record = missing_backend_record(cfg, cell)

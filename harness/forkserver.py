@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-# The zygote's own lines on the shared stderr pipe: a cell's worker PID when forked, its exit status when reaped.
+# The zygote's own lines on the shared stderr pipe: ready after its import, a cell's worker PID when forked,
+# its exit status when reaped.
 ZYGOTE_PREFIX = "@@tribench-zygote "
 FORK_REPLY_S = 60.0  # a fork answers in milliseconds; this only bounds a zygote that hangs in its import
 
@@ -48,6 +49,7 @@ class ForkServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, errors="replace", env=env, start_new_session=True)
         self._lock = threading.Lock()
+        self._ready = threading.Event()
         self._worker: ForkedWorker | None = None
         self._on_line: Callable[[str], None] = lambda line: None
         self._reader = threading.Thread(target=self._read, name=f"zygote-{backend}", daemon=True)
@@ -71,6 +73,10 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def wait_ready(self, timeout: float = FORK_REPLY_S) -> None:
+        """Until the zygote has imported its framework (or died), so that no import runs beside a cell."""
+        self._ready.wait(timeout)
+
     def _read(self) -> None:
         for line in self.proc.stderr:
             if not line.startswith(ZYGOTE_PREFIX):
@@ -82,6 +88,9 @@ class ForkServer:
                 event = json.loads(line[len(ZYGOTE_PREFIX):])
             except ValueError:
                 continue
+            if "ready" in event:
+                self._ready.set()
+                continue
             with self._lock:
                 worker = self._worker
             if worker is None or (worker.pid is not None and event.get("pid") != worker.pid):
@@ -90,6 +99,7 @@ class ForkServer:
             worker._forked.set()
             if "exit" in event:
                 self._finish(worker, int(event["exit"]))
+        self._ready.set()
         self._zygote_gone()
 
     def _zygote_gone(self) -> None:
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parent_death_signal(signal.SIGTERM)  # dies with the driver; its workers then see it gone (lifeline)
     preload_s = _preload(backend)
+    _announce({"ready": preload_s})
     for line in sys.stdin:
         try:
             cfg_path, rec_path = json.loads(line)

@@ -10,6 +10,7 @@ from backends.base import Backend
 
 NEW_TOKENS = 64
 BATCHES = (1, 32)
+QUICK_BATCHES = (1,)  # --quick: generation runs and is timed, at batch 1 only
 
 
 def prompt_shape(context: int) -> tuple[int, int]:
@@ -50,11 +51,11 @@ def generate(backend: Backend, model, prompts: np.ndarray, *, new_tokens: int) -
     return ids, t1 - t0, time.perf_counter() - t0
 
 
-def measure_generation(backend: Backend, model, x_test: np.ndarray) -> dict:
-    """Tokens/s at batch 1 and 32 (new tokens over the whole generation, prompt included), time to first token."""
+def measure_generation(backend: Backend, model, x_test: np.ndarray, *, batches: tuple[int, ...] = BATCHES) -> dict:
+    """Tokens/s at each batch (new tokens over the whole generation, prompt included), time to first token."""
     prompt_len, new = prompt_shape(model.spec.input_shape[0])
     out: dict = {"generate_prompt_tokens": prompt_len, "generate_new_tokens": new}
-    for batch in BATCHES:
+    for batch in batches:
         ids, first_s, total_s = generate(backend, model, fixed_prompts(x_test, batch, prompt_len), new_tokens=new)
         out[f"generate_tokens_per_s_b{batch}"] = batch * new / total_s
         if batch == 1:

@@ -16,8 +16,8 @@ import numpy as np
 from backends.base import BEST, Backend, is_causal_lm
 from harness.arrays import Dataset
 from harness.checkpoint import SUFFIX, save_checkpoint
-from harness.generation import measure_generation
-from harness.inference import measure_inference
+from harness.generation import BATCHES, QUICK_BATCHES, measure_generation
+from harness.inference import MIN_LATENCY_CALLS, QUICK_LATENCY_CALLS, measure_inference
 from harness.mode_cache import ModeCache
 from harness.probe import probe_modes
 from harness.weights import initial_weights, reinitialise
@@ -72,8 +72,8 @@ def stage_weights(spec: TaskSpec, index: int, previous: list[np.ndarray] | None,
 
 
 def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, weights: list[np.ndarray], *,
-                seed: int, mode: str, progress: Callable[[dict], None], mode_cache: ModeCache | None = None
-                ) -> StageResult:
+                seed: int, mode: str, progress: Callable[[dict], None], mode_cache: ModeCache | None = None,
+                quick: bool = False) -> StageResult:
     stage = spec.stages[index]
     data = data.classes(stage.classes)
     bs, ebs = spec.batch_size, spec.eval_batch_size
@@ -136,19 +136,24 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
     if spec.takes_tokens:
         m.update(sequence_metrics(spec, m, byte_level=data.tokenizer is None))
     if stage.name == spec.primary_stage:  # the trained model the record is about, served
-        m.update(served_figures(backend, model, data, spec=spec, train_s=warmup_s + train_clock + sum(m["eval_s"])))
+        m.update(served_figures(backend, model, data, spec=spec, train_s=warmup_s + train_clock + sum(m["eval_s"]),
+                                quick=quick))
     return StageResult(stage.name, m, backend.get_weights(model))
 
 
-def served_figures(backend: Backend, model, data: Dataset, *, spec: TaskSpec, train_s: float) -> dict:
-    """The trained model served: inference figures, and generation for a language model.
+def served_figures(backend: Backend, model, data: Dataset, *, spec: TaskSpec, train_s: float,
+                   quick: bool = False) -> dict:
+    """The trained model served: inference figures, and generation for a language model (under --quick
+    from fewer latency calls and at batch 1 only: a smoke run checks that serving works).
 
     A failure there is recorded under infer_error / generate_error, never fatal to the training figures.
     """
     parts = {"infer": lambda: measure_inference(backend, model, data.x_test, batch_size=spec.eval_batch_size,
-                                                train_s=train_s)}
+                                                train_s=train_s,
+                                                min_latency_calls=QUICK_LATENCY_CALLS if quick else MIN_LATENCY_CALLS)}
     if is_causal_lm(spec):
-        parts["generate"] = lambda: measure_generation(backend, model, data.x_test)
+        parts["generate"] = lambda: measure_generation(backend, model, data.x_test,
+                                                       batches=QUICK_BATCHES if quick else BATCHES)
     out: dict = {}
     for name, measure in parts.items():
         started = time.perf_counter()
@@ -188,12 +193,13 @@ def sequence_metrics(spec: TaskSpec, m: dict, *, byte_level: bool = True) -> dic
 def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mode: str,
                init_from: list[np.ndarray] | None = None, checkpoint_prefix: Path | None = None,
                progress: Callable[[dict], None] = lambda event: None,
-               stage_data: dict[str, Dataset] | None = None, mode_cache: ModeCache | None = None
-               ) -> dict[str, StageResult]:
+               stage_data: dict[str, Dataset] | None = None, mode_cache: ModeCache | None = None,
+               quick: bool = False) -> dict[str, StageResult]:
     """Train every stage in order; returns per-stage results.
 
     `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
     `mode_cache`: --mode best's decisions of earlier identical cells (harness.mode_cache).
+    `quick`: --quick, whose serving figures come from fewer calls (served_figures).
 
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
     for the stages before the first stage that starts from earlier weights; a task
@@ -216,7 +222,7 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
             weights = stage_weights(spec, index, previous, seed)
         own = (stage_data or {}).get(spec.stages[index].name, data)
         result = train_stage(backend, spec, index, own, weights, seed=seed, mode=mode, progress=progress,
-                             mode_cache=mode_cache)
+                             mode_cache=mode_cache, quick=quick)
         mode = result.metrics["mode"]  # --mode best decides once per cell: later stages train in the first's choice
         if checkpoint_prefix is not None:
             path = Path(f"{checkpoint_prefix}-{result.name}{SUFFIX}")

@@ -145,7 +145,8 @@ def run_cell(cfg: CellConfig, record: dict) -> dict:
                                  init_from=init_from,
                                  checkpoint_prefix=Path(prefix) if prefix else None, progress=emit,
                                  stage_data=stage_data,
-                                 mode_cache=ModeCache(cache_folder, record["env"]) if cache_folder else None)
+                                 mode_cache=ModeCache(cache_folder, record["env"]) if cache_folder else None,
+                                 quick=cfg.quick)
             record["metrics"] = flatten_metrics(spec, results, peak_gflops=peak)
             record["env"]["mode"] = record["metrics"].pop("mode")
             record["env"]["execution"] = record["metrics"].pop("execution")

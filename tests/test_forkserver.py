@@ -23,9 +23,9 @@ def config(tmp_path, backend, *, quick=True, repeats=1):
                      epochs=1, data="synthetic", mode="eager")
 
 
-def zygotes() -> set[int]:
-    """This test process's zygotes (children running harness.forkserver)."""
-    found = set()
+def children(pid: int) -> dict[int, bytes]:
+    """pid's living children and their command lines."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
@@ -33,9 +33,14 @@ def zygotes() -> set[int]:
                 cmd = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat[1]) == os.getpid() and b"harness.forkserver" in cmd and stat[0] not in "ZX":
-                found.add(int(proc.name))
+            if int(stat[1]) == pid and stat[0] not in "ZX":
+                found[int(proc.name)] = cmd
     return found
+
+
+def zygotes() -> set[int]:
+    """This test process's zygotes (children running harness.forkserver)."""
+    return {pid for pid, cmd in children(os.getpid()).items() if b"harness.forkserver" in cmd}
 
 
 def test_quick_forks_its_workers_says_so_and_ends_its_zygote(tmp_path, fast_backend):
@@ -60,12 +65,13 @@ def test_a_zygote_killed_mid_cell_fails_that_cell_and_the_next_gets_a_new_one(tm
     monkeypatch.setenv("TRIBENCH_FAULT", f"hang@mnist-mlp/{fast_backend}/0")
     killed = []
 
-    def kill_the_zygote():
+    def kill_the_zygote():  # once it has forked the hanging worker
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             for pid in zygotes():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                if children(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             time.sleep(0.5)
 
     threading.Thread(target=kill_the_zygote, daemon=True).start()

@@ -51,3 +51,24 @@ def test_calls_slower_than_the_warm_up_pace_stop_at_the_budget():
     ticks = iter(range(10**6))
     assert len(inference._until(lambda: None, 50, 30, budget_s=0.0, clock=clock)) == 30  # never below the minimum
     assert len(inference._until(lambda: None, 8, 5, budget_s=1e9, clock=clock)) == 8  # never above the count
+
+
+def test_quick_serving_takes_fewer_calls_and_generates_at_batch_1_only(backend_name):
+    from harness.loop import served_figures
+    from tasks.tiny_gpt import tiny_gpt
+
+    backend = configured(backend_name)
+    spec = tiny_gpt(context=16).sized_for(4)
+    data = synthetic_text(spec)
+    model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
+    quick = served_figures(backend, model, data, spec=spec, train_s=1e-6, quick=True)
+    assert quick["infer_latency_calls"] == inference.QUICK_LATENCY_CALLS < inference.MIN_LATENCY_CALLS
+    assert quick["generate_tokens_per_s_b1"] > 0 and "generate_tokens_per_s_b32" not in quick
+    full = served_figures(backend, model, data, spec=spec, train_s=1e-6)
+    assert full["infer_latency_calls"] == inference.MIN_LATENCY_CALLS and full["generate_tokens_per_s_b32"] > 0
+
+
+def synthetic_text(spec):
+    from harness import text
+
+    return text.load("synthetic", "synthetic", context=spec.input_shape[0], seed=0, subset=(64, 16))
