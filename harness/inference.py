@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,10 +14,20 @@ from harness.measure import RssSampler
 # evaluations), split evenly between the latency and the throughput calls. The call counts below
 # bound it; the record states the budget, the counts chosen and the time actually spent.
 BUDGET_FRACTION = 0.10
-MIN_LATENCY_CALLS, MAX_LATENCY_CALLS = 200, 2000  # percentiles up to p99 need a few hundred calls
-# --quick checks that serving runs and gives its figures, from fewer calls: its p99 is nearly the maximum.
-QUICK_LATENCY_CALLS = 50
-MIN_THROUGHPUT_CALLS, MAX_THROUGHPUT_CALLS = 3, 100
+MAX_LATENCY_CALLS, MAX_THROUGHPUT_CALLS = 2000, 100
+
+
+@dataclass(frozen=True)
+class Minimums:
+    """The fewest timed calls, whatever the budget says."""
+
+    latency: int  # batch-1 calls: percentiles up to p99 need a few hundred
+    throughput: int  # whole-batch calls
+
+
+FULL = Minimums(latency=200, throughput=3)
+# --quick checks that serving runs and gives its figures, from fewer calls (its p99 is nearly the maximum).
+QUICK = Minimums(latency=50, throughput=1)
 WARMUP_CALLS = 2  # after the first call of each shape, which traces or compiles
 
 
@@ -51,14 +62,13 @@ def _warm(run, x) -> tuple[float, float]:
 
 
 def measure_inference(backend: Backend, model, x: np.ndarray, *, batch_size: int, train_s: float,
-                      min_latency_calls: int = MIN_LATENCY_CALLS) -> dict:
+                      minimums: Minimums = FULL) -> dict:
     """Serve `model` through backend.inference and time it on held-out samples `x` (see time_path)."""
-    return time_path(backend.inference(model), x, batch_size=batch_size, train_s=train_s,
-                     min_latency_calls=min_latency_calls)
+    return time_path(backend.inference(model), x, batch_size=batch_size, train_s=train_s, minimums=minimums)
 
 
 def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: float,
-              min_latency_calls: int = MIN_LATENCY_CALLS) -> dict:
+              minimums: Minimums = FULL) -> dict:
     """Time an inference path on device-resident inputs from `x`, within the call budget.
 
     Every call returns only once its logits are ready on the device (the path synchronises),
@@ -73,12 +83,12 @@ def time_path(path: InferencePath, x: np.ndarray, *, batch_size: int, train_s: f
         first_one, pace_one = _warm(path.run, one)
         first_batch, pace_batch = _warm(path.run, batch)
         warmup_s = time.perf_counter() - started
-        n_one = _calls(budget_s / 2, pace_one, low=min_latency_calls, high=MAX_LATENCY_CALLS)
-        latencies = np.array(_until(lambda: _timed(path.run, one)[1], n_one, min_latency_calls, budget_s / 2))
+        n_one = _calls(budget_s / 2, pace_one, low=minimums.latency, high=MAX_LATENCY_CALLS)
+        latencies = np.array(_until(lambda: _timed(path.run, one)[1], n_one, minimums.latency, budget_s / 2))
         n_one = len(latencies)
-        n_batch = _calls(budget_s / 2, pace_batch, low=MIN_THROUGHPUT_CALLS, high=MAX_THROUGHPUT_CALLS)
+        n_batch = _calls(budget_s / 2, pace_batch, low=minimums.throughput, high=MAX_THROUGHPUT_CALLS)
         t0 = time.perf_counter()
-        n_batch = len(_until(lambda: path.run(batch), n_batch, MIN_THROUGHPUT_CALLS, budget_s / 2))
+        n_batch = len(_until(lambda: path.run(batch), n_batch, minimums.throughput, budget_s / 2))
         batch_s = time.perf_counter() - t0
     p50, p90, p99 = np.percentile(latencies * 1e3, [50, 90, 99])
     return {

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from backends.base import BEST, Backend, is_causal_lm
+from harness import inference
 from harness.arrays import Dataset
 from harness.checkpoint import SUFFIX, save_checkpoint
 from harness.generation import BATCHES, QUICK_BATCHES, measure_generation
-from harness.inference import MIN_LATENCY_CALLS, QUICK_LATENCY_CALLS, measure_inference
 from harness.mode_cache import ModeCache
 from harness.probe import probe_modes
 from harness.weights import initial_weights, reinitialise
@@ -148,9 +148,9 @@ def served_figures(backend: Backend, model, data: Dataset, *, spec: TaskSpec, tr
 
     A failure there is recorded under infer_error / generate_error, never fatal to the training figures.
     """
-    parts = {"infer": lambda: measure_inference(backend, model, data.x_test, batch_size=spec.eval_batch_size,
-                                                train_s=train_s,
-                                                min_latency_calls=QUICK_LATENCY_CALLS if quick else MIN_LATENCY_CALLS)}
+    parts = {"infer": lambda: inference.measure_inference(backend, model, data.x_test,
+                                                          batch_size=spec.eval_batch_size, train_s=train_s,
+                                                          minimums=inference.QUICK if quick else inference.FULL)}
     if is_causal_lm(spec):
         parts["generate"] = lambda: measure_generation(backend, model, data.x_test,
                                                        batches=QUICK_BATCHES if quick else BATCHES)

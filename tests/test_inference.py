@@ -30,8 +30,8 @@ def test_inference_figures_take_at_least_200_calls_and_keep_to_the_call_budget(b
     model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
     monkeypatch.setattr(inference, "MAX_LATENCY_CALLS", 300)
     tiny = inference.measure_inference(backend, model, x, batch_size=128, train_s=1e-6)  # budget: a microsecond
-    assert tiny["infer_latency_calls"] == inference.MIN_LATENCY_CALLS
-    assert tiny["infer_throughput_calls"] == inference.MIN_THROUGHPUT_CALLS
+    assert tiny["infer_latency_calls"] == inference.FULL.latency
+    assert tiny["infer_throughput_calls"] == inference.FULL.throughput
     assert tiny["infer_latency_ms_p50"] <= tiny["infer_latency_ms_p90"] <= tiny["infer_latency_ms_p99"]
     assert tiny["infer_samples_per_s"] > 0 and tiny["infer_batch_size"] == 128
     assert tiny["infer_h2d_ms"] >= 0 and tiny["infer_peak_rss_mb"] > 0
@@ -62,10 +62,11 @@ def test_quick_serving_takes_fewer_calls_and_generates_at_batch_1_only(backend_n
     data = synthetic_text(spec)
     model = backend.build(spec, initial_weights(spec, 0), trainable=None, mode="eager")
     quick = served_figures(backend, model, data, spec=spec, train_s=1e-6, quick=True)
-    assert quick["infer_latency_calls"] == inference.QUICK_LATENCY_CALLS < inference.MIN_LATENCY_CALLS
+    assert quick["infer_latency_calls"] == inference.QUICK.latency < inference.FULL.latency
+    assert quick["infer_throughput_calls"] == inference.QUICK.throughput < inference.FULL.throughput
     assert quick["generate_tokens_per_s_b1"] > 0 and "generate_tokens_per_s_b32" not in quick
     full = served_figures(backend, model, data, spec=spec, train_s=1e-6)
-    assert full["infer_latency_calls"] == inference.MIN_LATENCY_CALLS and full["generate_tokens_per_s_b32"] > 0
+    assert full["infer_latency_calls"] == inference.FULL.latency and full["generate_tokens_per_s_b32"] > 0
 
 
 def synthetic_text(spec):
