@@ -18,6 +18,9 @@ from harness.sweep import DATA_PARALLEL, scaling_efficiency, write_sweep
 from harness.weights import initial_weights
 from tasks import get_task
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_data_parallel")
+
 BACKENDS = ("torch", "tensorflow", "jax")
 
 

@@ -13,6 +13,9 @@ import pytest
 from conftest import require
 from data_parallel_run import load_spec, mismatches
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_data_parallel_jax")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "data_parallel_run.py"
 RESNET_BN = "examples/tasks/cifar-resnet-bn.toml"

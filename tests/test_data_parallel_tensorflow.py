@@ -31,6 +31,9 @@ import pytest
 from conftest import require
 from data_parallel_run import load_spec, mismatches
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_data_parallel_tensorflow")
+
 TESTS = Path(__file__).resolve().parent
 BN_TASK = str(TESTS.parent / "examples" / "tasks" / "cifar-resnet-bn.toml")
 RUNS = [("mnist-mlp", "eager"), ("mnist-mlp", "compiled"), ("cifar-cnn", "eager"),

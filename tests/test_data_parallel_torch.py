@@ -37,6 +37,9 @@ import pytest
 from conftest import require
 from data_parallel_run import load_spec, mismatches
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_data_parallel_torch")
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "data_parallel_run.py"
 BN_TASK = str(ROOT / "examples" / "tasks" / "cifar-resnet-bn.toml")

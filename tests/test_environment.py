@@ -31,16 +31,23 @@ def test_a_runs_own_output_in_a_tracked_folder_does_not_make_the_tree_dirty(tmp_
     assert results.git_state(tmp_path / "elsewhere")["git_dirty"] is True
 
 
-def test_cpu_and_memory_come_from_the_libraries_with_a_fallback(monkeypatch):
+def test_cpu_and_memory_come_from_the_libraries_with_a_fallback(monkeypatch, tmp_path):
     env = results.host_environment()
     assert env["cpu"] and env["memory_total_mb"] > 0 and env["cpu_physical_cores"] >= 1
     cpuinfo = pytest.importorskip("cpuinfo")
+    if results.PROC_CPUINFO.exists():  # Linux's own name is py-cpuinfo's, without its process
+        assert results.cpu_name() == cpuinfo.get_cpu_info()["brand_raw"]
 
     def broken():
         raise RuntimeError("cannot read this CPU")
 
     monkeypatch.setattr(cpuinfo, "get_cpu_info", broken)
-    assert results.cpu_name()  # the platform module's name instead, never an exception
+    monkeypatch.setattr(results, "PROC_CPUINFO", tmp_path / "absent")
+    results.cpu_name.cache_clear()
+    try:
+        assert results.cpu_name()  # the platform module's name instead, never an exception
+    finally:
+        results.cpu_name.cache_clear()
     with_psutil = results.memory_facts()["memory_total_mb"]
     monkeypatch.setitem(sys.modules, "psutil", None)  # as if psutil were not installed
     # No physical core count without psutil; the memory from sysconf, the same figure.

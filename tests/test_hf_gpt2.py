@@ -35,6 +35,9 @@ from tasks.gpt2 import gpt2
 from tasks.spec import SGD
 from tasks.tiny_gpt import tiny_gpt
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_hf_gpt2")
+
 SIZES = {"vocab": 256, "d_model": 32, "layers": 2, "heads": 2, "context": 32}
 TEXT = text.synthetic(context=SIZES["context"], seed=3, n_windows=(64, 16))
 

@@ -13,6 +13,9 @@ from harness.weights import initial_weights  # noqa: E402
 from tasks.cifar_cnn import CIFAR_CNN  # noqa: E402
 from tasks.mnist_mlp import MNIST_MLP  # noqa: E402
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_jax_backend")
+
 
 @pytest.fixture(scope="module")
 def backend():

@@ -14,6 +14,9 @@ from record_factory import make_record, make_run, write_run
 from harness import report, stats
 from harness.stats import format_stat, summarise
 
+# Its module fixture is costly: every test of the module runs in the same test process (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("test_report")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = "/usr/bin/chromium"
 BACKENDS = ("torch", "tensorflow", "jax")
