@@ -177,6 +177,8 @@ class LocalExecutor:
             return None
         server = self.zygotes.get(backend)
         if server is None or not server.alive():
+            if server is not None:
+                server.close()  # reaped now, not left a zombie for the rest of the run
             server = self.zygotes[backend] = ForkServer(backend, worker_env(cfg.threads))
         return server
 
