@@ -368,13 +368,13 @@ class Backend(abc.ABC):
         whose compiled code depends on the epoch length override the hook.
         """
         self._require_configured()
-        key = self._warm_key(np.asarray(order), int(batch_size), int(eval_batch_size))
+        key = self._warm_key(model, np.asarray(order), int(batch_size), int(eval_batch_size))
         if model.warmed_for == key:  # e.g. the --mode best probe's model: warmed, then timed in rounds
             return
         self._warmup(model, data, np.asarray(order), int(batch_size), eval_data, int(eval_batch_size))
         model.warmed_for = key
 
-    def _warm_key(self, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
+    def _warm_key(self, model: ModelHandle, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
         """What a warm-up compiles for: by default the batch sizes (a step's code does not depend on how
         many steps an epoch has); adapters whose compiled code does add the epoch length."""
         return batch_size, eval_batch_size

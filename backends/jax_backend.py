@@ -26,6 +26,12 @@ _HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Eager steps in flight on a multi-device CPU run: past XLA:CPU's 32 per device an all-reduce step
 # deadlocks; waiting on the 16th step back stays under it (docs/performance.md).
 _CPU_MAX_STEPS_IN_FLIGHT = 16
+# The eager step reads its batch rows from a chunk of this many steps of the epoch's order (the
+# last padded): one compiled step serves every epoch length, the --mode best probe's short one too.
+_EAGER_CHUNK = 64
+# Programs kept per backend (JaxBackend._programs): a stage that trains what an earlier stage
+# trained, on data of the same shapes (tiny-gpt-finetune's scratch control), reuses its compiles.
+_PROGRAMS_KEPT = 8
 
 
 class _Ctx:
@@ -343,6 +349,7 @@ class JaxBackend(Backend):
         self._precision = None
         self._last = None  # the last result dispatched, for synchronize()
         self._compute_dtype = None
+        self._programs = collections.OrderedDict()  # what a model's programs depend on -> (optimizer, jitted fns)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -512,12 +519,23 @@ class JaxBackend(Backend):
         train_names = tuple(e.name for e in spec.params()
                             if spec.trains(e, trainable))
         frozen_layers = frozenset(n for n in spec.param_layer_names() if trainable is not None and n not in trainable)
-        opt = _optimizer(spec.optimizer, {e.name: spec.decays(e) for e in spec.params() if e.name in train_names})
-        fns = self._functions(spec, opt, frozen_layers)
+        opt, fns = self._programs_for(spec, train_names, frozen_layers)
         model = _Model(fused=mode == "compiled", spec=spec, mode=mode, trainable_layers=trainable,
                        train_names=train_names, train_params={}, frozen_params={}, opt=opt, opt_state=None, **fns)
         self._set_weights(model, weights)
         return model
+
+    def _programs_for(self, spec: TaskSpec, train_names: tuple[str, ...], frozen_layers: frozenset) -> tuple:
+        """(optimizer, jitted functions) for a model: the same objects for a model that trains the same
+        arrays of the same layers with the same optimizer, so jax.jit's cache serves its compiles again."""
+        key = (spec.layers, spec.seed, spec.optimizer, train_names, frozen_layers, str(self._compute_dtype))
+        if key not in self._programs:
+            opt = _optimizer(spec.optimizer, {e.name: spec.decays(e) for e in spec.params() if e.name in train_names})
+            self._programs[key] = opt, {**self._functions(spec, opt, frozen_layers), "executables": {}}
+            while len(self._programs) > _PROGRAMS_KEPT:
+                self._programs.popitem(last=False)
+        self._programs.move_to_end(key)
+        return self._programs[key]
 
     def _functions(self, spec: TaskSpec, opt, frozen_layers: frozenset) -> dict:
         jax = self._jax
@@ -631,6 +649,13 @@ class JaxBackend(Backend):
         index = np.ascontiguousarray(order.reshape(len(order) // batch_size, batch_size), dtype=np.int32)
         return self._put(index)  # one upload per epoch
 
+    def _eager_chunks(self, order: np.ndarray, batch_size: int) -> list:
+        """The epoch's batch rows as device arrays of _EAGER_CHUNK steps each, the last padded with row 0."""
+        steps = len(order) // batch_size
+        padded = np.zeros((-(-steps // _EAGER_CHUNK) * _EAGER_CHUNK, batch_size), np.int32)
+        padded[:steps] = order[: steps * batch_size].reshape(steps, batch_size)
+        return [self._put(chunk) for chunk in padded.reshape(-1, _EAGER_CHUNK, batch_size)]
+
     @staticmethod
     def _state(model: _Model) -> tuple:
         return model.train_params, model.frozen_params, model.steps_done, model.opt_state
@@ -649,46 +674,56 @@ class JaxBackend(Backend):
         return self._put(np.zeros(index.shape[0], self.float_dtype))
 
     def _train_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> np.ndarray:
-        index = self._index(order, batch_size)
         if model.fused:
-            exe = self._epoch_executable(model, data, index)
-            *state, losses = exe(*self._state(model), data.x, data.y, index)
+            index = self._index(order, batch_size)
+            *state, losses = self._epoch_executable(model, data, index)(*self._state(model), data.x, data.y, index)
+            buffers = [losses]
         else:
-            state, losses = self._state(model), self._loss_buffer(index)
-            # Step counters of the steps still in flight; bounded only with replicas on a CPU.
-            window = collections.deque()
-            bounded = len(self._devices) > 1 and self._device.platform == "cpu"
-            for i in range(index.shape[0]):
-                *state, losses = model.step(*state, losses, data.x, data.y, index, i)
+            state, buffers = self._eager_epoch(model, data, order, batch_size)
+        model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
+        self._last = buffers[-1]
+        # The epoch's one wait: the host reads the losses after its last step is dispatched.
+        return np.concatenate([np.asarray(b, dtype=self.float_dtype) for b in buffers])[: len(order) // batch_size]
+
+    def _eager_epoch(self, model: _Model, data: _Data, order: np.ndarray, batch_size: int) -> tuple[list, list]:
+        """Dispatch the epoch's steps one jitted step at a time; returns (state, loss buffers of each chunk)."""
+        state, steps, buffers = list(self._state(model)), len(order) // batch_size, []
+        # Step counters of the steps still in flight; bounded only with replicas on a CPU.
+        window = collections.deque()
+        bounded = len(self._devices) > 1 and self._device.platform == "cpu"
+        for first, chunk in zip(range(0, steps, _EAGER_CHUNK), self._eager_chunks(order, batch_size)):
+            losses = self._loss_buffer(chunk)
+            for i in range(min(_EAGER_CHUNK, steps - first)):
+                *state, losses = model.step(*state, losses, data.x, data.y, chunk, i)
                 if bounded:
                     window.append(state[2])  # the step counter: not donated, so it outlives the next step
                     if len(window) > _CPU_MAX_STEPS_IN_FLIGHT:
                         window.popleft().block_until_ready()
-        model.train_params, model.frozen_params, model.steps_done, model.opt_state = state
-        self._last = losses
-        return np.asarray(losses, dtype=self.float_dtype)  # the one host read of the epoch
+            buffers.append(losses)
+        return state, buffers
 
-    def _warm_key(self, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
-        return len(order) // batch_size, batch_size, eval_batch_size  # both programs take the epoch's index whole
+    def _warm_key(self, model: _Model, order: np.ndarray, batch_size: int, eval_batch_size: int) -> tuple:
+        # The fused epoch takes the epoch's index whole; the eager step takes a chunk of any epoch's.
+        return len(order) // batch_size if model.fused else None, batch_size, eval_batch_size
 
     def _warmup(self, model: Any, data: Any, order: np.ndarray, batch_size: int,
                 eval_data: Any, eval_batch_size: int) -> None:
-        """Compile for the real epoch length without running a training step.
+        """Compile what the epoch runs without running a training step.
 
-        Compiled mode lowers and compiles the fused epoch ahead of time (the executable is
-        cached by shapes); eager mode runs its step once on throw-away copies of the state,
+        Compiled mode lowers and compiles the fused epoch for its length ahead of time (the
+        executable is cached by shapes); eager mode runs its step once on throw-away copies of the state,
         since donation (off a CPU) would otherwise consume the model's buffers. Evaluation runs once.
         """
         self._require_configured()
         jax = self._jax
-        index = self._index(np.asarray(order), batch_size)
         if model.fused:
-            self._epoch_executable(model, data, index)
+            self._epoch_executable(model, data, self._index(np.asarray(order), batch_size))
         else:
             # Committed copies on the model's device, so that the call's signature (and the
             # jit cache entry it fills) is the one train_epoch will use.
             copy = jax.tree_util.tree_map(lambda a: self._put(a.copy()), self._state(model))
-            self._last = model.step(*copy, self._loss_buffer(index), data.x, data.y, index, 0)
+            chunk = self._eager_chunks(np.asarray(order)[:batch_size], batch_size)[0]
+            self._last = model.step(*copy, self._loss_buffer(chunk), data.x, data.y, chunk, 0)
         self.evaluate(model, eval_data, eval_batch_size)
         self.synchronize()
 

@@ -92,6 +92,34 @@ def test_warmup_does_not_consume_training_state(backend, mode):
 
 
 
+def test_one_eager_step_program_serves_every_epoch_length_and_a_later_identical_stage(backend):
+    """The --mode best probe times a few steps, then the epoch trains: the eager step compiled for the
+    probe serves the epoch (of several index chunks), and a later stage that trains the same arrays
+    (tiny-gpt-finetune's scratch control) reuses it; the chunked epoch computes what the fused scan does."""
+    import backends.jax_backend as jb
+
+    weights = initial_weights(MNIST_MLP, 3)
+    steps = 2 * jb._EAGER_CHUNK + 3  # three chunks, the last one partial
+    x, y = _data(MNIST_MLP, 2 * steps, seed=3)
+    data = backend.put_data(x, y)
+    order = np.random.default_rng(3).permutation(2 * steps)
+    probe = backend.build(MNIST_MLP, weights, trainable=None, mode="eager")
+    backend.warmup(probe, data, order[:2], 2, data, 40)
+    backend.train_epoch(probe, data, order[:10], 2)
+    backend.set_weights(probe, weights)
+    backend.warmup(probe, data, order, 2, data, 40)  # the training's warm-up: nothing new to compile
+    eager = backend.train_epoch(probe, data, order, 2)
+    assert eager.shape == (steps,) and probe.step._cache_size() == 1
+    again = backend.build(MNIST_MLP, weights, trainable=None, mode="eager")
+    assert again.step is probe.step and again.opt is probe.opt
+    other = backend.build(MNIST_MLP, weights, trainable=("head",), mode="eager")
+    assert other.step is not probe.step  # another trainable set is another program
+    fused = backend.build(MNIST_MLP, weights, trainable=None, mode="compiled")
+    np.testing.assert_allclose(eager, backend.train_epoch(fused, data, order, 2), atol=1e-5, rtol=0)
+    for a, b in zip(backend.get_weights(probe), backend.get_weights(fused)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_no_compilation_inside_the_first_timed_epoch(backend, mode, caplog):
     """Warm-up compiles everything the epoch runs: on an H100 a stack of the per-step losses,
