@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,24 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
             enabled = False
         return None if enabled else True
     return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    """Under `--dist loadgroup` a test process refuses to start when pytest-xdist lost the tests' groups.
+
+    pytest-xdist adds the group to each marked test's id, and its scheduler keeps one id suffix on
+    one process; where pytest no longer lets it (pytest 9.2), the groups spread over every process
+    silently and each sets up the module fixture the group was there to share (constraints-cpu.txt).
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        message = (f"pytest-xdist did not group {len(lost)} tests marked xdist_group (e.g. {lost[0]}): "
+                   "install the pinned pytest (pip install -c constraints-cpu.txt -e '.[dev]')")
+        sys.__stderr__.write(message + "\n")  # a test process's error reaches the terminal only as an assertion
+        raise pytest.UsageError(message)
 
 
 def need(module: str):

@@ -1,7 +1,7 @@
 """--executor ray on a real local Ray instance (2 CPUs): same records as local, retries, cancel and resume.
 
-Run by `tox -e ray`, where a missing Ray fails the tests (TRIBENCH_REQUIRE_RAY); elsewhere
-they skip only when Ray is not installed.
+Run by `tox -e parity` (and `tox -e ray`), where a missing Ray fails the tests (TRIBENCH_REQUIRE_RAY);
+elsewhere they skip only when Ray is not installed.
 """
 
 import importlib.util
@@ -20,7 +20,8 @@ from harness.results import read_records
 from harness.run_config import load_resume
 from harness.runner import run_matrix
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# One test process runs them all (pytest-xdist), one local Ray instance after another, never two at once.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 # Small cells, two at a time on the 2-CPU instance: one thread each.
 RUN = ("run", "--task", "mnist-mlp", "--data", "synthetic", "--quick", "--threads", "1")
