@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from harness.figures import DEVICE_PEAK, PEAK_RSS, RSS_AFTER_IMPORT, TRAIN_RATE, objective
+from harness.run_config import available_cores
 from harness.stats import (
     data_label,
     figure,
@@ -407,10 +411,28 @@ def write_plots(records, run_dir: Path) -> list[tuple[Path, str]]:
         return []
     run_dir = Path(run_dir)
     out = []
-    for name, fn in PLOTS:
+    for (name, _), (png, caption) in zip(PLOTS, _drawn(records)):
         # Drawn in memory and written in one checked, atomic write: a full disk leaves no 0-byte PNG.
-        buffer = io.BytesIO()
-        caption = fn(records, buffer)
-        write_atomic(run_dir / name, buffer.getvalue())
+        write_atomic(run_dir / name, png)
         out.append((run_dir / name, caption))
     return out
+
+
+def _draw(index: int, records) -> tuple[bytes, str]:
+    """PLOTS[index] drawn in memory: (PNG bytes, caption)."""
+    buffer = io.BytesIO()
+    caption = PLOTS[index][1](records, buffer)
+    return buffer.getvalue(), caption
+
+
+def _drawn(records) -> list[tuple[bytes, str]]:
+    """Every plot drawn, side by side in processes where there are cores for them (in one, the four
+    take ~10 s of a --quick run's report on 2 cores; in two, ~6 s: docs/modes.md)."""
+    workers = min(len(PLOTS), available_cores())
+    if workers > 1:
+        try:
+            with ProcessPoolExecutor(workers) as pool:
+                return list(pool.map(_draw, range(len(PLOTS)), itertools.repeat(records)))
+        except (OSError, BrokenProcessPool):  # no process to be had (a process limit), or one died: drawn here
+            pass
+    return [_draw(index, records) for index in range(len(PLOTS))]
