@@ -381,9 +381,9 @@ class TorchBackend(Backend):
     OPTIMIZERS = OPTIMIZERS
 
     def import_framework(self) -> None:
-        import torch  # noqa: F401
         # torch.optim's first optimizer imports torch._dynamo (2-3 s on 2 cores): in the import phase,
         # not inside the first build, where it would count as the --mode best probe's time.
+        import torch  # noqa: F401
         import torch._dynamo  # noqa: F401
 
     def _configure(self, *, device: str, threads: int, precision: str) -> None:

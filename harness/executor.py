@@ -196,10 +196,12 @@ class LocalExecutor:
             bar.start_cell(cell.label)
             record = missing_backend_record(cfg, cell)
             if record is None:
+                zygote = self.zygote(cfg, cell.backend)
+                if zygote is not None:
+                    zygote.wait_ready()  # a zygote started again (it died) imports before its cell
                 with tempfile.TemporaryDirectory(prefix=CELL_DIR_PREFIX) as tmp:
                     record = run_worker(cell_config(cfg, cell, sources[cell.task]), Path(tmp), timeout=cfg.timeout,
-                                        threads=cfg.threads, on_event=bar.event, state=self.state,
-                                        zygote=self.zygote(cfg, cell.backend))
+                                        threads=cfg.threads, on_event=bar.event, state=self.state, zygote=zygote)
             record["node"] = describe_node(executor=self.name)
             on_record(cell, record)
 

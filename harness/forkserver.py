@@ -17,7 +17,8 @@ from collections.abc import Callable
 # The zygote's own lines on the shared stderr pipe: ready after its import, a cell's worker PID when forked,
 # its exit status when reaped.
 ZYGOTE_PREFIX = "@@tribench-zygote "
-FORK_REPLY_S = 60.0  # a fork answers in milliseconds; this only bounds a zygote that hangs in its import
+FORK_REPLY_S = 60.0  # a ready zygote forks in milliseconds; this bounds one that hangs
+IMPORT_S = 300.0  # a framework's import: seconds, a few times that on a loaded machine; bounds one that hangs in it
 
 
 def available() -> bool:
@@ -73,7 +74,7 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = FORK_REPLY_S) -> None:
+    def wait_ready(self, timeout: float = IMPORT_S) -> None:
         """Until the zygote has imported its framework (or died), so that no import runs beside a cell."""
         self._ready.wait(timeout)
 

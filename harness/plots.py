@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -427,11 +428,16 @@ def _draw(index: int, records) -> tuple[bytes, str]:
 
 def _drawn(records) -> list[tuple[bytes, str]]:
     """Every plot drawn, side by side in processes where there are cores for them (in one, the four
-    take ~10 s of a --quick run's report on 2 cores; in two, ~6 s: docs/modes.md)."""
+    take ~10 s of a --quick run's report on 2 cores; in two, ~7 s: docs/modes.md)."""
     workers = min(len(PLOTS), available_cores())
     if workers > 1:
+        # Forked from a fresh server process, not from this one: a process that has imported a
+        # framework (a test, a notebook) holds threads a fork would copy mid-lock.
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        context.set_forkserver_preload([__name__])
         try:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 return list(pool.map(_draw, range(len(PLOTS)), itertools.repeat(records)))
         except (OSError, BrokenProcessPool):  # no process to be had (a process limit), or one died: drawn here
             pass
