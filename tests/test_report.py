@@ -120,6 +120,21 @@ def test_pngs_are_valid_images(full_run):
         assert w > 400 and h > 300
 
 
+def test_plots_drawn_in_processes_are_the_ones_drawn_in_this_process(full_run, tmp_path, monkeypatch):
+    """On several cores the plots are drawn in a pool of processes; on one, here: the same PNG bytes."""
+    from harness import plots
+    from harness.results import read_records
+
+    run_dir, paths = full_run
+    pooled = {p.name: p.read_bytes() for p in paths if p.suffix == ".png"}
+    if plots.available_cores() < 2:
+        pytest.skip("one core: the report above drew its plots in this process too")
+    monkeypatch.setattr(plots, "available_cores", lambda: 1)
+    here = {p.name: p.read_bytes() for p, _ in plots.write_plots(read_records(run_dir), tmp_path)}
+    assert here.keys() == pooled.keys() and len(here) == len(plots.PLOTS)
+    assert all(here[name] == pooled[name] for name in here)
+
+
 def test_html_references_nothing_external(full_run):
     run_dir, _ = full_run
     page = (run_dir / "report.html").read_text(encoding="utf-8")
