@@ -433,9 +433,11 @@ def _drawn(records) -> list[tuple[bytes, str]]:
     if workers > 1:
         # Forked from a fresh server process, not from this one: a process that has imported a
         # framework (a test, a notebook) holds threads a fork would copy mid-lock.
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(method)
-        context.set_forkserver_preload([__name__])
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # imported once in the server, not in every child
+        else:
+            context = multiprocessing.get_context("spawn")
         try:
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 return list(pool.map(_draw, range(len(PLOTS)), itertools.repeat(records)))
