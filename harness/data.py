@@ -36,39 +36,45 @@ class ChecksumError(DataError):
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), checking the header against the payload size."""
+def read_idx(path: Path, count: int | None = None) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), checking the header against the payload size; with `count`,
+    only its first `count` records are decompressed (a --quick subset reads a fifth of Fashion-MNIST)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES or not head[3]:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            packed = f.read(4 * head[3])
+            if len(packed) < 4 * head[3]:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{head[3]}I", packed)
+            dtype = np.dtype(IDX_DTYPES[head[2]])
+            expected = int(np.prod(dims)) * dtype.itemsize
+            rows = dims[0] if count is None else min(count, dims[0])
+            wanted = expected // dims[0] * rows if dims[0] else 0
+            raw = f.read() if count is None else f.read(wanted)  # a whole read also catches bytes past the end
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is probably truncated or not gzip") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if len(raw) != wanted:
         raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file holds "
-                        f"{len(raw) - header} bytes: truncated or corrupt")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims)
+                        f"{len(raw) if count is None else f'under {wanted}'} bytes: truncated or corrupt")
+    return np.frombuffer(raw, dtype).reshape((rows, *dims[1:]))
 
 
-def load_mnist_dir(folder: Path) -> tuple[np.ndarray, ...]:
-    def images(name):
-        return (read_idx(folder / name).astype(np.float32) / 255.0)[..., None]
+def load_mnist_dir(folder: Path, subset: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
+    """The four IDX files of an MNIST-format folder; with `subset` = (n_train, n_test) only the first samples."""
+    n_train, n_test = subset or (None, None)
 
-    def labels(name):
-        return read_idx(folder / name).astype(np.int32)
+    def images(name, count):
+        return (read_idx(folder / name, count).astype(np.float32) / 255.0)[..., None]
 
-    x_tr, y_tr = images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz")
-    x_te, y_te = images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz")
+    def labels(name, count):
+        return read_idx(folder / name, count).astype(np.int32)
+
+    x_tr, y_tr = images("train-images-idx3-ubyte.gz", n_train), labels("train-labels-idx1-ubyte.gz", n_train)
+    x_te, y_te = images("t10k-images-idx3-ubyte.gz", n_test), labels("t10k-labels-idx1-ubyte.gz", n_test)
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
         raise DataError(f"{folder}: image and label counts differ")
     return x_tr, y_tr, x_te, y_te
@@ -241,13 +247,17 @@ def _read_cifar(info: DatasetInfo, folder: Path) -> tuple[np.ndarray, ...]:
     return load_cifar(extracted if use else folder / "cifar-10-python.tar.gz")
 
 
-# The image readers by the table's `reader` (text: harness.text).
-IMAGE_READERS = {"idx": lambda info, folder: load_mnist_dir(folder), "cifar": _read_cifar}
+# The image readers by the table's `reader` (text: harness.text), given the subset a run trains on: IDX
+# decompresses only that much; CIFAR-10's batches are pickles, read whole.
+IMAGE_READERS = {"idx": lambda info, folder, subset: load_mnist_dir(folder, subset),
+                 "cifar": lambda info, folder, subset: _read_cifar(info, folder)}
 
 
-def load_real(name: str, folder: Path) -> Dataset:
+def load_real(name: str, folder: Path, subset: tuple[int, int] | None = None) -> Dataset:
+    """Real dataset `name` from a verified folder: all of it, or its first `subset` = (n_train, n_test) samples."""
     info = DATASETS[name]
-    return Dataset(name, str(folder), False, *IMAGE_READERS[info.reader](info, folder))
+    dataset = Dataset(name, str(folder), False, *IMAGE_READERS[info.reader](info, folder, subset))
+    return dataset.head(*subset) if subset else dataset
 
 
 # -- synthetic data -----------------------------------------------------------------------
@@ -381,8 +391,7 @@ def load(spec, name: str, *, folder: str | None = None, seed: int = 0, subset: t
         if subset:
             dataset.subset = f"{n_train} train / {n_test} test samples generated"
     else:
-        dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False))
-        dataset = dataset.head(*subset) if subset else dataset
+        dataset = load_real(name, Path(folder) if folder else locate(name, allow_download=False), subset)
     check_labels(dataset, spec.num_classes)
     return dataset
 

@@ -33,7 +33,7 @@ class DatasetInfo:
 
 _IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
         "t10k-labels-idx1-ubyte.gz")
-_TEXT_QUICK = (256, 64)
+_TEXT_QUICK = (128, 64)
 
 # In order of preference after a task's own dataset.
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
@@ -52,7 +52,7 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         "on Debian/Ubuntu: apt-get install dataset-fashion-mnist; or put the four files in a "
         "'fashion-mnist' subfolder of one of those folders"),
-    DatasetInfo("cifar10", IMAGE, (32, 32, 3), 10, (50000, 10000), (4000, 1000), "cifar", {
+    DatasetInfo("cifar10", IMAGE, (32, 32, 3), 10, (50000, 10000), (2000, 1000), "cifar", {
         "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
     }, "https://www.cs.toronto.edu/~kriz/",
         "put cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder, in a 'cifar10' "

@@ -11,6 +11,7 @@ from conftest import need, require
 
 from harness.cli import main
 from harness.results import read_records
+from tasks.datasets import DATASETS
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "tasks"
 
@@ -321,7 +322,7 @@ def test_a_toml_language_model_trains_on_every_backend_and_its_loss_curve_reache
     for record in records:
         assert record["status"] == "ok" and record["task"] == "fortunes-gpt" and record["objective"] == "loss"
         assert record["data"]["name"] == "fortunes" and record["data"]["synthetic"] is False
-        assert (record["data"]["n_train"], record["data"]["n_test"]) == (256, 64)  # the table's quick windows
+        assert (record["data"]["n_train"], record["data"]["n_test"]) == DATASETS["fortunes"].quick
         m = record["metrics"]
         assert len(m["epoch_test_loss"]) == 1 and m["epoch_test_loss"][0] < m["initial_test_loss"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

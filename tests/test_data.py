@@ -57,6 +57,20 @@ def test_idx_reader_round_trips(tmp_path):
     assert 0.0 <= x_tr.min() and x_tr.max() <= 1.0
 
 
+def test_a_subset_reads_the_first_samples_of_the_whole_files(tmp_path):
+    write_mnist(tmp_path)
+    whole = data.load_mnist_dir(tmp_path)
+    for got, full, n in zip(data.load_mnist_dir(tmp_path, (7, 3)), whole, (7, 7, 3, 3)):
+        np.testing.assert_array_equal(got, full[:n])
+    assert [len(a) for a in data.load_mnist_dir(tmp_path, (500, 500))] == [len(a) for a in whole]  # capped
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: 16 + 5 * 28 * 28 + 100]))  # 5 whole images, then a cut
+    assert data.read_idx(path, 5).shape == (5, 28, 28)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.read_idx(path, 6)
+
+
 def test_idx_reader_refuses_a_truncated_file(tmp_path):
     write_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
@@ -294,8 +308,8 @@ def test_the_table_is_the_one_home_of_each_datasets_facts():
         assert info.kind in (IMAGE, TEXT) and info.quick[0] > 0 and info.quick[1] > 0
         assert (info.shape is not None) == (info.kind == IMAGE) == (info.sizes is not None)
         assert info.reader in (*data.IMAGE_READERS, "text")
-    assert DATASETS["mnist"].quick == (12000, 2000) and DATASETS["cifar10"].quick == (4000, 1000)
-    assert DATASETS["text"].quick == (256, 64)
+    assert DATASETS["mnist"].quick == (12000, 2000) and DATASETS["cifar10"].quick == (2000, 1000)
+    assert DATASETS["text"].quick == (128, 64)
     assert "text" not in findable() and {"mnist", "fashion-mnist", "cifar10", "fortunes"} <= set(findable())
     assert mismatch("fashion-mnist", (28, 28, 1)) is None and mismatch("fortunes", (64,)) is None
 
