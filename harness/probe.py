@@ -32,7 +32,7 @@ TIE_CHOICE = "eager"
 # still keeps the probe within the training's own time.
 PROBE_BUDGET = 0.5
 # A chunk is at most 1/CHUNK_SHARE of the budget's steps, so a short training (a --quick epoch of
-# 8 GPT steps) is estimated from a step or two, not from an epoch's worth of probing.
+# 4 GPT steps) is estimated from a step or two, not from an epoch's worth of probing.
 CHUNK_SHARE = 8
 
 
