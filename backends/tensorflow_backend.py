@@ -279,7 +279,7 @@ class TensorFlowBackend(Backend):
 
         # Compiled mode compiles the step, not the epoch loop: XLA needs static shapes, and
         # the batch has them while the epoch length does not, so one compile serves every
-        # epoch length (warm-up's two steps included) and every dataset size.
+        # epoch length (the warm-up's one step included) and every dataset size.
         return tf.function(step, jit_compile=model.mode == "compiled")
 
     def _replicated_step_fn(self, model: _Model, batch_size: int):

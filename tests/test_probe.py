@@ -151,7 +151,7 @@ def test_modes_that_run_one_program_are_one_candidate_never_timed(monkeypatch, f
     m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
     assert built == ["eager"] and m["mode"] == "eager" and m["mode_probe"]["rounds"] == 0
     assert m["mode_probe"]["programs"] == {"eager": "numpy-fake eager"}
-    assert fake.now == pytest.approx(2 + 16)  # the warm-up's 2 steps and the epoch's 16: nothing timed
+    assert fake.now == pytest.approx(1 + 16)  # the warm-up's step and the epoch's 16: nothing timed
     forced = run_stages(fake_backend, mlp(), data, seed=0, mode="compiled")["train"].metrics
     assert forced["mode"] == "eager" and forced["execution"] == "numpy-fake eager"  # recorded as what ran
 
@@ -182,7 +182,7 @@ def test_a_forced_mode_runs_no_probe(monkeypatch, fake_backend):
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
     m = run_stages(fake_backend, mlp(), data, seed=0, mode="eager")["train"].metrics
     assert m["mode"] == "eager" and m["mode_probe"] is None
-    assert fake.now == pytest.approx(2 + 16)  # the warm-up's 2 steps and the epoch's 16, nothing else
+    assert fake.now == pytest.approx(1 + 16)  # the warm-up's step and the epoch's 16, nothing else
 
 
 def test_a_mode_the_backend_cannot_build_is_left_out_of_the_probe(monkeypatch, fake_backend):
@@ -280,7 +280,7 @@ def test_a_second_identical_cell_reads_the_decision_instead_of_probing(monkeypat
     before = fake.now
     second = run_stages(fake_backend, mlp(), data, seed=1, mode="best", mode_cache=cache)["train"].metrics
     assert built == ["compiled"] and second["mode"] == "compiled"  # no rival built, nothing timed
-    assert fake.now - before == pytest.approx((2 + 16) * 0.1)  # the warm-up and the epoch only
+    assert fake.now - before == pytest.approx((1 + 16) * 0.1)  # the warm-up and the epoch only
     p = second["mode_probe"]
     assert p["cached_at"] and p["probe_s"] == 0.0 and p["cached_probe_s"] == first["mode_probe"]["probe_s"]
     assert p["compiled"] == first["mode_probe"]["compiled"] and p["eager"] == first["mode_probe"]["eager"]
