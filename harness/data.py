@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import pickle
 import struct
@@ -51,16 +52,27 @@ def read_idx(path: Path, count: int | None = None) -> np.ndarray:
                 raise DataError(f"{path}: truncated IDX header")
             dims = struct.unpack(f">{head[3]}I", packed)
             dtype = np.dtype(IDX_DTYPES[head[2]])
-            expected = int(np.prod(dims)) * dtype.itemsize
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow from a crafted header
             rows = dims[0] if count is None else min(count, dims[0])
             wanted = expected // dims[0] * rows if dims[0] else 0
-            raw = f.read() if count is None else f.read(wanted)  # a whole read also catches bytes past the end
+            # A whole read also catches bytes past the payload.
+            raw = f.read() if count is None else _read_up_to(f, wanted)
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is probably truncated or not gzip") from None
     if len(raw) != wanted:
         raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file holds "
                         f"{len(raw) if count is None else f'under {wanted}'} bytes: truncated or corrupt")
     return np.frombuffer(raw, dtype).reshape((rows, *dims[1:]))
+
+
+def _read_up_to(f, size: int, block: int = 1 << 24) -> bytes:
+    """At most `size` bytes of `f`, read in blocks: a header may promise more than the file holds,
+    and one read(size) of a plain file allocates all of `size` first."""
+    parts, left = [], size
+    while left > 0 and (part := f.read(min(left, block))):
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def load_mnist_dir(folder: Path, subset: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:

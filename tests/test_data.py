@@ -69,6 +69,10 @@ def test_a_subset_reads_the_first_samples_of_the_whole_files(tmp_path):
     assert data.read_idx(path, 5).shape == (5, 28, 28)
     with pytest.raises(DataError, match="truncated or corrupt"):
         data.read_idx(path, 6)
+    promise = tmp_path / "huge.idx"  # a header promising 4 GiB a record: read as far as the file goes
+    promise.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 1 << 16, 1 << 16) + b"\0" * 64)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.read_idx(promise, 1)
 
 
 def test_idx_reader_refuses_a_truncated_file(tmp_path):
