@@ -86,18 +86,20 @@ def one_and_two(tmp_path_factory):
     return root, done
 
 
-# End to end, the CNN (the MLP's replicas are held per adapter, test_data_parallel_<backend>.py): one
-# epoch of the --quick subset at global batch 512 (3 Adam steps), in float64:
-# N = 2 against N = 1 changes only the summation order (the all-reduce, the split batch's
-# reductions), ~1e-16 relative, which Adam amplifies ~1e5-fold at most (tests/data_parallel_run.py).
-# In float32 that amplified rounding is the whole signal and depends on the CPU's kernels and the
-# step count: cifar-cnn torch gave 1.1e-4 after 7 steps, 3.5e-3 after 3 and 0.16 after 6 on this
-# 2-core EPYC, up to 1.2e-2 after 8 on an AVX-512 Xeon. The checkpoints hold float32, so what is
-# left is their rounding: at most one float32 ulp of a weight (|w| < 1: 1.2e-7) against each one's
-# ~lr x steps of training (3e-3), under 1e-4 however many elements round apart (measured: 0.0 for
-# every backend). A wrong split (a replica training on its half alone, gradients summed
-# not averaged) gives order 1e-2 to 1.
-TASK = "cifar-cnn"
+# End to end, the MLP (the CNN's and BatchNorm's replicas are held per adapter,
+# test_data_parallel_<backend>.py; what is held here is the CLI's wiring: records, checkpoints,
+# replica devices): one epoch of the --quick subset (12,000 samples) at global batch 512
+# (23 Adam steps), in float64: N = 2 against N = 1 changes only the summation order (the
+# all-reduce, the split batch's reductions), ~1e-16 relative, which Adam amplifies ~1e5-fold at
+# most (tests/data_parallel_run.py). In float32 that amplified rounding is the whole signal and
+# depends on the CPU's kernels and the step count: cifar-cnn torch gave 1.1e-4 after 7 steps,
+# 3.5e-3 after 3 and 0.16 after 6 on this 2-core EPYC, up to 1.2e-2 after 8 on an AVX-512 Xeon.
+# The checkpoints hold float32, so what is left is their rounding: at most one float32 ulp of a
+# weight (|w| < 1: 1.2e-7) against each one's ~lr x steps of training (2e-2), under 1e-4 however
+# many elements round apart (measured: 0.0 for every backend, for the MLP and for cifar-cnn).
+# A wrong split (a replica training on its half alone, gradients summed not averaged) gives
+# order 1e-2 to 1. The MLP's cells take ~45 s of the CNN's ~125 s (both N, every backend).
+TASK = "mnist-mlp"
 BATCH = 512
 REL_L2 = 1e-4
 
@@ -151,14 +153,14 @@ def _processes_marked(marker: str) -> set[int]:
 def test_a_dead_replica_fails_its_cell_with_its_rank_and_leaves_no_process(tmp_path, fault, says):
     require("torch")
     marker = f"{os.getpid()}-{tmp_path.name}"
-    out = run_cli("run", "--task", "mnist-mlp,cifar-cnn", "--backend", "torch", "--data", "synthetic", "--quick",
-                  "--epochs", "1", "--mode", "eager", "--data-parallel", "2", "--out", str(tmp_path),
-                  env={"TRIBENCH_FAULT": f"{fault}@mnist-mlp/torch", "TRIBENCH_FAULT_RANK": "1", MARKER: marker},
+    out = run_cli("run", "--task", "mnist-mlp", "--backend", "torch", "--data", "synthetic", "--quick",
+                  "--epochs", "1", "--repeats", "2", "--mode", "eager", "--data-parallel", "2", "--out", str(tmp_path),
+                  env={"TRIBENCH_FAULT": f"{fault}@mnist-mlp/torch/0", "TRIBENCH_FAULT_RANK": "1", MARKER: marker},
                   timeout=600)
     assert out.returncode == 1, out.stderr[-3000:]
-    records = {r["task"]: r for r in read_records(tmp_path)}
-    failed = records["mnist-mlp"]
+    records = {r["repeat"]: r for r in read_records(tmp_path)}
+    failed = records[0]
     assert failed["status"] == "failed" and failed["failure"]["reason"] == "replica"
     assert failed["failure"]["rank"] == 1 and "replica rank 1 failed" in failed["error"] and says in failed["error"]
-    assert records["cifar-cnn"]["status"] == "ok"  # the cell went down, not the matrix
+    assert records[1]["status"] == "ok"  # the repeat went down, not the matrix
     assert _processes_marked(marker) == set()  # the run, its workers and their replica processes all ended
