@@ -6,6 +6,7 @@ import io
 import itertools
 import math
 import multiprocessing
+import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -99,13 +100,34 @@ def _source(records) -> str:
     return f"{'; '.join(parts)} data, {', '.join(devices)}"
 
 
+# Fixed margins in inches: a title of up to three lines above each panel, tick labels and an axis label left of
+# and below it, the figure's title on top. Constrained layout fits them to the text instead, at
+# the price of drawing every panel twice (2 of the 4 s a --quick run's epoch curves took).
+TITLE_IN, SUPTITLE_IN, LEFT_IN, RIGHT_IN, BOTTOM_IN = 0.65, 0.45, 0.9, 0.25, 0.6
+CHAR_IN = 0.07  # the mean width of a 9-point character
+
+
 def _grid(plt, n_panels: int, *, rows_per_panel: int = 1, width: float = 5.2, height: float = 3.8):
     cols = min(n_panels, 3) if rows_per_panel == 1 else rows_per_panel
     rows = math.ceil(n_panels / cols) if rows_per_panel == 1 else n_panels
-    # Constrained layout makes room for the figure title above the panel titles (tight_layout does not).
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.8), squeeze=False,
-                             layout="constrained")
+    fig_w, fig_h = width * cols, height * rows + SUPTITLE_IN
+    fig, axes = plt.subplots(rows, cols, figsize=(fig_w, fig_h), squeeze=False)
+    panel_w, panel_h = width - LEFT_IN - RIGHT_IN, height - TITLE_IN - BOTTOM_IN
+    fig.subplots_adjust(left=LEFT_IN / fig_w, right=1 - RIGHT_IN / fig_w, bottom=BOTTOM_IN / fig_h,
+                        top=1 - (SUPTITLE_IN + TITLE_IN) / fig_h, wspace=(LEFT_IN + RIGHT_IN) / panel_w,
+                        hspace=(TITLE_IN + BOTTOM_IN) / panel_h)
     return fig, axes
+
+
+def _title(ax, head: str, records):
+    """A panel's title: what it shows, then its data and devices wrapped to the panel's width (two lines)."""
+    inches = ax.get_position().width * ax.figure.get_figwidth()
+    ax.set_title(f"{head}\n{textwrap.fill(_source(records), max(int(inches / CHAR_IN), 20))}", fontsize=9)
+
+
+def _suptitle(fig, text: str, fontsize: float = 12):
+    """The figure's title in the band above the panels' titles, whatever the figure's height."""
+    fig.suptitle(text, fontsize=fontsize, y=1 - 0.1 / fig.get_figheight(), va="top")
 
 
 def readable(ax, *, xs=None):
@@ -243,7 +265,7 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
                         label=f"{_label(key)}, n={len(cell)}" if main else None)
         if metric.target:
             ax.axhline(metric.target, color="grey", linestyle="--", linewidth=1, label=metric.target_label)
-        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        _title(ax, task, rs)
         ax.set_xlabel("cumulative training time (s, evaluation excluded)")
         ax.set_ylabel(metric.label)
         ax.grid(alpha=0.3)
@@ -252,7 +274,7 @@ def plot_accuracy_vs_time(records, path) -> str:  # path: a file name or a binar
     _hide_unused(axes, len(tasks))
     title = ("Held-out loss vs training time" if len(losses) == len(tasks) else
              "Test accuracy vs training time" if not losses else "Test accuracy / held-out loss vs training time")
-    fig.suptitle(title, fontsize=12)
+    _suptitle(fig, title)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     judged = (f"; {', '.join(losses)}: held-out loss in nats, lower is better, the dashed line the target loss"
@@ -295,10 +317,10 @@ def plot_epoch_curves(records, path) -> str:  # path: a file name or a binary fi
             ax.grid(alpha=0.3)
             readable(ax, xs=[x for x in xs if ax is acc_ax or x >= 1])
             ax.legend(fontsize=8)
-        loss_ax.set_title(f"{task}: training loss\n{_source(rs)}", fontsize=10)
-        acc_ax.set_title(f"{task}: {metric.title}\n{_source(rs)}", fontsize=10)
-    fig.suptitle("Per-epoch curves, backends overlaid (same weights and batch order: curves should coincide)",
-                 fontsize=11)
+        _title(loss_ax, f"{task}: training loss", rs)
+        _title(acc_ax, f"{task}: {metric.title}", rs)
+    _suptitle(fig, "Per-epoch curves, backends overlaid (same weights and batch order: curves should coincide)",
+              fontsize=11)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     losses = [task for task, groups in shown.items() if _Metric(_flat(groups)).loss]
@@ -355,12 +377,12 @@ def plot_throughput(records, path) -> str:  # path: a file name or a binary file
         _bars(ax, labels, sums, color=[colors[k[1:]] for k in groups], label="median; whiskers: spread")
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("training throughput (samples/s, steady state)")
-        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        _title(ax, task, rs)
         _headroom(ax)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right", handlelength=0, handletextpad=0)
     _hide_unused(axes, len(tasks))
-    fig.suptitle("Training throughput", fontsize=12)
+    _suptitle(fig, "Training throughput")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Training throughput (steady state, warm-up excluded): bars are medians over repeats, whiskers the "
@@ -386,12 +408,12 @@ def plot_memory(records, path) -> str:  # path: a file name or a binary file
                   hatch=hatch, label=label)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("memory (MiB)")
-        ax.set_title(f"{task}\n{_source(rs)}", fontsize=10)
+        _title(ax, task, rs)
         _headroom(ax)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", ncol=min(len(present), 2), columnspacing=1.0)
     _hide_unused(axes, len(tasks))
-    fig.suptitle("Peak memory", fontsize=12)
+    _suptitle(fig, "Peak memory")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return ("Peak memory per backend: host RSS (sampled during training and ru_maxrss), the RSS right after "
