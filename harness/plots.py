@@ -449,8 +449,8 @@ def _draw(index: int, records) -> tuple[bytes, str]:
 
 
 def _drawn(records) -> list[tuple[bytes, str]]:
-    """Every plot drawn, side by side in processes where there are cores for them (in one, the four
-    take ~10 s of a --quick run's report on 2 cores; in two, ~7 s: docs/modes.md)."""
+    """Every plot drawn, side by side in processes where there are cores for them (docs/modes.md:
+    on 2 cores a --quick run's four take ~10 s in one process, ~4 s in two)."""
     workers = min(len(PLOTS), available_cores())
     if workers > 1:
         # Forked from a fresh server process, not from this one: a process that has imported a
