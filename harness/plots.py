@@ -100,9 +100,9 @@ def _source(records) -> str:
     return f"{'; '.join(parts)} data, {', '.join(devices)}"
 
 
-# Fixed margins in inches: a title of up to three lines above each panel, tick labels and an axis label left of
-# and below it, the figure's title on top. Constrained layout fits them to the text instead, at
-# the price of drawing every panel twice (2 of the 4 s a --quick run's epoch curves took).
+# Fixed margins in inches: a title of up to three lines above each panel, tick labels and an axis
+# label left of and below it, the figure's title on top. Constrained layout would fit them to the
+# text, at the price of drawing every panel twice (docs/modes.md).
 TITLE_IN, SUPTITLE_IN, LEFT_IN, RIGHT_IN, BOTTOM_IN = 0.65, 0.45, 0.9, 0.25, 0.6
 CHAR_IN = 0.07  # the mean width of a 9-point character
 
@@ -120,7 +120,7 @@ def _grid(plt, n_panels: int, *, rows_per_panel: int = 1, width: float = 5.2, he
 
 
 def _title(ax, head: str, records):
-    """A panel's title: what it shows, then its data and devices wrapped to the panel's width (two lines)."""
+    """A panel's title: what it shows, then its data and devices wrapped to the panel's width."""
     inches = ax.get_position().width * ax.figure.get_figwidth()
     ax.set_title(f"{head}\n{textwrap.fill(_source(records), max(int(inches / CHAR_IN), 20))}", fontsize=9)
 
