@@ -37,7 +37,7 @@ class CellConfig:
     data: str  # the resolved source ("synthetic", "mnist", a file name)
     data_folder: str | None  # where that source lies (None for synthetic data); a Ray node may use its own copy
     subset: tuple[Count, Count] | None  # (n_train, n_test) under --quick, else the whole dataset
-    quick: bool  # --quick: also the serving figures' smaller call counts (harness.loop.served_figures)
+    quick: bool  # --quick: also the serving figures' smaller call counts and the probe's bare budget (harness.loop)
     overrides: dict[str, int]  # spec fields the run's flags change (epochs, batch_size)
     device: str  # --device: auto, cpu or gpu
     threads: Annotated[int, Field(ge=1, le=MAX_THREADS)]  # the cell's thread budget, shared by its replicas

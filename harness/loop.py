@@ -19,7 +19,7 @@ from harness.arrays import Dataset
 from harness.checkpoint import SUFFIX, save_checkpoint
 from harness.generation import BATCHES, QUICK_BATCHES, measure_generation
 from harness.mode_cache import ModeCache
-from harness.probe import probe_modes
+from harness.probe import PROBE_FLOOR_S, probe_modes
 from harness.weights import initial_weights, reinitialise
 from tasks.spec import TaskSpec
 
@@ -90,7 +90,8 @@ def train_stage(backend: Backend, spec: TaskSpec, index: int, data: Dataset, wei
         model = backend.build(spec, weights, trainable=stage.trainable, mode=mode)
     elif mode == BEST:  # probe time is reported as metrics.mode_probe.probe_s, on neither clock below
         mode, model, probe = probe_modes(backend, spec, weights, trainable=stage.trainable, train=train, test=test,
-                                         order=epoch_order(seed, index, 0, n, bs), train_steps=spec.epochs * (n // bs))
+                                         order=epoch_order(seed, index, 0, n, bs), train_steps=spec.epochs * (n // bs),
+                                         floor_s=0.0 if quick else PROBE_FLOOR_S)
         if key:
             mode_cache.store(key, probe, at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     else:
@@ -199,7 +200,8 @@ def run_stages(backend: Backend, spec: TaskSpec, data: Dataset, *, seed: int, mo
 
     `stage_data`: the data of stages that name their own corpus (Stage.data), by stage name.
     `mode_cache`: --mode best's decisions of earlier identical cells (harness.mode_cache).
-    `quick`: --quick, whose serving figures come from fewer calls (served_figures).
+    `quick`: --quick, whose serving figures come from fewer calls (served_figures) and whose probe
+    has no floor under its budget (harness.probe.PROBE_FLOOR_S).
 
     `init_from` (canonical weights, e.g. from another backend's checkpoint) stands in
     for the stages before the first stage that starts from earlier weights; a task

@@ -31,6 +31,10 @@ TIE_CHOICE = "eager"
 # record says why (`untried`). Half, so that a rival whose compile outgrows that lower bound
 # still keeps the probe within the training's own time.
 PROBE_BUDGET = 0.5
+# Outside --quick the budget is at least PROBE_FLOOR_S: a run that is not a smoke run is there for
+# its training rates, and a short training (mnist-mlp's 5 epochs, seconds on a CPU) would otherwise
+# leave a compiled program that trains 20-30% faster untried (docs/modes.md).
+PROBE_FLOOR_S = 10.0
 # A chunk is at most 1/CHUNK_SHARE of the budget's steps, so a short training (a --quick epoch of
 # 4 GPT steps) is estimated from a step or two, not from an epoch's worth of probing.
 CHUNK_SHARE = 8
@@ -51,15 +55,15 @@ def probe_order(order: np.ndarray, batch_size: int, train_steps: int | None = No
 
 
 def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, trainable, train: Any, test: Any,
-                order: np.ndarray, train_steps: int | None = None) -> tuple[str, Any, dict]:
+                order: np.ndarray, train_steps: int | None = None, floor_s: float = 0.0) -> tuple[str, Any, dict]:
     """Build, warm and time a model per distinct program; returns (faster mode, its model, probe info).
 
     Modes that run the same program here (Backend.distinct_modes) are one candidate, timed
     once; with one candidate nothing is timed. The tie choice is built and timed first; the
     others only while the probe stays within PROBE_BUDGET of the training's `train_steps`
-    (None: no budget). The returned model holds `weights` and a fresh optimizer state
-    (Backend.set_weights), so the training that follows is the one a forced run of that
-    mode would do.
+    (None: no budget), or within `floor_s` where that is more. The returned model holds
+    `weights` and a fresh optimizer state (Backend.set_weights), so the training that follows
+    is the one a forced run of that mode would do.
     """
     bs, ebs = spec.batch_size, spec.eval_batch_size
     started = clock()
@@ -86,7 +90,7 @@ def probe_modes(backend: Backend, spec: TaskSpec, weights: list[np.ndarray], *, 
             best[mode] = time_round(backend, models[mode], train, order, bs)
             costs[mode] = clock() - t0
             if budget_s is None and train_steps is not None:
-                budget_s = PROBE_BUDGET * train_steps * bs / best[mode]
+                budget_s = max(PROBE_BUDGET * train_steps * bs / best[mode], floor_s)
     if not models:
         raise BackendUnavailable("; ".join(unavailable.values()))
     rounds = 1 if len(models) > 1 else 0

@@ -242,7 +242,7 @@ def test_a_training_shorter_than_the_probe_leaves_the_rivals_untried_within_budg
     built = built_modes(monkeypatch)
     fake = slow_mode(monkeypatch, fake_backend, "eager")  # compiled would win if it were tried
     data = synthetic("mnist", n_train=3 * 128 + 5, n_test=256, seed=0)
-    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best", quick=True)["train"].metrics
     assert built == ["eager"] and m["mode"] == probe.TIE_CHOICE == "eager"
     p = m["mode_probe"]
     assert p["chosen"] == "eager" and p["compiled"] is None and p["rounds"] == 0 and list(p["untried"]) == ["compiled"]
@@ -254,13 +254,25 @@ def test_a_training_shorter_than_the_probe_leaves_the_rivals_untried_within_budg
     assert m["warmup_s"] < 0.5
 
 
+def test_outside_quick_a_short_training_still_tries_the_rival_within_the_budget_floor(monkeypatch, fake_backend):
+    # The training of the first budget test (3 steps of 1 s), not --quick: its budget is the floor,
+    # so the faster compiled program is tried and trains.
+    built = built_modes(monkeypatch)
+    slow_mode(monkeypatch, fake_backend, "eager")
+    data = synthetic("mnist", n_train=3 * 128 + 5, n_test=256, seed=0)
+    m = run_stages(fake_backend, mlp(), data, seed=0, mode="best")["train"].metrics
+    p = m["mode_probe"]
+    assert built == ["eager", "compiled"] and "untried" not in p and p["budget_s"] == probe.PROBE_FLOOR_S
+    assert m["mode"] == p["chosen"] == "compiled" and p["compiled"] > p["eager"]
+
+
 def test_the_probe_stops_its_rounds_at_its_budget(monkeypatch, fake_backend):
     # 32 training steps of eager at 0.12 s (budget half of 3.84 s), chunks of 2 steps: eager costs
     # 0.72 s (warm-up and a round), the rival fits, a second round ends past the budget: no third.
     built = built_modes(monkeypatch)
     slow_mode(monkeypatch, fake_backend, "eager", factor=1.2)
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
-    m = run_stages(fake_backend, mlp(epochs=2), data, seed=0, mode="best")["train"].metrics
+    m = run_stages(fake_backend, mlp(epochs=2), data, seed=0, mode="best", quick=True)["train"].metrics
     p = m["mode_probe"]
     assert built == ["eager", "compiled"] and "untried" not in p and p["steps"] == 2
     assert p["rounds"] == 2 < probe.PROBE_ROUNDS and p["budget_s"] == pytest.approx(32 * 0.12 * probe.PROBE_BUDGET)
@@ -290,7 +302,7 @@ def test_a_short_training_is_estimated_from_short_chunks_within_budget(monkeypat
     # 3 epochs of 16 steps, half of them the budget: chunks of 24 // 8 = 3 steps, not 10.
     fake = slow_mode(monkeypatch, fake_backend, "compiled")
     data = synthetic("mnist", n_train=2048, n_test=256, seed=0)
-    m = run_stages(fake_backend, mlp(epochs=3), data, seed=0, mode="best")["train"].metrics
+    m = run_stages(fake_backend, mlp(epochs=3), data, seed=0, mode="best", quick=True)["train"].metrics
     assert m["mode_probe"]["steps"] == 3 and m["mode_probe"]["eager"] == pytest.approx(128 / 0.1)
     assert probe.probe_order(np.arange(2048), 128, train_steps=4000).size == probe.PROBE_STEPS * 128
     assert probe.probe_order(np.arange(2048), 128, train_steps=3).size == 128  # never below one step
